@@ -1,0 +1,41 @@
+# The Kiln worker service: claims builds from PostgreSQL, runs their steps in sandbox
+# containers, uploads the binaries.
+#
+#   docker build -f worker_image/worker.Dockerfile -t kiln-worker:latest .
+#   (the build context is the repository root: the image installs the project)
+#
+# The worker starts the sandbox containers on the host's Docker Engine, not inside
+# itself: run it with the engine's socket mounted, e.g.
+#
+#   docker run -v /var/run/docker.sock:/var/run/docker.sock \
+#              -v /var/lib/kiln:/var/lib/kiln \
+#              -e KILN_BUILD__CACHE_DIR=/var/lib/kiln/cache \
+#              -e KILN_BUILD__WORK_DIR=/var/lib/kiln/work \
+#              kiln-worker:latest
+#
+# Sandbox steps bind-mount the work and cache directories, and the engine resolves bind
+# sources on the HOST: mount those directories at the same path inside the worker as on
+# the host (as above), or the steps see empty directories. Access to docker.sock is root
+# on the host; give it only to this container. The kiln-sandbox image must exist on the
+# host (worker_image/build_images.sh, or pull it from your registry).
+ARG PYTHON_IMAGE=python:3.11-slim
+FROM ${PYTHON_IMAGE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+# README* : the readme is optional for the image
+COPY pyproject.toml README* ./
+COPY kiln ./kiln
+COPY functions ./functions
+RUN pip install . && rm -rf /src
+
+# The worker stays root inside its own container: it owns the bind-mounted directories
+# and chowns them to the sandbox user (uid 1000) before each step; the build steps
+# themselves never run as root.
+WORKDIR /var/lib/kiln
+STOPSIGNAL SIGTERM
+CMD ["python", "-m", "functions.worker"]
