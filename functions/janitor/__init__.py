@@ -1,0 +1,1 @@
+"""Janitor entry point: ``python -m functions.janitor [--once]``."""

@@ -1,0 +1,65 @@
+"""The Falcon WSGI application: ``create_app`` takes its collaborators, reads nothing."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import falcon
+
+from kiln.api.builds import ArtifactResource, BuildResource, BuildsResource, HealthResource
+from kiln.api.errors import REQUEST_ID_HEADER, handle_unexpected, request_id, serialize_error
+from kiln.config import Config
+from kiln.queue import QueueManager
+from kiln.service import BuildService
+from kiln.storage import ArtifactStore
+
+log = logging.getLogger("kiln.api")
+
+
+@dataclass
+class Services:
+    """What the API's resources are built from."""
+
+    config: Config
+    queue: QueueManager
+    service: BuildService
+    store: ArtifactStore
+
+
+class RequestIdMiddleware:
+    """Give every request an id, echo it, and log one line per request."""
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.started = time.perf_counter()
+        resp.set_header(REQUEST_ID_HEADER, request_id(req))
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
+                         req_succeeded: bool) -> None:
+        started = req.context.get("started")
+        if started is None:
+            return
+        log.debug("%s %s %s", req.method, req.relative_uri, resp.status,
+                  extra={"request_id": request_id(req),
+                         "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+
+
+def create_app(services: Services) -> falcon.App:
+    """Return the WSGI app serving Kiln's HTTP API."""
+    config = services.config
+    app = falcon.App(middleware=[RequestIdMiddleware()], cors_enable=False)
+    app.req_options.strip_url_path_trailing_slash = True
+    app.req_options.auto_parse_qs_csv = False
+    app.resp_options.secure_cookies_by_default = False
+    app.set_error_serializer(serialize_error)
+    app.add_error_handler(Exception, handle_unexpected)
+    app.add_route("/healthz", HealthResource(queue=services.queue))
+    app.add_route("/api/builds", BuildsResource(
+        service=services.service, queue=services.queue,
+        max_body_bytes=config.api.max_body_bytes, max_plugins=config.build.max_plugins))
+    app.add_route("/api/builds/{key}", BuildResource(queue=services.queue))
+    app.add_route("/api/builds/{key}/artifact", ArtifactResource(
+        queue=services.queue, store=services.store,
+        redirect=config.storage.serve == "redirect"))
+    return app

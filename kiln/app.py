@@ -1,0 +1,73 @@
+"""Wiring: build Kiln's collaborators from a Config. Only entry points call this."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+
+from kiln.api import Services
+from kiln.builder import Builder
+from kiln.config import Config
+from kiln.db import connect, make_pool
+from kiln.queue import QueueManager
+from kiln.sandbox import make_sandbox
+from kiln.service import BuildService
+from kiln.storage import make_store
+from kiln.versions import ModuleProxy, Resolver
+from kiln.versions_cache import DatabaseResolutionCache
+
+
+def database_url(config: Config) -> str:
+    """Return database.url, or explain how to get one."""
+    if not config.database.url:
+        raise SystemExit(
+            "database.url is not set: set it (or KILN_DATABASE__URL), "
+            "or run `kiln serve`, which starts an embedded PostgreSQL"
+        )
+    return config.database.url
+
+
+def make_services(config: Config, *, application: str = "kiln-api") -> Services:
+    """Return the API's collaborators."""
+    pool = make_pool(database_url(config), config.database, application=application)
+    queue = QueueManager(pool)
+    resolver = Resolver(
+        ModuleProxy(config.build.goproxy, timeout=config.build.proxy_timeout),
+        cache=DatabaseResolutionCache(queue, latest_ttl=config.build.latest_ttl),
+        latest_ttl=config.build.latest_ttl,
+    )
+    service = BuildService(
+        queue=queue, resolver=resolver, tags=tuple(config.build.tags),
+        ldflags=config.build.ldflags, max_attempts=config.worker.max_attempts,
+        worker_live_seconds=config.janitor.worker_gone_seconds,
+    )
+    return Services(config=config, queue=queue, service=service,
+                    store=make_store(config.storage))
+
+
+def make_worker(config: Config, *, max_jobs: int = 0, idle_exit: float = 0.0) -> object:
+    """Return a Worker wired from the config."""
+    from kiln.worker import Worker
+
+    url = database_url(config)
+    pool = make_pool(url, config.database, application="kiln-worker", min_size=1,
+                     max_size=max(2, config.worker.concurrency + 2))
+    sandbox = make_sandbox(config.build)
+    builder = Builder(
+        sandbox=sandbox, goproxy=config.build.goproxy, gosumdb=config.build.gosumdb,
+        fetch_timeout=config.build.fetch_timeout, compile_timeout=config.build.compile_timeout,
+    )
+
+    def listen() -> psycopg.Connection:
+        return connect(url, config.database, application="kiln-worker-listen")
+
+    return Worker(
+        queue=QueueManager(pool), builder=builder, store=make_store(config.storage),
+        listen=listen, work_root=Path(config.build.work_dir), worker_id=config.worker.id,
+        concurrency=config.worker.concurrency, lease_seconds=config.worker.lease_seconds,
+        heartbeat_seconds=config.worker.heartbeat_seconds,
+        poll_seconds=config.worker.poll_seconds,
+        retry_base_seconds=config.worker.retry_base_seconds,
+        max_jobs=max_jobs, idle_exit=idle_exit,
+    )

@@ -1,0 +1,232 @@
+"""The builder: xcaddy's procedure, done by Kiln, one sandboxed step at a time."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiln.sandbox import COMPILE, FETCH, Sandbox, Step, StepResult
+from kiln.spec import BuildSpec
+
+CADDY_MODULE = "github.com/caddyserver/caddy/v2"
+#: lines of Go output kept in a failure message
+ERROR_LINES = 20
+
+#: a log sink receives (step, line); steps are resolve, fetch, compile, upload
+LogSink = Callable[[str, str], None]
+
+# Go's messages for a module or version that does not exist: the user must fix the request.
+_NOT_FOUND = re.compile(
+    r"(404 Not Found|410 Gone|no matching versions|unknown revision|invalid version|"
+    r"not found: |malformed module path|cannot find module providing package|"
+    r"does not contain package|module .* found, but does not contain)",
+    re.I,
+)
+# Messages of an unreachable or failing proxy: worth another attempt.
+_UNREACHABLE = re.compile(
+    r"(dial tcp|connection refused|connection reset|i/o timeout|TLS handshake timeout|"
+    r"no such host|502 Bad Gateway|503 Service Unavailable|504 Gateway Timeout|"
+    r"500 Internal Server Error|unexpected EOF|network is unreachable)",
+    re.I,
+)
+
+
+class BuildFailure(Exception):
+    """A build did not produce a binary; ``retryable`` says whether trying again may help."""
+
+    def __init__(self, message: str, *, retryable: bool, step: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.step = step
+
+
+class Cancelled(Exception):
+    """The build was cancelled or taken away while it ran."""
+
+
+@dataclass
+class BuildOutput:
+    binary: Path
+    go_mod: str
+    go_sum: str
+    #: seconds spent in each step
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def main_go(spec: BuildSpec) -> str:
+    """Return the main.go xcaddy would write for ``spec``."""
+    imports = [
+        f'\tcaddycmd "{CADDY_MODULE}/cmd"',
+        "",
+        f'\t_ "{CADDY_MODULE}/modules/standard"',
+    ]
+    imports += [f'\t_ "{p.package}"' for p in spec.plugins]
+    return (
+        "package main\n\nimport (\n" + "\n".join(imports) + "\n)\n\n"
+        "func main() {\n\tcaddycmd.Main()\n}\n"
+    )
+
+
+def go_mod(spec: BuildSpec) -> str:
+    """Return the initial go.mod: module caddy, the toolchain's language version, replaces."""
+    match = re.match(r"go(\d+\.\d+)", spec.go_version)
+    lines = ["module caddy", "", f"go {match.group(1) if match else '1.21'}", ""]
+    for r in spec.replacements:
+        target = f"{r.new} {r.new_version}".strip()
+        lines.append(f"replace {r.old} => {target}")
+    return "\n".join(lines) + "\n"
+
+
+def summarize(output: str, limit: int = ERROR_LINES) -> str:
+    """Return the lines of Go output a user needs to see why a step failed."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    wanted = [
+        line for line in lines
+        if line.startswith(("go: ", "# ")) or re.match(r"^\S+\.go:\d+", line)
+        or "error" in line.lower() or "requires" in line
+    ]
+    chosen = wanted or lines
+    return "\n".join(chosen[-limit:]) or "(no output)"
+
+
+def required_version(go_mod_text: str, module: str) -> str | None:
+    """Return the version go.mod requires of ``module``."""
+    pattern = re.compile(rf"^\s*(?:require\s+)?{re.escape(module)}\s+(\S+)", re.M)
+    match = pattern.search(go_mod_text)
+    return match.group(1) if match else None
+
+
+class Builder:
+    """Turn a resolved BuildSpec into a Caddy binary in a work directory."""
+
+    def __init__(
+        self,
+        *,
+        sandbox: Sandbox,
+        goproxy: str,
+        gosumdb: str,
+        fetch_timeout: float,
+        compile_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sandbox = sandbox
+        self.goproxy = goproxy
+        self.gosumdb = gosumdb
+        self.fetch_timeout = fetch_timeout
+        self.compile_timeout = compile_timeout
+        self.clock = clock
+
+    def _fetch_env(self) -> dict[str, str]:
+        return {
+            "GOPROXY": self.goproxy,
+            "GOSUMDB": self.gosumdb,
+            "GOFLAGS": "-mod=mod",
+            "GOTOOLCHAIN": "local",
+            "CGO_ENABLED": "0",
+        }
+
+    def _run(self, step: Step, workdir: Path, log: LogSink, cancel: threading.Event | None,
+             timings: dict[str, float]) -> StepResult:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        log(step.name, "$ " + " ".join(step.argv))
+        started = self.clock()
+        result = self.sandbox.run(
+            step, workdir=workdir, on_output=lambda line: log(step.name, line), cancel=cancel
+        )
+        timings[step.name] = timings.get(step.name, 0.0) + (self.clock() - started)
+        if result.killed == "cancelled":
+            raise Cancelled()
+        if result.killed == "timeout":
+            raise BuildFailure(
+                f"{step.name} step timed out after {step.timeout:.0f}s", retryable=True,
+                step=step.name,
+            )
+        if result.killed == "oom":
+            raise BuildFailure(
+                f"{step.name} step ran out of memory (the sandbox's memory limit)",
+                retryable=False, step=step.name,
+            )
+        if result.killed:
+            raise BuildFailure(f"{step.name} step was stopped: {result.killed}",
+                               retryable=False, step=step.name)
+        return result
+
+    def _fetch(self, args: list[str], workdir: Path, log: LogSink,
+               cancel: threading.Event | None, timings: dict[str, float], key: str) -> None:
+        step = Step(FETCH, tuple(args), env=self._fetch_env(), network=True,
+                    timeout=self.fetch_timeout, build_key=key)
+        result = self._run(step, workdir, log, cancel, timings)
+        if result.ok:
+            return
+        summary = summarize(result.output)
+        if _UNREACHABLE.search(result.output) and not _NOT_FOUND.search(result.output):
+            raise BuildFailure(f"module proxy unreachable:\n{summary}", retryable=True,
+                               step=FETCH)
+        raise BuildFailure(summary, retryable=False, step=FETCH)
+
+    def build(self, spec: BuildSpec, *, key: str, workdir: Path, log: LogSink,
+              cancel: threading.Event | None = None) -> BuildOutput:
+        """Fetch modules and compile; raise BuildFailure or Cancelled."""
+        timings: dict[str, float] = {}
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "main.go").write_text(main_go(spec))
+        (workdir / "go.mod").write_text(go_mod(spec))
+        core = f"{CADDY_MODULE}@{spec.caddy_version}"
+        pins = [f"{p.module}@{p.version}" for p in spec.plugins]
+        self._fetch(["go", "get", core], workdir, log, cancel, timings, key)
+        for pin in pins:
+            self._fetch(["go", "get", pin, core], workdir, log, cancel, timings, key)
+        if pins:
+            # one combined re-pin: fails if any plugin drags core (or another plugin) away
+            self._fetch(["go", "get", core, *pins], workdir, log, cancel, timings, key)
+        self._fetch(["go", "mod", "tidy", "-e"], workdir, log, cancel, timings, key)
+        mod_text = (workdir / "go.mod").read_text()
+        linked = required_version(mod_text, CADDY_MODULE)
+        if linked != spec.caddy_version:
+            raise BuildFailure(
+                f"a plugin requires {CADDY_MODULE} {linked}, not the {spec.caddy_version} "
+                "asked for: ask for that Caddy version or an older plugin version",
+                retryable=False, step=FETCH,
+            )
+        for p in spec.plugins:
+            got = required_version(mod_text, p.module)
+            if got != p.version:
+                raise BuildFailure(
+                    f"{p.module} was moved from {p.version} to {got} by another plugin's "
+                    "requirements: ask for compatible versions",
+                    retryable=False, step=FETCH,
+                )
+        output = spec.filename
+        env = {
+            "GOPROXY": "off",
+            "GOFLAGS": "-mod=mod",
+            "GOTOOLCHAIN": "local",
+            "CGO_ENABLED": "0",
+            **spec.goenv(),
+        }
+        args = ["go", "build", "-o", output, "-trimpath", "-buildvcs=false",
+                "-ldflags", spec.ldflags]
+        if spec.tags:
+            args += ["-tags", ",".join(spec.tags)]
+        step = Step(COMPILE, tuple(args), env=env, network=False,
+                    timeout=self.compile_timeout, build_key=key)
+        result = self._run(step, workdir, log, cancel, timings)
+        if not result.ok:
+            raise BuildFailure(summarize(result.output), retryable=False, step=COMPILE)
+        binary = workdir / output
+        if not binary.is_file():
+            raise BuildFailure("go build reported success but wrote no binary",
+                               retryable=True, step=COMPILE)
+        go_sum = workdir / "go.sum"
+        return BuildOutput(
+            binary=binary,
+            go_mod=mod_text,
+            go_sum=go_sum.read_text() if go_sum.exists() else "",
+            timings=timings,
+        )

@@ -1,0 +1,93 @@
+"""The ``kiln`` command: run the service's parts, and (kiln.client) talk to a server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from kiln.config import Config, ConfigError, load_config
+from kiln.logconfig import setup_logging
+
+#: exit code for a usage or configuration error
+EXIT_USAGE = 2
+
+
+def _config(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        print(f"kiln: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Apply pending database migrations."""
+    from kiln.app import database_url
+    from kiln.db import migrate
+
+    config = _config(args)
+    setup_logging(config.logging, process="migrate")
+    applied = migrate(database_url(config), config.database)
+    print("applied: " + ", ".join(applied) if applied else "the database is up to date")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run API, worker and janitor together (embedded PostgreSQL if no database.url)."""
+    from kiln.standalone import serve
+
+    config = _config(args)
+    setup_logging(config.logging, process="serve")
+    return serve(config)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run a build worker."""
+    from functions.worker.__main__ import main
+
+    return main(args.rest)
+
+
+def cmd_janitor(args: argparse.Namespace) -> int:
+    """Run the janitor."""
+    from functions.janitor.__main__ import main
+
+    return main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of every kiln subcommand."""
+    parser = argparse.ArgumentParser(prog="kiln", description="Kiln: custom Caddy builds.")
+    parser.add_argument("--config", default=None,
+                        help="config file (default: $CONFIG_PATH or ./config.yml)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "migrate": cmd_migrate,
+        "serve": cmd_serve,
+    }
+    for name, handler in handlers.items():
+        p = sub.add_parser(name, help=(handler.__doc__ or "").strip())
+        p.set_defaults(func=handler)
+    for name, handler in {"worker": cmd_worker, "janitor": cmd_janitor}.items():
+        p = sub.add_parser(name, help=(handler.__doc__ or "").strip())
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=handler)
+    try:
+        from kiln import client
+    except ImportError:
+        pass
+    else:
+        client.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the kiln command line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

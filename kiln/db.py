@@ -1,0 +1,146 @@
+"""PostgreSQL connections and the migration runner."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from kiln.config import DatabaseConfig
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+#: advisory lock key that serializes migration runs ("kiln" in ASCII)
+MIGRATION_LOCK = 0x6B696C6E
+LOCK_TIMEOUT = "10s"
+#: keepalives so a half-open connection is noticed in about a minute, not hours
+KEEPALIVE_KWARGS = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
+_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+def connect_kwargs(config: DatabaseConfig, *, application: str = "kiln") -> dict[str, object]:
+    """Return the psycopg connection arguments every Kiln connection uses."""
+    return {
+        "connect_timeout": max(1, int(config.connect_timeout)),
+        "application_name": application,
+        "options": f"-c statement_timeout={int(config.statement_timeout * 1000)}",
+        **KEEPALIVE_KWARGS,
+    }
+
+
+def connect(url: str, config: DatabaseConfig, *, application: str = "kiln",
+            autocommit: bool = True) -> psycopg.Connection:
+    """Open one connection (used for LISTEN and for short-lived tools)."""
+    return psycopg.connect(url, autocommit=autocommit,
+                           **connect_kwargs(config, application=application))  # type: ignore[arg-type]
+
+
+def make_pool(url: str, config: DatabaseConfig, *, application: str = "kiln",
+              min_size: int | None = None, max_size: int | None = None) -> ConnectionPool:
+    """Open a connection pool; connections are checked before being handed out."""
+    pool = ConnectionPool(
+        url,
+        min_size=config.pool_min if min_size is None else min_size,
+        max_size=config.pool_max if max_size is None else max_size,
+        kwargs={"autocommit": True, **connect_kwargs(config, application=application)},
+        check=ConnectionPool.check_connection,
+        timeout=config.connect_timeout * 2,
+        open=False,
+        name=application,
+    )
+    pool.open(wait=False)
+    return pool
+
+
+@dataclass(frozen=True)
+class Migration:
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+class MigrationError(Exception):
+    """A migration cannot be applied, or an applied one was changed."""
+
+
+def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """Return the migrations in ``directory``, in order."""
+    found = []
+    for path in sorted(directory.glob("*.sql")):
+        if not _NAME.match(path.name):
+            raise MigrationError(f"{path.name}: migration files are named NNNN_words.sql")
+        found.append(Migration(path.name, path.read_text()))
+    return found
+
+
+class Migrator:
+    """Apply numbered SQL files once each, recording name and checksum."""
+
+    def __init__(self, conn: psycopg.Connection, *, directory: Path = MIGRATIONS_DIR) -> None:
+        self.conn = conn
+        self.directory = directory
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self.conn.transaction():
+            self.conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            yield
+
+    def applied(self) -> dict[str, str]:
+        """Return {name: checksum} of the migrations already applied."""
+        self.conn.execute(
+            """CREATE TABLE IF NOT EXISTS kiln_migrations (
+                   name text PRIMARY KEY,
+                   checksum text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        rows = self.conn.execute("SELECT name, checksum FROM kiln_migrations").fetchall()
+        return {name: checksum for name, checksum in rows}
+
+    def migrate(self) -> list[str]:
+        """Apply pending migrations in one transaction; return their names."""
+        migrations = load_migrations(self.directory)
+        with self._locked():
+            applied = self.applied()
+            known = {m.name for m in migrations}
+            for m in migrations:
+                if m.name in applied and applied[m.name] != m.checksum:
+                    raise MigrationError(
+                        f"{m.name} was changed after it was applied: add a new migration instead"
+                    )
+            missing = sorted(set(applied) - known)
+            if missing:
+                log.warning("applied migrations not in %s: %s", self.directory, ", ".join(missing))
+            pending = [m for m in migrations if m.name not in applied]
+            for m in pending:
+                log.info("applying migration %s", m.name)
+                self.conn.execute(m.sql.encode())
+                self.conn.execute(
+                    "INSERT INTO kiln_migrations (name, checksum) VALUES (%s, %s)",
+                    (m.name, m.checksum),
+                )
+        return [m.name for m in pending]
+
+
+def migrate(url: str, config: DatabaseConfig) -> list[str]:
+    """Connect, apply pending migrations, and return their names."""
+    with connect(url, config, application="kiln-migrate") as conn:
+        return Migrator(conn).migrate()

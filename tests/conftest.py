@@ -1,0 +1,102 @@
+"""Shared fixtures: a real PostgreSQL, the synthetic Go module proxy, shared Go caches.
+
+PostgreSQL: ``KILN_TEST_DATABASE_URL`` if set, else an embedded server (pgserver, which runs
+postgres as an unprivileged system user). One template database is migrated per session;
+each test gets a fresh copy of it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from kiln.db import Migrator
+from tests.fixtures import goproxy
+
+TEMPLATE_DB = "kiln_template"
+
+
+def _admin_url(url: str, dbname: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    info["dbname"] = dbname
+    return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Return the URL of a PostgreSQL server for the whole session."""
+    given = os.environ.get("KILN_TEST_DATABASE_URL")
+    if given:
+        yield given
+        return
+    import pgserver
+
+    root = tmp_path_factory.mktemp("pg")
+    server = pgserver.get_server(root / "data", cleanup_mode="stop")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_server_url: str) -> str:
+    """Create the template database from the migrations, once per session."""
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB}")
+        conn.execute(f"CREATE DATABASE {TEMPLATE_DB}")
+    with psycopg.connect(_admin_url(pg_server_url, TEMPLATE_DB), autocommit=True) as conn:
+        Migrator(conn).migrate()
+    return TEMPLATE_DB
+
+
+@pytest.fixture
+def db_url(pg_server_url: str, pg_template: str) -> Iterator[str]:
+    """Return the URL of a fresh, migrated database for one test."""
+    name = f"kiln_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
+    yield _admin_url(pg_server_url, name)
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def empty_db_url(pg_server_url: str) -> Iterator[str]:
+    """Return the URL of an empty database (no migrations applied)."""
+    name = f"kiln_empty_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield _admin_url(pg_server_url, name)
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="session")
+def proxy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Return the directory of the synthetic module proxy (file:// usable)."""
+    return goproxy.generate(tmp_path_factory.mktemp("goproxy"))
+
+
+@pytest.fixture(scope="session")
+def proxy_server(proxy_dir: Path) -> Iterator[goproxy.ProxyServer]:
+    """Serve the synthetic proxy over HTTP on 127.0.0.1."""
+    server = goproxy.serve(proxy_dir)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def go_cache_dir() -> Path:
+    """Return the Go module and build cache shared by every test (and kept between runs)."""
+    base = Path(os.environ.get("KILN_TEST_CACHE") or
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kiln-tests")
+    base.mkdir(parents=True, exist_ok=True)
+    return base

@@ -1,0 +1,136 @@
+"""The queue on a real PostgreSQL: idempotent enqueue, exclusive claims, leases, NOTIFY."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg_pool import ConnectionPool
+
+from kiln.queue import QUEUE_CHANNEL, QueueManager
+
+
+def key_of(n: int) -> str:
+    return hashlib.sha256(str(n).encode()).hexdigest()
+
+
+SPEC = {"os": "linux", "arch": "amd64"}
+
+
+@pytest.fixture
+def queue(db_url: str) -> Iterator[QueueManager]:
+    pool = ConnectionPool(db_url, min_size=1, max_size=12, kwargs={"autocommit": True})
+    try:
+        yield QueueManager(pool)
+    finally:
+        pool.close()
+
+
+def test_enqueue_is_idempotent(queue: QueueManager) -> None:
+    first = queue.enqueue(key_of(1), SPEC)
+    second = queue.enqueue(key_of(1), SPEC)
+    assert first.queued and not second.queued
+    assert second.build["state"] == "queued"
+    with queue.pool.connection() as conn:
+        assert conn.execute("SELECT count(*) FROM kiln_builds").fetchone()[0] == 1
+
+
+def test_concurrent_claims_never_share_a_build(queue: QueueManager) -> None:
+    for n in range(60):
+        queue.enqueue(key_of(n), SPEC)
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def claimer(i: int) -> None:
+        while True:
+            got = queue.claim(f"w{i}", limit=3, lease_seconds=30)
+            if not got:
+                return
+            with lock:
+                claimed.extend(c.key for c in got)
+
+    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(key_of(n) for n in range(60))
+    with queue.pool.connection() as conn:
+        assert conn.execute("SELECT count(*) FROM kiln_attempts").fetchone()[0] == 60
+
+
+def test_claim_order_is_priority_then_age(queue: QueueManager) -> None:
+    queue.enqueue(key_of(1), SPEC)
+    queue.enqueue(key_of(2), SPEC, priority=5)
+    queue.enqueue(key_of(3), SPEC)
+    assert queue.queue_position(key_of(2)) == 0
+    assert queue.queue_position(key_of(3)) == 2
+    order = [queue.claim("w", limit=1, lease_seconds=30)[0].key for _ in range(3)]
+    assert order == [key_of(2), key_of(1), key_of(3)]
+
+
+def test_expired_lease_is_requeued_and_attempt_recorded_lost(queue: QueueManager) -> None:
+    queue.enqueue(key_of(1), SPEC)
+    [job] = queue.claim("dead-worker", limit=1, lease_seconds=2)
+    assert queue.requeue_expired() == []  # lease still valid
+    time.sleep(2.2)
+    moved = queue.requeue_expired()
+    assert [(m["key"], m["state"]) for m in moved] == [(job.key, "queued")]
+    # the dead worker can no longer complete or extend it
+    assert not queue.complete(job.key, "dead-worker", artifact_path="x", artifact_size=1,
+                              artifact_sha256="0" * 64)
+    assert queue.extend_leases("dead-worker", [job.key], lease_seconds=30) == set()
+    [again] = queue.claim("live-worker", limit=1, lease_seconds=30)
+    assert again.attempt == 2
+    outcomes = [a["outcome"] for a in queue.attempts(job.key)]
+    assert outcomes == ["lost", "running"]
+
+
+def test_retryable_failure_requeues_until_max_attempts(queue: QueueManager) -> None:
+    queue.enqueue(key_of(1), SPEC, max_attempts=2)
+    queue.claim("w", limit=1, lease_seconds=30)
+    assert queue.fail(key_of(1), "w", error="proxy down", retryable=True) == "queued"
+    queue.claim("w", limit=1, lease_seconds=30)
+    assert queue.fail(key_of(1), "w", error="proxy down", retryable=True) == "failed"
+    build = queue.get(key_of(1))
+    assert build is not None and build["error"] == "proxy down"
+
+
+def test_permanent_failure_is_final_at_once(queue: QueueManager) -> None:
+    queue.enqueue(key_of(1), SPEC)
+    queue.claim("w", limit=1, lease_seconds=30)
+    assert queue.fail(key_of(1), "w", error="compile error", retryable=False) == "failed"
+    # asking again does not rebuild a build that can only fail the same way
+    assert not queue.enqueue(key_of(1), SPEC).queued
+
+
+def test_release_does_not_spend_an_attempt(queue: QueueManager) -> None:
+    queue.enqueue(key_of(1), SPEC)
+    queue.claim("w", limit=1, lease_seconds=30)
+    assert queue.release(key_of(1), "w")
+    build = queue.get(key_of(1))
+    assert build is not None and build["state"] == "queued" and build["attempts"] == 0
+    assert [a["outcome"] for a in queue.attempts(key_of(1))] == ["preempted"]
+
+
+def test_notify_wakes_a_listener(queue: QueueManager, db_url: str) -> None:
+    got: list[str] = []
+    ready = threading.Event()
+
+    def listen() -> None:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(f"LISTEN {QUEUE_CHANNEL}")
+            ready.set()
+            for note in conn.notifies(timeout=10, stop_after=1):
+                got.append(note.payload)
+
+    t = threading.Thread(target=listen)
+    t.start()
+    ready.wait(5)
+    queue.enqueue(key_of(7), SPEC)
+    t.join(12)
+    assert got == [key_of(7)]
