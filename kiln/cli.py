@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 
@@ -74,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=handler)
     try:
-        from kiln import client
-    except ImportError:
+        client = importlib.import_module("kiln.client")
+    except ModuleNotFoundError:
         pass
     else:
         client.add_commands(sub)

@@ -197,6 +197,17 @@ def expand(text: str, env: Mapping[str, str]) -> str:
     return _VAR.sub(sub, text)
 
 
+def _expand_tree(node: Any, env: Mapping[str, str]) -> Any:
+    """Expand variables in every string value (never in comments or keys)."""
+    if isinstance(node, str):
+        return expand(node, env)
+    if isinstance(node, dict):
+        return {k: _expand_tree(v, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_tree(v, env) for v in node]
+    return node
+
+
 def _overrides(env: Mapping[str, str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for name, value in env.items():
@@ -245,12 +256,12 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     file = Path(path if path is not None else env.get("CONFIG_PATH", DEFAULT_CONFIG_FILE))
     if file.exists():
         try:
-            loaded = yaml.safe_load(expand(file.read_text(), env))
+            loaded = yaml.safe_load(file.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{file}: the top level must be a mapping of sections")
-        data = loaded or {}
+        data = _expand_tree(loaded or {}, env)
     elif explicit:
         raise ConfigError(f"config file {file} does not exist")
     data = _merge(data, _overrides(env))

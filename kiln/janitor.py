@@ -73,7 +73,9 @@ class Janitor:
         """Apply migrations, then run each job on its interval until stopped."""
         self.run_once()
         for job in self.jobs:
-            self.scheduler.every(job.interval).seconds.do(self._run_job, job)
+            # schedule takes float intervals although its annotation says int
+            self.scheduler.every(job.interval).seconds.do(  # type: ignore[arg-type]
+                self._run_job, job)
         while not self._stop.is_set():
             self.scheduler.run_pending()
             idle = self.scheduler.idle_seconds

@@ -206,16 +206,17 @@ class QueueManager:
 
     # version resolutions ------------------------------------------------------------
 
-    def get_resolution(self, module: str, query: str) -> str | None:
-        """Return a cached, unexpired resolution."""
+    def get_resolution(self, module: str, query: str) -> tuple[str, float] | None:
+        """Return a cached, unexpired resolution and when it was made (epoch seconds)."""
         row = self._one("get_resolution", {"module": module, "query": query})
-        return row["version"] if row else None
+        return (row["version"], row["stored_at"]) if row else None
 
-    def put_resolution(self, module: str, query: str, version: str,
+    def put_resolution(self, module: str, query: str, version: str, *, stored_at: float,
                        ttl: float | None) -> None:
         """Cache a resolution; ``ttl`` None keeps it for good."""
         self._one_exec("put_resolution", {"module": module, "query": query,
-                                          "version": version, "ttl": ttl})
+                                          "version": version, "stored_at": stored_at,
+                                          "ttl": ttl})
 
     def expire_resolutions(self) -> None:
         """Delete expired resolutions."""

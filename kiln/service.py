@@ -11,7 +11,7 @@ from typing import Any
 
 from kiln.builder import CADDY_MODULE
 from kiln.queue import QueueManager
-from kiln.spec import BuildRequest, BuildSpec, ResolvedPlugin
+from kiln.spec import BuildRequest, BuildSpec
 from kiln.versions import Resolver
 
 #: seconds the sandbox identity read from the workers table is reused
@@ -74,8 +74,7 @@ class BuildService:
         caddy = self.resolver.resolve(CADDY_MODULE, request.caddy_query or "latest")
         plugins = []
         for plugin in request.plugins:
-            module, version = self.resolver.resolve_package(plugin.path, plugin.query or "latest")
-            plugins.append(ResolvedPlugin(package=plugin.path, module=module, version=version))
+            plugins.append(self.resolver.resolve_plugin(plugin))
         replacements = []
         for r in request.replacements:
             if r.new_version:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -294,8 +295,6 @@ def _remove_tree(path: Path) -> None:
     if not path.exists():
         return
     for dirpath, _dirs, _files in os.walk(path):
-        try:
+        with contextlib.suppress(OSError):
             os.chmod(dirpath, 0o755)
-        except OSError:
-            pass
     shutil.rmtree(path, ignore_errors=True)

@@ -8,6 +8,8 @@ each test gets a fresh copy of it.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,12 +38,15 @@ def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     import pgserver
 
-    root = tmp_path_factory.mktemp("pg")
+    # outside pytest's private tmp dir: postgres runs as another (unprivileged) user
+    root = Path(tempfile.mkdtemp(prefix="kiln-test-pg-"))
+    root.chmod(0o755)
     server = pgserver.get_server(root / "data", cleanup_mode="stop")
     try:
         yield server.get_uri()
     finally:
         server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -191,10 +191,10 @@ class _Slice:
         self.stream = stream
         self.left = length
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int | None = -1, /) -> bytes:
         if self.left <= 0:
             return b""
-        size = self.left if size < 0 else min(size, self.left)
+        size = self.left if size is None or size < 0 else min(size, self.left)
         data = self.stream.read(size)
         self.left -= len(data)
         return data
@@ -227,8 +227,7 @@ def serve_artifact(req: falcon.Request, resp: falcon.Response, *, store: Artifac
     resp.set_header("Accept-Ranges", "bytes")
     resp.set_header("Cache-Control", "public, max-age=31536000, immutable")
     resp.set_header("X-Checksum-Sha256", sha256)
-    if req.if_none_match and any(getattr(t, "etag", None) == sha256 or str(t) == etag
-                                 for t in req.if_none_match):
+    if req.if_none_match and any(tag in (sha256, "*") for tag in req.if_none_match):
         resp.status = falcon.HTTP_304
         return
     start, end = 0, size - 1

@@ -70,7 +70,8 @@ def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTP
     resp.content_type = falcon.MEDIA_JSON
     resp.text = json.dumps(error_body(exc.status_code, message, rid, field))
     level = logging.WARNING if exc.status_code >= 500 else logging.INFO
-    log.log(level, "%s %s -> %d: %s", req.method, req.path, exc.status_code, message,
+    log.log(level, "%s %s -> %d: %s (request %s)", req.method, req.path, exc.status_code,
+            message, rid,
             extra={"request_id": rid, "status": exc.status_code})
 
 

@@ -7,6 +7,7 @@ group) at its timeout. Use it where no container engine is available; production
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -130,10 +131,8 @@ class ProcessSandbox:
             def kill(reason: str) -> None:
                 if not killed:
                     killed.append(reason)
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
             def watch() -> None:
                 deadline = started + step.timeout
@@ -159,10 +158,8 @@ class ProcessSandbox:
                     size -= len(lines.pop(0)) + 1
             code = proc.wait()
             # the step's own children may outlive it; the group dies with the step
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             watcher.join(timeout=1)
             # files a Go step writes into its module cache are read-only
             _make_writable(scratch)
@@ -182,7 +179,5 @@ class ProcessSandbox:
 
 def _make_writable(root: Path) -> None:
     for dirpath, _dirs, _files in os.walk(root):
-        try:
+        with contextlib.suppress(OSError):
             os.chmod(dirpath, 0o755)
-        except OSError:
-            pass

@@ -235,18 +235,19 @@ SELECT count(*) FROM kiln_workers
  WHERE state = 'active' AND heartbeat_at > now() - make_interval(secs => %(seconds)s);
 
 -- name: get_resolution
-SELECT version
+SELECT version, extract(epoch FROM resolved_at)::float8 AS stored_at
   FROM kiln_resolutions
  WHERE module = %(module)s AND query = %(query)s
    AND (expires_at IS NULL OR expires_at > now());
 
 -- name: put_resolution
-INSERT INTO kiln_resolutions (module, query, version, expires_at)
-VALUES (%(module)s, %(query)s, %(version)s,
+INSERT INTO kiln_resolutions (module, query, version, resolved_at, expires_at)
+VALUES (%(module)s, %(query)s, %(version)s, to_timestamp(%(stored_at)s),
         CASE WHEN %(ttl)s::float8 IS NULL THEN NULL
-             ELSE now() + make_interval(secs => %(ttl)s::float8) END)
+             ELSE to_timestamp(%(stored_at)s) + make_interval(secs => %(ttl)s::float8) END)
 ON CONFLICT (module, query) DO UPDATE
-   SET version = EXCLUDED.version, resolved_at = now(), expires_at = EXCLUDED.expires_at;
+   SET version = EXCLUDED.version, resolved_at = EXCLUDED.resolved_at,
+       expires_at = EXCLUDED.expires_at;
 
 -- name: expire_resolutions
 DELETE FROM kiln_resolutions WHERE expires_at IS NOT NULL AND expires_at <= now();

@@ -1,0 +1,158 @@
+"""Run Kiln's real processes for end-to-end tests: gunicorn on 127.0.0.1, workers, janitor."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    """Return a TCP port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class KilnProcesses:
+    """Start and stop the API (gunicorn), workers and janitors of one Kiln instance."""
+
+    def __init__(self, *, db_url: str, root: Path, goproxy: str, cache_dir: Path,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/root"),
+            "XDG_RUNTIME_DIR": os.environ.get("XDG_RUNTIME_DIR", "/tmp"),
+            "PYTHONPATH": str(REPO),
+            "CONFIG_PATH": "/dev/null",
+            "KILN_DATABASE__URL": db_url,
+            "KILN_BUILD__GOPROXY": goproxy,
+            "KILN_BUILD__GOSUMDB": "off",
+            "KILN_BUILD__SANDBOX": "process",
+            "KILN_BUILD__CACHE_DIR": str(cache_dir),
+            "KILN_BUILD__WORK_DIR": str(root / "work"),
+            "KILN_STORAGE__LOCAL__PATH": str(root / "artifacts"),
+            "KILN_API__LISTEN": f"127.0.0.1:{self.port}",
+            "KILN_WORKER__POLL_SECONDS": "1",
+            "KILN_WORKER__HEARTBEAT_SECONDS": "1",
+            "KILN_WORKER__LEASE_SECONDS": "5",
+            "KILN_WORKER__RETRY_BASE_SECONDS": "0.5",
+            "KILN_LOGGING__LEVEL": "DEBUG",
+            **(env or {}),
+        }
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None
+               ) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(argv, cwd=REPO, env={**self.env, **(env or {})},
+                                stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start_api(self, *, workers: int = 1, threads: int = 32,
+                  worker_class: str = "gthread", env: Mapping[str, str] | None = None,
+                  name: str = "api") -> None:
+        """Start gunicorn serving functions.api:app and wait until /healthz answers."""
+        self._spawn(name, [
+            sys.executable, "-m", "gunicorn", "functions.api:app",
+            "--bind", f"127.0.0.1:{self.port}", "--workers", str(workers),
+            "--threads", str(threads), "--worker-class", worker_class, "--timeout", "0",
+        ], env)
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until /healthz answers 200."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"the API did not come up; log:\n{self.log('api')}")
+
+    def start_worker(self, name: str = "worker", *, args: list[str] | None = None,
+                     env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``python -m functions.worker``."""
+        return self._spawn(name, [sys.executable, "-m", "functions.worker", *(args or [])], env)
+
+    def start_janitor(self, name: str = "janitor", *, args: list[str] | None = None,
+                      env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``python -m functions.janitor``."""
+        return self._spawn(name, [sys.executable, "-m", "functions.janitor", *(args or [])],
+                           env)
+
+    def wait_for_worker(self, name: str = "worker", timeout: float = START_TIMEOUT) -> None:
+        """Wait until worker process ``name`` has registered and is claiming."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if " ready: concurrency" in self.log(name):
+                return
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"worker {name} did not start; log:\n{self.log(name)}")
+
+    def log(self, name: str) -> str:
+        """Return what a process printed so far."""
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Signal one process group and wait for it; return its exit code."""
+        proc = self.procs.get(name)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        return proc.returncode
+
+    def close(self) -> None:
+        """Stop everything."""
+        for name in list(self.procs):
+            self.stop(name, timeout=15)
+
+    # client helpers -------------------------------------------------------------------
+
+    def post_build(self, body: Any, **kwargs: Any) -> requests.Response:
+        """POST /api/builds."""
+        return requests.post(self.url + "/api/builds", json=body, timeout=60, **kwargs)
+
+    def wait_build(self, key: str, timeout: float = 300.0) -> dict[str, Any]:
+        """Poll a build until it reaches a final state; return its document."""
+        deadline = time.monotonic() + timeout
+        doc: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            doc = requests.get(f"{self.url}/api/builds/{key}", timeout=10).json()
+            if doc.get("state") in ("succeeded", "failed", "cancelled"):
+                return doc
+            time.sleep(0.2)
+        raise AssertionError(f"build {key} still {doc.get('state')}; worker log:\n"
+                             + self.log("worker")[-4000:])
