@@ -134,3 +134,26 @@ def test_notify_wakes_a_listener(queue: QueueManager, db_url: str) -> None:
     queue.enqueue(key_of(7), SPEC)
     t.join(12)
     assert got == [key_of(7)]
+
+
+def test_notifier_fans_out_to_subscribers_of_a_key(queue: QueueManager, db_url: str) -> None:
+    from kiln.notifier import Notifier
+    from kiln.queue import EVENTS_CHANNEL, parse_event
+
+    notifier = Notifier(lambda: psycopg.connect(db_url, autocommit=True),
+                        channels=[EVENTS_CHANNEL])
+    try:
+        mine = notifier.subscribe(EVENTS_CHANNEL, key_of(1))
+        other = notifier.subscribe(EVENTS_CHANNEL, key_of(2))
+        assert notifier.connected.wait(10)
+        # the first delivery after connecting asks subscribers to re-read
+        assert mine.wait(5) is not None and other.wait(5) is not None
+        queue.enqueue(key_of(1), SPEC)
+        payload = mine.wait(10)
+        assert payload is not None and parse_event(payload) == (key_of(1), "queued")
+        assert other.wait(0.3) is None
+        mine.close()
+        other.close()
+        assert notifier.subscribers() == 0
+    finally:
+        notifier.stop()
