@@ -77,8 +77,9 @@ def go_mod(spec: BuildSpec) -> str:
     match = re.match(r"go(\d+\.\d+)", spec.go_version)
     lines = ["module caddy", "", f"go {match.group(1) if match else '1.21'}", ""]
     for r in spec.replacements:
+        source = f"{r.old} {r.old_version}".strip()
         target = f"{r.new} {r.new_version}".strip()
-        lines.append(f"replace {r.old} => {target}")
+        lines.append(f"replace {source} => {target}")
     return "\n".join(lines) + "\n"
 
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kiln.builder import CADDY_MODULE
 from kiln.queue import QueueManager
 from kiln.spec import BuildRequest, BuildSpec
-from kiln.versions import Resolver
+from kiln.versions import Resolver, resolve_spec
 
 #: seconds the sandbox identity read from the workers table is reused
 TOOLCHAIN_CACHE_SECONDS = 5.0
@@ -69,29 +67,10 @@ class BuildService:
         return found
 
     def resolve(self, request: BuildRequest) -> BuildSpec:
-        """Resolve every version query to an absolute version."""
+        """Resolve every version query to an absolute version and return the spec."""
         sandbox, go_version = self.toolchain()
-        caddy = self.resolver.resolve(CADDY_MODULE, request.caddy_query or "latest")
-        plugins = []
-        for plugin in request.plugins:
-            plugins.append(self.resolver.resolve_plugin(plugin))
-        replacements = []
-        for r in request.replacements:
-            if r.new_version:
-                r = dataclasses.replace(r, new_version=self.resolver.resolve(r.new, r.new_version))
-            replacements.append(r)
-        return BuildSpec(
-            os=request.os,
-            arch=request.arch,
-            arm=request.arm,
-            caddy_version=caddy,
-            plugins=tuple(sorted(plugins, key=lambda p: p.package)),
-            replacements=tuple(replacements),
-            go_version=go_version,
-            sandbox=sandbox,
-            tags=self.tags,
-            ldflags=self.ldflags,
-        )
+        return resolve_spec(request, self.resolver, go_version=go_version, sandbox=sandbox,
+                            tags=self.tags, ldflags=self.ldflags)
 
     def submit(self, request: BuildRequest, *, priority: int = 0,
                requested_by: str | None = None) -> Submitted:

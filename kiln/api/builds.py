@@ -129,6 +129,8 @@ def submit(service: BuildService, request: BuildRequest, **kwargs: Any) -> Any:
     """Submit through the service, turning resolution faults into HTTP errors."""
     try:
         return service.submit(request, **kwargs)
+    except SpecError as exc:
+        raise bad_request(str(exc), field=exc.field) from None
     except ModuleNotFound as exc:
         raise bad_request(str(exc)) from None
     except ProxyUnavailable as exc:
