@@ -53,6 +53,11 @@ class S3StorageConfig(_Section):
     prefix: str = ""
     region: str = ""
     endpoint_url: str = ""
+    #: endpoint put in presigned download URLs, when clients reach the store at another
+    #: address than Kiln does (e.g. MinIO inside a compose network); empty: endpoint_url
+    public_endpoint_url: str = ""
+    #: bucket in the path or in the host name; S3-compatible stores often need "path"
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
     access_key_id: str = ""
     secret_access_key: str = ""
     #: files larger than this are uploaded in parts of this size
