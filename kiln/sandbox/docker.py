@@ -1,0 +1,539 @@
+"""The docker sandbox: each build step runs in a fresh container of the sandbox image.
+
+Every step gets its own container (``worker_image/sandbox.Dockerfile``), labelled with the
+build key (``dev.kiln.sandbox``) and the worker id (``dev.kiln.worker``) so that leftovers
+can be found, and removed whatever happens. Both steps run as the non-root sandbox user
+with a read-only root filesystem, no capabilities, ``no-new-privileges``, memory (without
+swap), pids and CPU limits, a tmpfs ``/tmp`` and HOME, and an environment made of the
+image's variables plus ``Step.env`` only: nothing of the worker's environment.
+
+The two kinds of step differ in what they may reach:
+
+* fetch (``Step.network`` true): the configured network (``bridge`` or ``host``), or none
+  when every GOPROXY entry is a ``file://`` URL, whose directories are then bind-mounted
+  read-only at the same path; the module cache read-write; a throwaway build cache.
+* compile (``Step.network`` false): no network at all; the module cache read-only; the
+  build cache read-write.
+
+Trust model of the build cache. Go's build cache is content-addressed by action IDs
+(hashes of a compile's inputs), and ``go build`` trusts whatever it finds under an ID.
+A step that can write the shared cache can therefore plant a tampered object file under
+the ID of a popular package (Caddy's core, say), and every later build that compiles the
+same package links it. Go never runs a module's code while compiling (no build scripts,
+cgo is off), so doing that needs a compiler exploit; ``cache_mode: shared`` accepts that
+risk for speed. ``cache_mode: copy`` gives each compile step a private copy of the shared
+cache instead and throws it away afterwards: a step can poison only its own copy. In copy
+mode nothing writes the shared cache back, so warm it with trusted builds (run the
+sandbox once in ``shared`` mode) or accept cold compiles.
+
+Bind mounts are resolved by the engine on its own host: a worker that runs in a
+container and talks to the host's engine through ``/var/run/docker.sock`` must see the
+work and cache directories at the same paths as the host does.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+import docker
+import requests
+import urllib3
+from docker import DockerClient
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.types import LogConfig, Mount
+from docker.utils import parse_bytes
+
+from kiln.sandbox.base import (
+    SANDBOX_LABEL,
+    OutputCallback,
+    SandboxError,
+    Step,
+    StepResult,
+)
+
+if TYPE_CHECKING:
+    from kiln.config import BuildConfig
+
+log = logging.getLogger(__name__)
+
+#: label carrying the id of the worker that started a container
+WORKER_LABEL = "dev.kiln.worker"
+#: label carrying the step name (fetch, compile, ...)
+STEP_LABEL = "dev.kiln.step"
+
+#: paths inside the sandbox image (see worker_image/sandbox.Dockerfile)
+WORK_PATH = "/work"
+MODCACHE_PATH = "/go/pkg/mod"
+BUILDCACHE_PATH = "/cache/go-build"
+HOME_PATH = "/home/builder"
+
+#: seconds an API request to the engine may take (streams have no timeout)
+CLIENT_TIMEOUT_SECONDS = 60
+#: seconds between checks for cancellation and the timeout while a step runs
+WATCH_SECONDS = 0.05
+#: seconds between looks at a running step's process count
+PIDS_CHECK_SECONDS = 0.5
+#: a step holding this share of its pids limit for PIDS_STRIKES looks in a row is killed
+#: ("pids"): forks start failing near the limit, so a fork bomb settles somewhat below it,
+#: while a Go build (GOMAXPROCS follows the CPU limit) stays far from the default 512
+PIDS_NEAR_LIMIT = 0.75
+PIDS_STRIKES = 3
+#: seconds to wait for the exit status once a step's output has ended
+EXIT_WAIT_SECONDS = 30
+#: seconds the one-off ``go env GOVERSION`` container may take
+PROBE_TIMEOUT_SECONDS = 60
+#: output kept per step; older lines are dropped from the result (not from the callback)
+MAX_OUTPUT_CHARS = 256 * 1024
+#: size of the tmpfs HOME (Go keeps only small config files there)
+HOME_TMPFS_BYTES = 64 * 1024 * 1024
+#: the engine's copy of a probe's output (read once it has exited)
+PROBE_LOG = LogConfig(type="json-file", config={"max-size": "1m"})
+
+_NETWORKS = ("bridge", "host", "none")
+_CACHE_MODES = ("shared", "copy")
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+_ENGINE_ERRORS: tuple[type[BaseException], ...] = (
+    DockerException,
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    ConnectionError,
+)
+
+
+def docker_client(
+    required: bool = False, *, timeout: float = CLIENT_TIMEOUT_SECONDS
+) -> DockerClient | None:
+    """Return a client of the engine DOCKER_HOST names, or None (logged) if none answers.
+
+    With ``required`` an unreachable engine raises SandboxError instead. The API version
+    is negotiated with the engine.
+    """
+    try:
+        client = docker.from_env(version="auto", timeout=timeout)
+        client.ping()
+    except _ENGINE_ERRORS as exc:
+        reason = f"no Docker Engine answers ({exc})"
+        if required:
+            raise SandboxError(
+                f"{reason}: start dockerd, set DOCKER_HOST, or use build.sandbox: process"
+            ) from exc
+        log.info("%s; the docker sandbox is not available", reason)
+        return None
+    return client
+
+
+class DockerSandbox:
+    """Run steps in throwaway containers of the sandbox image."""
+
+    def __init__(
+        self,
+        *,
+        client: DockerClient,
+        image: str,
+        cache_dir: Path,
+        network: str,
+        memory: str,
+        pids_limit: int,
+        cpus: float,
+        cache_mode: str,
+        user: str,
+        worker_id: str = "",
+        goproxy: str,
+    ) -> None:
+        if network not in _NETWORKS:
+            raise SandboxError(f"build.docker.network: {network!r} is not one of {_NETWORKS}")
+        if cache_mode not in _CACHE_MODES:
+            raise SandboxError(
+                f"build.docker.cache_mode: {cache_mode!r} is not one of {_CACHE_MODES}"
+            )
+        self.client = client
+        self.image = image
+        self.network = network
+        self.memory = memory
+        try:
+            self.memory_bytes = int(parse_bytes(memory))
+        except DockerException as exc:
+            raise SandboxError(f"build.docker.memory: {memory!r} is not a size ({exc})") from exc
+        self.pids_limit = pids_limit
+        self.cpus = cpus
+        self.cache_mode = cache_mode
+        self.user = user
+        self.worker_id = worker_id
+        self.goproxy = goproxy
+        self.uid, self.gid = _numeric_user(user)
+        root = cache_dir.resolve() / "docker"
+        self.modcache = root / "mod"
+        self.buildcache = root / "build"
+        self.copies = root / "build-copy" / (_UNSAFE_NAME.sub("_", worker_id) or "_")
+        for directory in (self.modcache, self.buildcache, self.copies):
+            directory.mkdir(parents=True, exist_ok=True)
+        # the worker may run as root; the steps run as the sandbox user and write these
+        self._give(self.modcache)
+        self._give(self.buildcache)
+        try:
+            self.image_id: str = client.images.get(image).id
+        except ImageNotFound as exc:
+            raise SandboxError(
+                f"sandbox image {image} not found: build it with worker_image/build_images.sh "
+                "(make images) or pull it"
+            ) from exc
+        except _ENGINE_ERRORS as exc:
+            raise SandboxError(f"cannot inspect sandbox image {image}: {exc}") from exc
+        self.identity = f"docker:{self.image_id}"
+        self._version: str | None = None
+        self._version_lock = threading.Lock()
+
+    @classmethod
+    def from_config(
+        cls, build_config: BuildConfig, *, client: DockerClient, worker_id: str = ""
+    ) -> DockerSandbox:
+        """Return the sandbox ``build.docker`` describes."""
+        settings = build_config.docker
+        return cls(
+            client=client,
+            image=settings.image,
+            cache_dir=build_config.cache_dir,
+            network=settings.network,
+            memory=settings.memory,
+            pids_limit=settings.pids_limit,
+            cpus=settings.cpus,
+            cache_mode=settings.cache_mode,
+            user=settings.user,
+            worker_id=worker_id,
+            goproxy=build_config.goproxy,
+        )
+
+    # -- the Sandbox protocol ---------------------------------------------------------
+
+    def go_version(self) -> str:
+        """Return ``go env GOVERSION`` as the image reports it (asked once)."""
+        with self._version_lock:
+            if self._version is None:
+                self._version = self._probe(["go", "env", "GOVERSION"]).strip()
+            return self._version
+
+    def run(
+        self,
+        step: Step,
+        *,
+        workdir: Path,
+        on_output: OutputCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> StepResult:
+        """Run one step in a new container; kill it on timeout, cancel, or at the pids limit."""
+        started = time.monotonic()
+        if cancel is not None and cancel.is_set():
+            return StepResult(exit_code=-1, output="", duration=0.0, killed="cancelled")
+        workdir = workdir.resolve()
+        if not workdir.is_dir():
+            raise SandboxError(f"work directory {workdir} does not exist")
+        self._give_tree(workdir)
+        private_cache: Path | None = None
+        try:
+            if not step.network and self.cache_mode == "copy":
+                private_cache = self._copy_build_cache(step)
+            options = self._options(step, workdir, private_cache)
+            try:
+                container = self.client.containers.create(**options)
+            except ImageNotFound as exc:
+                raise SandboxError(f"sandbox image {self.image} ({self.image_id}) is gone") from exc
+            except _ENGINE_ERRORS as exc:
+                raise SandboxError(f"cannot create the {step.name} container: {exc}") from exc
+            try:
+                return self._supervise(container, step, started, on_output, cancel)
+            except _ENGINE_ERRORS as exc:
+                raise SandboxError(f"the engine failed during the {step.name} step: {exc}") from exc
+            finally:
+                _remove(container)
+        finally:
+            if private_cache is not None:
+                shutil.rmtree(private_cache, ignore_errors=True)
+
+    def cleanup_orphans(self, *, all_workers: bool = False) -> int:
+        """Remove leftover containers of this worker (of all: ``all_workers``); return how many."""
+        labels = [SANDBOX_LABEL]
+        if not all_workers:
+            labels.append(f"{WORKER_LABEL}={self.worker_id}")
+        try:
+            found = self.client.containers.list(all=True, sparse=True, filters={"label": labels})
+        except _ENGINE_ERRORS as exc:
+            raise SandboxError(f"cannot list sandbox containers: {exc}") from exc
+        removed = 0
+        for container in found:
+            if _remove(container):
+                removed += 1
+        # private build caches a crashed step left behind
+        owners = [p for p in self.copies.parent.iterdir() if p.is_dir()] if all_workers else [
+            self.copies]
+        for owner in owners:
+            for leftover in owner.iterdir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        if removed:
+            log.info("removed %d leftover sandbox container(s)", removed)
+        return removed
+
+    # -- containers -------------------------------------------------------------------
+
+    def _options(self, step: Step, workdir: Path, private_cache: Path | None) -> dict[str, Any]:
+        mounts = [Mount(WORK_PATH, str(workdir), type="bind", read_only=False)]
+        owner = "mode=1777" if self.uid is None else f"uid={self.uid},gid={self.gid},mode=700"
+        tmpfs = {
+            "/tmp": f"rw,exec,nosuid,nodev,size={self.memory_bytes},mode=1777",
+            HOME_PATH: f"rw,nosuid,nodev,size={HOME_TMPFS_BYTES},{owner}",
+        }
+        if step.network:
+            proxies = self._proxy_urls(step)
+            local = [Path(unquote(urlparse(url).path)) for url in proxies
+                     if url.startswith("file://")]
+            only_local = bool(proxies) and len(local) == len(proxies)
+            network = "none" if self.network == "none" or only_local else self.network
+            for directory in local:
+                mounts.append(Mount(str(directory), str(directory), type="bind", read_only=True))
+            mounts.append(Mount(MODCACHE_PATH, str(self.modcache), type="bind", read_only=False))
+            # the fetch step has the network: it must not write the shared build cache
+            tmpfs[BUILDCACHE_PATH] = f"rw,nosuid,nodev,size={self.memory_bytes},{owner}"
+        else:
+            network = "none"
+            mounts.append(Mount(MODCACHE_PATH, str(self.modcache), type="bind", read_only=True))
+            cache = private_cache if private_cache is not None else self.buildcache
+            mounts.append(Mount(BUILDCACHE_PATH, str(cache), type="bind", read_only=False))
+        return {
+            "image": self.image_id,
+            "command": list(step.argv),
+            "environment": dict(step.env),
+            "user": self.user,
+            "working_dir": WORK_PATH,
+            "labels": {
+                SANDBOX_LABEL: step.build_key,
+                WORKER_LABEL: self.worker_id,
+                STEP_LABEL: step.name,
+            },
+            "name": f"kiln-{_UNSAFE_NAME.sub('_', step.name)}-{uuid.uuid4().hex[:12]}",
+            "network_mode": network,
+            "mounts": mounts,
+            "tmpfs": tmpfs,
+            "read_only": True,
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "mem_limit": self.memory_bytes,
+            "memswap_limit": self.memory_bytes,
+            "pids_limit": self.pids_limit,
+            "nano_cpus": int(self.cpus * 1e9),
+            # a real init reaps orphans, so zombies do not count against pids_limit
+            "init": True,
+            "stdin_open": False,
+            "tty": False,
+            # the output is read from the attach stream: the engine need not keep a copy
+            "log_config": LogConfig(type="none"),
+        }
+
+    def _proxy_urls(self, step: Step) -> list[str]:
+        """Return the GOPROXY entries of a step (its own GOPROXY, else the configured one)."""
+        value = step.env.get("GOPROXY") or self.goproxy
+        return [part for part in re.split(r"[,|]", value) if part and part != "off"]
+
+    def _supervise(
+        self,
+        container: Any,
+        step: Step,
+        started: float,
+        on_output: OutputCallback | None,
+        cancel: threading.Event | None,
+    ) -> StepResult:
+        killed: list[str] = []
+        done = threading.Event()
+
+        def kill(reason: str) -> None:
+            if killed:
+                return
+            try:
+                container.kill()
+            except NotFound:
+                return
+            except APIError as exc:
+                if exc.status_code == 409:  # not running: it ended on its own
+                    return
+                log.warning("cannot kill sandbox container %s: %s", container.short_id, exc)
+                return
+            except _ENGINE_ERRORS as exc:
+                log.warning("cannot kill sandbox container %s: %s", container.short_id, exc)
+                return
+            killed.append(reason)
+
+        def watch() -> None:
+            deadline = started + step.timeout
+            next_pids = time.monotonic() + PIDS_CHECK_SECONDS
+            strikes = 0
+            while not done.is_set():
+                if cancel is not None:
+                    if cancel.wait(WATCH_SECONDS):
+                        kill("cancelled")
+                        return
+                elif done.wait(WATCH_SECONDS):
+                    return
+                now = time.monotonic()
+                if now >= deadline:
+                    kill("timeout")
+                    return
+                if now >= next_pids:
+                    next_pids = now + PIDS_CHECK_SECONDS
+                    strikes = strikes + 1 if self._near_pids_limit(container) else 0
+                    if strikes >= PIDS_STRIKES:
+                        kill("pids")
+                        return
+
+        lines: list[str] = []
+        size = 0
+
+        def emit(line: str) -> None:
+            nonlocal size
+            if on_output is not None:
+                on_output(line)
+            lines.append(line)
+            size += len(line) + 1
+            while size > MAX_OUTPUT_CHARS and len(lines) > 1:
+                size -= len(lines.pop(0)) + 1
+
+        # attach before starting: a follow of the logs can drop a last line that has no
+        # newline, and the attach stream carries the output as it is written
+        output = container.attach(stdout=True, stderr=True, stream=True, logs=False)
+        watcher = threading.Thread(target=watch, name=f"kiln-watch-{container.short_id}",
+                                   daemon=True)
+        try:
+            container.start()
+            watcher.start()
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            pending = ""
+            for chunk in output:
+                pending += decoder.decode(chunk)
+                *complete, pending = pending.split("\n")
+                for line in complete:
+                    emit(line)
+            pending += decoder.decode(b"", final=True)
+            if pending:
+                emit(pending)
+            remaining = max(0.0, started + step.timeout - time.monotonic())
+            status = container.wait(timeout=remaining + EXIT_WAIT_SECONDS)
+            container.reload()
+        finally:
+            done.set()
+            output.close()
+            if watcher.is_alive():
+                watcher.join(timeout=5)
+        code = int(status.get("StatusCode", -1))
+        state = container.attrs.get("State", {})
+        reason = killed[0] if killed else None
+        if reason is None and state.get("OOMKilled"):
+            reason = "oom"
+        return StepResult(
+            exit_code=code,
+            output="\n".join(lines),
+            duration=time.monotonic() - started,
+            timed_out=reason == "timeout",
+            killed=reason,
+        )
+
+    def _near_pids_limit(self, container: Any) -> bool:
+        """Tell whether the step holds nearly all the processes (threads) it may."""
+        try:
+            stats = container.stats(stream=False, one_shot=True)
+        except _ENGINE_ERRORS:
+            return False
+        pids = stats.get("pids_stats") or {}
+        current = pids.get("current") or 0
+        return bool(current) and current >= PIDS_NEAR_LIMIT * self.pids_limit
+
+    def _probe(self, argv: list[str]) -> str:
+        """Run a command of the image with no network and no mounts; return its output."""
+        options = {
+            "image": self.image_id,
+            "command": argv,
+            "user": self.user,
+            "labels": {SANDBOX_LABEL: "", WORKER_LABEL: self.worker_id, STEP_LABEL: "probe"},
+            "network_mode": "none",
+            "read_only": True,
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "tmpfs": {"/tmp": "rw,nosuid,nodev", HOME_PATH: "rw,nosuid,nodev,mode=1777"},
+            "log_config": PROBE_LOG,
+        }
+        try:
+            container = self.client.containers.create(**options)
+        except _ENGINE_ERRORS as exc:
+            raise SandboxError(f"cannot run {' '.join(argv)} in {self.image}: {exc}") from exc
+        try:
+            container.start()
+            status = container.wait(timeout=PROBE_TIMEOUT_SECONDS)
+            out = container.logs(stdout=True, stderr=False).decode("utf-8", "replace")
+            if status.get("StatusCode") != 0:
+                err = container.logs(stdout=False, stderr=True).decode("utf-8", "replace")
+                raise SandboxError(f"{' '.join(argv)} failed in {self.image}: {err.strip()}")
+            return str(out)
+        except _ENGINE_ERRORS as exc:
+            raise SandboxError(f"cannot run {' '.join(argv)} in {self.image}: {exc}") from exc
+        finally:
+            _remove(container)
+
+    # -- host directories -------------------------------------------------------------
+
+    def _copy_build_cache(self, step: Step) -> Path:
+        """Return a private copy of the shared build cache for one compile step."""
+        prefix = (_UNSAFE_NAME.sub("_", step.build_key)[:16] or "step") + "-"
+        target = Path(tempfile.mkdtemp(prefix=prefix, dir=self.copies))
+        shutil.copytree(self.buildcache, target, symlinks=True, dirs_exist_ok=True)
+        self._give_tree(target)
+        return target
+
+    def _give(self, path: Path) -> None:
+        """Make ``path`` owned by the sandbox user when the worker is root."""
+        if self.uid is None or os.geteuid() != 0:
+            return
+        st = path.lstat()
+        if (st.st_uid, st.st_gid) != (self.uid, self.gid):
+            os.chown(path, self.uid, self.gid if self.gid is not None else -1,
+                     follow_symlinks=False)
+
+    def _give_tree(self, root: Path) -> None:
+        """Hand ``root`` and everything in it to the sandbox user, never following links."""
+        if self.uid is None or os.geteuid() != 0:
+            return
+        self._give(root)
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in (*dirnames, *filenames):
+                self._give(Path(dirpath, name))
+
+
+def _numeric_user(user: str) -> tuple[int | None, int | None]:
+    """Split ``uid[:gid]``; names (which only the image can resolve) give ``(None, None)``."""
+    uid, _, gid = user.partition(":")
+    if not uid.isdigit() or (gid and not gid.isdigit()):
+        return None, None
+    return int(uid), int(gid) if gid else int(uid)
+
+
+def _remove(container: Any) -> bool:
+    """Remove ``container`` (killing it if needed); tell whether it was there to remove."""
+    try:
+        container.remove(force=True)
+    except NotFound:
+        return False
+    except APIError as exc:
+        if exc.status_code == 409:  # removal already in progress
+            return True
+        log.warning("cannot remove sandbox container %s: %s", container.short_id, exc)
+        return False
+    except _ENGINE_ERRORS as exc:
+        log.warning("cannot remove sandbox container %s: %s", container.short_id, exc)
+        return False
+    return True
