@@ -8,9 +8,11 @@ import psycopg
 
 from kiln.api import Services
 from kiln.builder import Builder
+from kiln.buildlog import LOGS_CHANNEL, BuildLogs, LogWriter
 from kiln.config import Config
 from kiln.db import connect, make_pool
-from kiln.queue import QueueManager
+from kiln.notifier import Notifier
+from kiln.queue import EVENTS_CHANNEL, QueueManager
 from kiln.sandbox import make_sandbox
 from kiln.service import BuildService
 from kiln.storage import make_store
@@ -42,8 +44,16 @@ def make_services(config: Config, *, application: str = "kiln-api") -> Services:
         ldflags=config.build.ldflags, max_attempts=config.worker.max_attempts,
         worker_live_seconds=config.janitor.worker_gone_seconds,
     )
+    url = database_url(config)
+
+    def listen() -> psycopg.Connection:
+        return connect(url, config.database, application=f"{application}-listen")
+
+    # one LISTEN connection per process for every held request and live watcher
+    notifier = Notifier(listen, channels=[EVENTS_CHANNEL, LOGS_CHANNEL])
     return Services(config=config, queue=queue, service=service,
-                    store=make_store(config.storage))
+                    store=make_store(config.storage), notifier=notifier,
+                    logs=BuildLogs(pool))
 
 
 def make_worker(config: Config, *, max_jobs: int = 0, idle_exit: float = 0.0) -> object:
@@ -70,4 +80,9 @@ def make_worker(config: Config, *, max_jobs: int = 0, idle_exit: float = 0.0) ->
         poll_seconds=config.worker.poll_seconds,
         retry_base_seconds=config.worker.retry_base_seconds,
         max_jobs=max_jobs, idle_exit=idle_exit,
+        log_sinks=LogWriter(
+            BuildLogs(pool), batch_lines=config.build_logs.batch_lines,
+            flush_seconds=config.build_logs.flush_seconds,
+            max_line_length=config.build_logs.max_line_length,
+            max_lines=config.build_logs.max_lines),
     )

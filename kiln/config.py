@@ -174,6 +174,20 @@ class LoggingConfig(_Section):
     format: Literal["json", "text"] = "text"
 
 
+class BuildLogsConfig(_Section):
+    #: a worker writes a build's output in batches of at most this many lines...
+    batch_lines: int = Field(100, ge=1, le=10000)
+    #: ...or after this many seconds, whichever comes first (the live log's delay)
+    flush_seconds: float = Field(0.2, gt=0, le=10)
+    #: longer output lines are cut to this many characters
+    max_line_length: int = Field(4096, ge=80)
+    #: lines stored per attempt; later output is dropped (a note says so)
+    max_lines: int = Field(20000, ge=100)
+    #: seconds between keep-alive comments on idle live-log streams (below any proxy's
+    #: idle timeout)
+    keepalive_seconds: float = Field(15.0, gt=0)
+
+
 class Config(_Section):
     database: DatabaseConfig = DatabaseConfig()
     storage: StorageConfig = StorageConfig()
@@ -182,6 +196,8 @@ class Config(_Section):
     worker: WorkerConfig = WorkerConfig()
     janitor: JanitorConfig = JanitorConfig()
     logging: LoggingConfig = LoggingConfig()
+    #: build output: batching by workers, streaming to watchers
+    build_logs: BuildLogsConfig = BuildLogsConfig()
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -39,11 +39,13 @@ def payload_key(payload: str) -> str:
 class Subscription:
     """Notifications on one channel about one key, queued until read."""
 
-    def __init__(self, notifier: Notifier, channel: str, key: str) -> None:
+    def __init__(self, notifier: Notifier, channel: str, key: str, *,
+                 inbox: queue.SimpleQueue[str] | None = None) -> None:
         self.notifier = notifier
         self.channel = channel
         self.key = key
-        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        # subscriptions may share an inbox, so one waiter hears several channels
+        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue() if inbox is None else inbox
 
     def deliver(self, payload: str) -> None:
         self._queue.put(payload)
@@ -79,12 +81,13 @@ class Notifier:
         self._stop = threading.Event()
         self.connected = threading.Event()
 
-    def subscribe(self, channel: str, key: str) -> Subscription:
-        """Start receiving notifications about ``key`` on ``channel``."""
+    def subscribe(self, channel: str, key: str, *,
+                  inbox: queue.SimpleQueue[str] | None = None) -> Subscription:
+        """Start receiving notifications about ``key`` on ``channel`` (into ``inbox``)."""
         if channel not in self.channels:
             raise ValueError(f"not listening on {channel}")
         self._ensure_started()
-        sub = Subscription(self, channel, key)
+        sub = Subscription(self, channel, key, inbox=inbox)
         with self._lock:
             self._subs[(channel, key)].add(sub)
         return sub

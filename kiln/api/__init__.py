@@ -8,9 +8,12 @@ from dataclasses import dataclass
 
 import falcon
 
+from kiln.api import events, ui
 from kiln.api.builds import ArtifactResource, BuildResource, BuildsResource, HealthResource
 from kiln.api.errors import REQUEST_ID_HEADER, handle_unexpected, request_id, serialize_error
+from kiln.buildlog import BuildLogs
 from kiln.config import Config
+from kiln.notifier import Notifier
 from kiln.queue import QueueManager
 from kiln.service import BuildService
 from kiln.storage import ArtifactStore
@@ -26,6 +29,10 @@ class Services:
     queue: QueueManager
     service: BuildService
     store: ArtifactStore
+    #: the process's one LISTEN connection, fanned out to held requests and live watchers
+    notifier: Notifier | None = None
+    #: build logs (plain text and live events)
+    logs: BuildLogs | None = None
 
 
 class RequestIdMiddleware:
@@ -62,4 +69,9 @@ def create_app(services: Services) -> falcon.App:
     app.add_route("/api/builds/{key}/artifact", ArtifactResource(
         queue=services.queue, store=services.store,
         redirect=config.storage.serve == "redirect"))
+    if services.logs is not None:
+        events.add_routes(app, queue=services.queue, logs=services.logs,
+                          notifier=services.notifier,
+                          keepalive=config.build_logs.keepalive_seconds)
+    ui.add_routes(app, service=services.service)
     return app

@@ -28,7 +28,8 @@ def _iso(value: dt.datetime | None) -> str | None:
 def build_links(key: str) -> dict[str, str]:
     """Return the URLs (relative to the server) of a build's resources."""
     base = f"/api/builds/{key}"
-    return {"self": base, "artifact": f"{base}/artifact"}
+    return {"self": base, "artifact": f"{base}/artifact", "log": f"{base}/log",
+            "events": f"{base}/events"}
 
 
 def build_document(row: dict[str, Any], *, queue: QueueManager | None = None) -> dict[str, Any]:
@@ -140,7 +141,7 @@ def submit(service: BuildService, request: BuildRequest, **kwargs: Any) -> Any:
 
 
 class BuildsResource:
-    """``/api/builds``: submit a build."""
+    """``/api/builds``: submit a build, or list the recent ones."""
 
     def __init__(self, *, service: BuildService, queue: QueueManager, max_body_bytes: int,
                  max_plugins: int) -> None:
@@ -157,6 +158,19 @@ class BuildsResource:
         resp.media = doc
         resp.status = falcon.HTTP_200 if doc["state"] == "succeeded" else falcon.HTTP_202
         resp.location = doc["links"]["self"]
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        # public "recent builds": what was built, never who asked for it
+        limit = req.get_param_as_int("limit", min_value=1, max_value=100, default=20)
+        resp.media = {"builds": [
+            {"key": row["key"], "state": row["state"], "os": row["spec"]["os"],
+             "arch": row["spec"]["arch"], "arm": row["spec"].get("arm") or None,
+             "caddy_version": row["spec"]["caddy_version"],
+             "plugins": [p["package"] for p in row["spec"].get("plugins", [])],
+             "created_at": _iso(row["created_at"]), "finished_at": _iso(row["finished_at"]),
+             "links": build_links(row["key"])}
+            for row in self.queue.list_builds(limit=limit)
+        ]}
 
 
 def _load(queue: QueueManager, key: str) -> dict[str, Any]:

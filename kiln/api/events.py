@@ -1,0 +1,306 @@
+"""A build's log as plain text, and live as Server-Sent Events.
+
+``GET /api/builds/{key}/events`` replays the history, then follows the build: ``state``
+(queued with its queue position, running with the attempt number, then the final state),
+``step`` (resolve, fetch, compile, upload), ``log`` (one line each) and ``result`` (the
+build document, after which the stream ends). Every event id encodes everything the client
+has seen: the last line (attempt, seq), the current step and the last state shown. A client
+that reconnects with ``Last-Event-ID`` therefore gets exactly what it missed: no line twice,
+none lost, and a state event only if the state changed meanwhile.
+
+An open stream holds a server thread (or greenlet) but no database connection: it waits on
+the API process's one LISTEN connection (``kiln.notifier``) and borrows a pooled connection
+only to read what a notification announced.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import queue
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import falcon
+
+from kiln.api.builds import KEY_PATTERN, build_document
+from kiln.api.errors import not_found
+from kiln.buildlog import LOGS_CHANNEL, RESULT_STEP, BuildLogs, LogLine
+from kiln.notifier import Notifier
+from kiln.queue import EVENTS_CHANNEL, FINAL_STATES, QueueManager
+
+KEEPALIVE_SECONDS = 15.0
+#: how often a queued build's position is re-read (other builds' claims move it)
+QUEUE_POLL_SECONDS = 3.0
+#: how often anything is re-read when no notification comes (a missed one, a lost listener)
+POLL_SECONDS = 30.0
+#: how often everything is re-read when there is no notifier (tests, tools)
+NO_NOTIFIER_POLL_SECONDS = 0.5
+#: how long a finished build's stream waits for the attempt's last log lines
+RESULT_GRACE_SECONDS = 5.0
+#: what an EventSource waits before reconnecting, milliseconds
+RETRY_MS = 2000
+#: lines read per query while catching up
+PAGE_LINES = 500
+
+_STEP = re.compile(r"^[a-z]{0,16}$")
+_STATE = re.compile(r"^([a-z]+-\d+)?$")
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """What a client has seen: the Last-Event-ID of a stream."""
+
+    #: the last line delivered (0, 0: none)
+    attempt: int = 0
+    seq: int = 0
+    #: the step of the last step event (or line)
+    step: str = ""
+    #: the last state event: "<state>-<queue position or attempt>"
+    state: str = ""
+    #: the result was delivered
+    done: bool = False
+
+    def encode(self) -> str:
+        """Return the event id."""
+        return ".".join([str(self.attempt), str(self.seq), self.step, self.state,
+                         "end" if self.done else ""]).rstrip(".")
+
+    @classmethod
+    def parse(cls, text: str | None) -> Cursor:
+        """Read an event id; anything malformed means "from the start"."""
+        parts = (text or "").strip().split(".")
+        if len(parts) < 2 or len(parts) > 5:
+            return cls()
+        parts += [""] * (5 - len(parts))
+        attempt, seq, step, state, end = parts
+        if (not attempt.isdigit() or not seq.isdigit() or not _STEP.match(step)
+                or not _STATE.match(state) or end not in ("", "end")
+                or len(attempt) > 9 or len(seq) > 9):
+            return cls()
+        return cls(int(attempt), int(seq), step, state, end == "end")
+
+
+def sse(event: str, data: Any, cursor: Cursor) -> bytes:
+    """Return one Server-Sent Event."""
+    body = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return f"id: {cursor.encode()}\nevent: {event}\ndata: {body}\n\n".encode()
+
+
+def state_signature(state: str, *, attempt: int, position: int | None) -> str:
+    """Return what distinguishes one state event from the next."""
+    return f"{state}-{position if state == 'queued' and position is not None else attempt}"
+
+
+class BuildWatch:
+    """One client's stream of a build's events, from a cursor on."""
+
+    def __init__(self, *, key: str, cursor: Cursor, queue: QueueManager, logs: BuildLogs,
+                 notifier: Notifier | None, keepalive: float = KEEPALIVE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.key = key
+        self.cursor = cursor
+        self.queue = queue
+        self.logs = logs
+        self.notifier = notifier
+        self.keepalive = keepalive
+        self.clock = clock
+        self._final_since: float | None = None
+
+    def finished_already(self) -> bool:
+        """Return whether the client saw the result and nothing happened since."""
+        if not self.cursor.done:
+            return False
+        row = self.queue.get(self.key)
+        if row is None or row["state"] not in FINAL_STATES:
+            return False
+        if self.logs.lines_after(self.key, self.cursor.attempt, self.cursor.seq, limit=1):
+            return False
+        attempt = self.logs.latest_attempt(self.key)
+        return state_signature(row["state"], attempt=attempt, position=None) == self.cursor.state
+
+    def events(self) -> Iterator[bytes]:
+        """Yield the stream: history, then live events; end after the result."""
+        inbox: queue.SimpleQueue[str] = queue.SimpleQueue()
+        # subscribe before the first read, so nothing announced in between is missed
+        subs = [] if self.notifier is None else [
+            self.notifier.subscribe(channel, self.key, inbox=inbox)
+            for channel in (LOGS_CHANNEL, EVENTS_CHANNEL)
+        ]
+        try:
+            yield f"retry: {RETRY_MS}\n: kiln build {self.key}\n\n".encode()
+            last_sent = self.clock()
+            if self.cursor.done:
+                self.cursor = replace(self.cursor, done=False)
+            while True:
+                chunk, more, done, wait = self._advance()
+                if chunk:
+                    yield b"".join(chunk)
+                    last_sent = self.clock()
+                if done:
+                    return
+                if more:
+                    continue
+                until_keepalive = self.keepalive - (self.clock() - last_sent)
+                if until_keepalive <= 0:
+                    yield b": keep-alive\n\n"
+                    last_sent = self.clock()
+                    until_keepalive = self.keepalive
+                if self.notifier is None:
+                    wait = min(wait, NO_NOTIFIER_POLL_SECONDS)
+                try:
+                    inbox.get(timeout=max(min(wait, until_keepalive), 0.01))
+                except queue.Empty:
+                    continue
+                # one read answers every notification that has piled up meanwhile
+                while not inbox.empty():
+                    inbox.get_nowait()
+        finally:
+            for sub in subs:
+                sub.close()
+
+    def _advance(self) -> tuple[list[bytes], bool, bool, float]:
+        """Read what is new; return (events, more to read, finished, seconds to wait)."""
+        # lines first: the state read next is then at least as new as they are, so the
+        # "running" of an attempt is shown before its lines
+        lines = self.logs.lines_after(self.key, self.cursor.attempt, self.cursor.seq,
+                                      limit=PAGE_LINES)
+        more = len(lines) == PAGE_LINES
+        row = self.queue.get(self.key)
+        if row is None:  # deleted meanwhile: nothing more will come
+            return [], False, True, 0.0
+        state = row["state"]
+        attempt = self.logs.latest_attempt(self.key)
+        position = self.queue.queue_position(self.key) if state == "queued" else None
+        # an attempt claimed since the state was read (or whose record was pruned)
+        attempt = max([attempt, *(line.attempt for line in lines)])
+        out: list[bytes] = []
+        sig = state_signature(state, attempt=attempt, position=position)
+        earlier = [line for line in lines if state != "running" or line.attempt < attempt]
+        current = lines[len(earlier):]
+        self._lines(earlier, out)
+        if state not in FINAL_STATES:
+            self._final_since = None
+            if sig != self.cursor.state:
+                self.cursor = replace(self.cursor, state=sig)
+                out.append(sse("state", self._state_data(row, attempt, position), self.cursor))
+            self._lines(current, out)
+            return out, more, False, QUEUE_POLL_SECONDS if state == "queued" else POLL_SECONDS
+        if more:
+            return out, True, False, 0.0
+        now = self.clock()
+        if self._final_since is None:
+            self._final_since = now
+        finished_attempt = (self.cursor.attempt == attempt and self.cursor.step == RESULT_STEP)
+        finished_at = row["finished_at"]
+        recent = finished_at is None or (
+            dt.datetime.now(dt.UTC) - finished_at).total_seconds() < RESULT_GRACE_SECONDS
+        if (state in ("succeeded", "failed") and attempt and not finished_attempt and recent
+                and now - self._final_since < RESULT_GRACE_SECONDS):
+            # the worker writes an attempt's last lines just after recording its outcome
+            return out, False, False, 0.25
+        if sig != self.cursor.state:
+            self.cursor = replace(self.cursor, state=sig)
+            out.append(sse("state", self._state_data(row, attempt, None), self.cursor))
+        self.cursor = replace(self.cursor, done=True)
+        out.append(sse("result", build_document(row), self.cursor))
+        return out, False, True, 0.0
+
+    def _lines(self, lines: list[LogLine], out: list[bytes]) -> None:
+        for line in lines:
+            if line.step != self.cursor.step and line.step != RESULT_STEP:
+                self.cursor = replace(self.cursor, step=line.step)
+                out.append(sse("step", {"step": line.step, "attempt": line.attempt},
+                               self.cursor))
+            self.cursor = replace(self.cursor, attempt=line.attempt, seq=line.seq,
+                                  step=line.step)
+            out.append(sse("log", {"attempt": line.attempt, "seq": line.seq,
+                                   "step": line.step, "line": line.line,
+                                   "at": line.at.isoformat()}, self.cursor))
+
+    @staticmethod
+    def _state_data(row: dict[str, Any], attempt: int, position: int | None) -> dict[str, Any]:
+        data: dict[str, Any] = {"state": row["state"], "attempt": attempt,
+                                "max_attempts": row["max_attempts"]}
+        if position is not None:
+            data["queue_position"] = position
+        if row["error"]:
+            data["error"] = row["error"]
+        return data
+
+
+def _load(queue: QueueManager, key: str) -> dict[str, Any]:
+    if not KEY_PATTERN.match(key):
+        raise not_found(f"{key!r} is not a build key (64 lowercase hex characters)")
+    row = queue.get(key)
+    if row is None:
+        raise not_found(f"no build with key {key}")
+    return row
+
+
+def render_log(lines: Iterator[LogLine]) -> Iterator[bytes]:
+    """Yield a log as plain text, with a marker line where an attempt or a step begins."""
+    attempt, step = 0, ""
+    for line in lines:
+        if line.attempt != attempt:
+            if attempt:
+                yield f"==> attempt {line.attempt}\n".encode()
+            attempt, step = line.attempt, ""
+        if line.step != step and line.step != RESULT_STEP:
+            yield f"==> {line.step}\n".encode()
+        step = line.step
+        yield (line.line + "\n").encode()
+
+
+class LogResource:
+    """``/api/builds/{key}/log``: the log so far, as plain text."""
+
+    def __init__(self, *, queue: QueueManager, logs: BuildLogs) -> None:
+        self.queue = queue
+        self.logs = logs
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
+        row = _load(self.queue, key)
+        resp.content_type = "text/plain; charset=utf-8"
+        resp.set_header("Cache-Control", "no-store" if row["state"] not in FINAL_STATES
+                        else "no-cache")
+        resp.stream = render_log(self.logs.iter_lines(key))
+
+
+class EventsResource:
+    """``/api/builds/{key}/events``: the build, live, as Server-Sent Events."""
+
+    def __init__(self, *, queue: QueueManager, logs: BuildLogs, notifier: Notifier | None,
+                 keepalive: float = KEEPALIVE_SECONDS) -> None:
+        self.queue = queue
+        self.logs = logs
+        self.notifier = notifier
+        self.keepalive = keepalive
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
+        _load(self.queue, key)
+        # EventSource sends the header on reconnection; a query parameter serves the rest
+        cursor = Cursor.parse(req.get_header("Last-Event-ID")
+                              or req.get_param("last_event_id"))
+        watch = BuildWatch(key=key, cursor=cursor, queue=self.queue, logs=self.logs,
+                           notifier=self.notifier, keepalive=self.keepalive)
+        if watch.finished_already():
+            # 204 tells an EventSource to stop reconnecting
+            resp.status = falcon.HTTP_204
+            return
+        resp.content_type = "text/event-stream; charset=utf-8"
+        resp.set_header("Cache-Control", "no-store")
+        # proxies such as nginx must pass events on as they come
+        resp.set_header("X-Accel-Buffering", "no")
+        resp.stream = watch.events()
+
+
+def add_routes(app: falcon.App, *, queue: QueueManager, logs: BuildLogs,
+               notifier: Notifier | None, keepalive: float = KEEPALIVE_SECONDS) -> None:
+    """Serve the log routes."""
+    app.add_route("/api/builds/{key}/log", LogResource(queue=queue, logs=logs))
+    app.add_route("/api/builds/{key}/events", EventsResource(
+        queue=queue, logs=logs, notifier=notifier, keepalive=keepalive))
