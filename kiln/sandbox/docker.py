@@ -5,7 +5,9 @@ build key (``dev.kiln.sandbox``) and the worker id (``dev.kiln.worker``) so that
 can be found, and removed whatever happens. Both steps run as the non-root sandbox user
 with a read-only root filesystem, no capabilities, ``no-new-privileges``, memory (without
 swap), pids and CPU limits, a tmpfs ``/tmp`` and HOME, and an environment made of the
-image's variables plus ``Step.env`` only: nothing of the worker's environment.
+image's variables plus ``Step.env`` only: nothing of the worker's environment. A step is
+killed at its timeout ("timeout"), on cancellation ("cancelled"), and when it sits at its
+pids limit ("pids"); the kernel's OOM killer acting inside it shows as "oom".
 
 The two kinds of step differ in what they may reach:
 
@@ -38,6 +40,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -71,6 +74,14 @@ log = logging.getLogger(__name__)
 WORKER_LABEL = "dev.kiln.worker"
 #: label carrying the step name (fetch, compile, ...)
 STEP_LABEL = "dev.kiln.step"
+#: labels naming the process that supervises a container: host name, pid, sandbox object
+HOST_LABEL = "dev.kiln.worker.host"
+PID_LABEL = "dev.kiln.worker.pid"
+INSTANCE_LABEL = "dev.kiln.worker.instance"
+#: label carrying the wall-clock time (unix seconds) after which a step is surely abandoned
+DEADLINE_LABEL = "dev.kiln.deadline"
+#: seconds past its deadline after which any worker may remove a step's container
+ORPHAN_GRACE_SECONDS = 60
 
 #: paths inside the sandbox image (see worker_image/sandbox.Dockerfile)
 WORK_PATH = "/work"
@@ -175,7 +186,7 @@ class DockerSandbox:
         root = cache_dir.resolve() / "docker"
         self.modcache = root / "mod"
         self.buildcache = root / "build"
-        self.copies = root / "build-copy" / (_UNSAFE_NAME.sub("_", worker_id) or "_")
+        self.copies = root / "build-copy"
         for directory in (self.modcache, self.buildcache, self.copies):
             directory.mkdir(parents=True, exist_ok=True)
         # the worker may run as root; the steps run as the sandbox user and write these
@@ -191,6 +202,8 @@ class DockerSandbox:
         except _ENGINE_ERRORS as exc:
             raise SandboxError(f"cannot inspect sandbox image {image}: {exc}") from exc
         self.identity = f"docker:{self.image_id}"
+        self.host = socket.gethostname()
+        self.instance = uuid.uuid4().hex
         self._version: str | None = None
         self._version_lock = threading.Lock()
 
@@ -238,11 +251,16 @@ class DockerSandbox:
         workdir = workdir.resolve()
         if not workdir.is_dir():
             raise SandboxError(f"work directory {workdir} does not exist")
-        self._give_tree(workdir)
         private_cache: Path | None = None
         try:
-            if not step.network and self.cache_mode == "copy":
-                private_cache = self._copy_build_cache(step)
+            try:
+                self._give_tree(workdir)
+                if not step.network and self.cache_mode == "copy":
+                    private_cache = self._copy_build_cache(step)
+            except OSError as exc:
+                raise SandboxError(
+                    f"cannot prepare the directories of the {step.name} step: {exc}"
+                ) from exc
             options = self._options(step, workdir, private_cache)
             try:
                 container = self.client.containers.create(**options)
@@ -261,27 +279,53 @@ class DockerSandbox:
                 shutil.rmtree(private_cache, ignore_errors=True)
 
     def cleanup_orphans(self, *, all_workers: bool = False) -> int:
-        """Remove leftover containers of this worker (of all: ``all_workers``); return how many."""
-        labels = [SANDBOX_LABEL]
-        if not all_workers:
-            labels.append(f"{WORKER_LABEL}={self.worker_id}")
+        """Remove sandbox containers no live worker supervises; return how many.
+
+        A container is an orphan when it carries this worker's id (a predecessor's, as
+        this sandbox never sees its own), when its step is long past its deadline, or when
+        it was started on this host by a process that is gone. ``all_workers`` removes
+        every sandbox container on the engine, live ones included.
+        """
         try:
-            found = self.client.containers.list(all=True, sparse=True, filters={"label": labels})
+            found = self.client.containers.list(
+                all=True, sparse=True, filters={"label": [SANDBOX_LABEL]}
+            )
         except _ENGINE_ERRORS as exc:
             raise SandboxError(f"cannot list sandbox containers: {exc}") from exc
         removed = 0
         for container in found:
-            if _remove(container):
+            labels = container.attrs.get("Labels") or {}
+            if (all_workers or self._orphaned(labels)) and _remove(container):
                 removed += 1
-        # private build caches a crashed step left behind
-        owners = [p for p in self.copies.parent.iterdir() if p.is_dir()] if all_workers else [
-            self.copies]
-        for owner in owners:
-            for leftover in owner.iterdir():
+        # private build caches of steps that are over, named by their deadline
+        for leftover in self.copies.iterdir():
+            deadline = leftover.name.partition("-")[0]
+            if all_workers or (deadline.isdigit()
+                               and int(deadline) + ORPHAN_GRACE_SECONDS < time.time()):
                 shutil.rmtree(leftover, ignore_errors=True)
         if removed:
             log.info("removed %d leftover sandbox container(s)", removed)
         return removed
+
+    def _owner_labels(self) -> dict[str, str]:
+        return {
+            WORKER_LABEL: self.worker_id,
+            HOST_LABEL: self.host,
+            PID_LABEL: str(os.getpid()),
+            INSTANCE_LABEL: self.instance,
+        }
+
+    def _orphaned(self, labels: dict[str, str]) -> bool:
+        """Tell whether a sandbox container with ``labels`` has no live supervisor."""
+        if labels.get(INSTANCE_LABEL) == self.instance:
+            return False  # one of ours, still being run
+        if self.worker_id and labels.get(WORKER_LABEL) == self.worker_id:
+            return True
+        deadline = labels.get(DEADLINE_LABEL, "")
+        if deadline.isdigit() and int(deadline) + ORPHAN_GRACE_SECONDS < time.time():
+            return True
+        pid = labels.get(PID_LABEL, "")
+        return labels.get(HOST_LABEL) == self.host and pid.isdigit() and not _alive(int(pid))
 
     # -- containers -------------------------------------------------------------------
 
@@ -315,9 +359,10 @@ class DockerSandbox:
             "user": self.user,
             "working_dir": WORK_PATH,
             "labels": {
+                **self._owner_labels(),
                 SANDBOX_LABEL: step.build_key,
-                WORKER_LABEL: self.worker_id,
                 STEP_LABEL: step.name,
+                DEADLINE_LABEL: str(int(time.time() + step.timeout + EXIT_WAIT_SECONDS)),
             },
             "name": f"kiln-{_UNSAFE_NAME.sub('_', step.name)}-{uuid.uuid4().hex[:12]}",
             "network_mode": network,
@@ -460,7 +505,12 @@ class DockerSandbox:
             "image": self.image_id,
             "command": argv,
             "user": self.user,
-            "labels": {SANDBOX_LABEL: "", WORKER_LABEL: self.worker_id, STEP_LABEL: "probe"},
+            "labels": {
+                **self._owner_labels(),
+                SANDBOX_LABEL: "",
+                STEP_LABEL: "probe",
+                DEADLINE_LABEL: str(int(time.time() + PROBE_TIMEOUT_SECONDS)),
+            },
             "network_mode": "none",
             "read_only": True,
             "cap_drop": ["ALL"],
@@ -489,10 +539,15 @@ class DockerSandbox:
 
     def _copy_build_cache(self, step: Step) -> Path:
         """Return a private copy of the shared build cache for one compile step."""
-        prefix = (_UNSAFE_NAME.sub("_", step.build_key)[:16] or "step") + "-"
+        deadline = int(time.time() + step.timeout + EXIT_WAIT_SECONDS)
+        prefix = f"{deadline}-{_UNSAFE_NAME.sub('_', step.build_key)[:16] or 'step'}-"
         target = Path(tempfile.mkdtemp(prefix=prefix, dir=self.copies))
-        shutil.copytree(self.buildcache, target, symlinks=True, dirs_exist_ok=True)
-        self._give_tree(target)
+        try:
+            shutil.copytree(self.buildcache, target, symlinks=True, dirs_exist_ok=True)
+            self._give_tree(target)
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
         return target
 
     def _give(self, path: Path) -> None:
@@ -520,6 +575,17 @@ def _numeric_user(user: str) -> tuple[int | None, int | None]:
     if not uid.isdigit() or (gid and not gid.isdigit()):
         return None, None
     return int(uid), int(gid) if gid else int(uid)
+
+
+def _alive(pid: int) -> bool:
+    """Tell whether a process with this pid exists here."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(container: Any) -> bool:

@@ -28,7 +28,14 @@ import pytest
 from docker.errors import NotFound
 
 from kiln.sandbox.base import COMPILE, FETCH, SANDBOX_LABEL, Step, StepResult
-from kiln.sandbox.docker import WORKER_LABEL, DockerSandbox, docker_client
+from kiln.sandbox.docker import (
+    DEADLINE_LABEL,
+    HOST_LABEL,
+    PID_LABEL,
+    WORKER_LABEL,
+    DockerSandbox,
+    docker_client,
+)
 from tests.dockerutil import ensure_sandbox_image, require_docker
 
 pytestmark = pytest.mark.docker
@@ -392,28 +399,58 @@ def test_cancel_before_start_runs_nothing(sandbox: DockerSandbox, workdir: Path)
 # -- orphans -----------------------------------------------------------------------------
 
 
-def test_cleanup_orphans_removes_this_workers_leftovers(make: Any, client: Any,
-                                                        image: str) -> None:
-    other_worker = f"{WORKER}-other"
-    mine = client.containers.run(
-        image, ["sleep", "600"], detach=True, network_mode="none",
-        labels={SANDBOX_LABEL: "crashed-build", WORKER_LABEL: WORKER},
-    )
-    theirs = client.containers.run(
-        image, ["sleep", "600"], detach=True, network_mode="none",
-        labels={SANDBOX_LABEL: "live-build", WORKER_LABEL: other_worker},
-    )
+def _leftover(client: Any, image: str, **labels: str) -> Any:
+    """Start a labelled container the way a worker that then crashed would have left it."""
+    return client.containers.run(image, ["sleep", "600"], detach=True, network_mode="none",
+                                 labels={SANDBOX_LABEL: "some-build", **labels})
+
+
+def test_cleanup_orphans_removes_leftovers_and_spares_live_workers(
+    make: Any, client: Any, image: str
+) -> None:
+    other = f"{WORKER}-other"
+    host = socket.gethostname()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    future = str(int(time.time()) + 3600)
+    predecessor = _leftover(client, image, **{WORKER_LABEL: WORKER, HOST_LABEL: "elsewhere",
+                                              PID_LABEL: "1", DEADLINE_LABEL: future})
+    dead_process = _leftover(client, image, **{WORKER_LABEL: other, HOST_LABEL: host,
+                                               PID_LABEL: str(gone.pid), DEADLINE_LABEL: future})
+    expired = _leftover(client, image, **{WORKER_LABEL: other, HOST_LABEL: "elsewhere",
+                                          PID_LABEL: "1", DEADLINE_LABEL: "1000"})
+    live = _leftover(client, image, **{WORKER_LABEL: other, HOST_LABEL: host,
+                                       PID_LABEL: str(os.getpid()), DEADLINE_LABEL: future})
     try:
-        assert make().cleanup_orphans() == 1
+        assert make().cleanup_orphans() >= 3
         labelled = {c.id for c in client.containers.list(
             all=True, filters={"label": SANDBOX_LABEL})}
-        assert mine.id not in labelled
-        assert theirs.id in labelled  # another worker's build is left alone
-        assert make(worker_id=other_worker).cleanup_orphans() == 1
+        assert predecessor.id not in labelled  # same worker id: a crashed predecessor
+        assert dead_process.id not in labelled  # its supervising process is gone
+        assert expired.id not in labelled  # long past its step's deadline
+        assert live.id in labelled  # another live worker's build is left alone
+        # a worker that restarts with that id takes its predecessor's containers away
+        assert make(worker_id=other).cleanup_orphans() >= 1
+        assert live.id not in {c.id for c in client.containers.list(all=True)}
     finally:
-        for container in (mine, theirs):
+        for container in (predecessor, dead_process, expired, live):
             with contextlib.suppress(NotFound):  # cleanup_orphans removed it
                 container.remove(force=True)
+
+
+def test_cleanup_orphans_spares_the_steps_it_is_running(sandbox: DockerSandbox,
+                                                         workdir: Path) -> None:
+    results: list[StepResult] = []
+    started = threading.Event()
+    runner = threading.Thread(target=lambda: results.append(run(
+        sandbox, compile_sh("echo up; sleep 2; echo done"), workdir,
+        on_output=lambda line: started.set())))
+    runner.start()
+    assert started.wait(30)
+    sandbox.cleanup_orphans()
+    runner.join(30)
+    assert results and results[0].ok, results
+    assert results[0].output == "up\ndone"
 
 
 # -- Go inside the sandbox ---------------------------------------------------------------
