@@ -144,6 +144,20 @@ class ApiConfig(_Section):
         return value
 
 
+class PreemptionConfig(_Section):
+    #: cloud metadata services polled for a spot/preemption notice: aws, gce, azure (none:
+    #: only SIGTERM and SIGUSR1 drain the worker)
+    providers: list[Literal["aws", "gce", "azure"]] = []
+    #: seconds between metadata polls (a notice stops claiming within this, plus one request)
+    poll_seconds: float = Field(1.0, gt=0, le=10)
+    #: seconds one metadata request may take
+    request_timeout: float = Field(2.0, gt=0)
+    #: base URLs of the metadata services (tests and proxies point these elsewhere)
+    aws_url: str = "http://169.254.169.254"
+    gce_url: str = "http://metadata.google.internal"
+    azure_url: str = "http://169.254.169.254"
+
+
 class WorkerConfig(_Section):
     #: builds one worker runs at a time
     concurrency: int = Field(2, ge=1, le=64)
@@ -159,6 +173,8 @@ class WorkerConfig(_Section):
     retry_base_seconds: float = Field(10.0, ge=0)
     #: worker id; empty: hostname-pid-random
     id: str = ""
+    #: how a spot instance's preemption notice is noticed (the worker then drains)
+    preemption: PreemptionConfig = PreemptionConfig()
 
 
 class JanitorConfig(_Section):
@@ -167,6 +183,25 @@ class JanitorConfig(_Section):
     #: seconds without a heartbeat before a worker is marked gone
     worker_gone_seconds: float = Field(120.0, gt=0)
     worker_interval: float = Field(30.0, gt=0)
+    #: seconds between deletions of expired "latest" resolutions
+    resolutions_interval: float = Field(60.0, gt=0)
+    #: seconds between storage collections (retention and size budget)
+    gc_interval: float = Field(3600.0, gt=0)
+    #: seconds an artifact is kept after its last download (or its build, if never
+    #: downloaded); 0 keeps artifacts forever. A collected build is rebuilt on request
+    artifact_retention: float = Field(30 * 86400.0, ge=0)
+    #: bytes the artifact store may hold; over it, the least recently downloaded artifacts
+    #: are deleted first; 0: no budget
+    storage_budget_bytes: int = Field(0, ge=0)
+    #: seconds after its last use during which an artifact is never collected, whatever
+    #: the budget (a held download may be about to stream a build that just finished)
+    gc_grace_seconds: float = Field(600.0, ge=0)
+    #: seconds between prunings of build logs, attempt history and gone workers
+    prune_interval: float = Field(3600.0, gt=0)
+    #: seconds build log lines are kept
+    log_retention: float = Field(14 * 86400.0, gt=0)
+    #: seconds the attempt history of a finished attempt (and a gone worker's row) is kept
+    attempt_retention: float = Field(90 * 86400.0, gt=0)
 
 
 class LoggingConfig(_Section):

@@ -27,6 +27,9 @@ KEEPALIVE_KWARGS = {
     "keepalives_idle": 30,
     "keepalives_interval": 10,
     "keepalives_count": 3,
+    # data sent to a vanished server (a query, a heartbeat) fails after 30 s instead of
+    # TCP's retransmissions (~15 min); keepalives alone cover only idle connections
+    "tcp_user_timeout": 30000,
 }
 
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")

@@ -137,10 +137,18 @@ class Worker:
             self._claim_loop(pool)
         finally:
             self.stopping.set()
-            self._hand_back()
+            self._hand_back()  # cancel sandboxes first: the state update can wait
+            self._set_state("draining")
             pool.shutdown(wait=True)
-            self.queue.set_worker_state(self.id, "gone")
+            self._set_state("gone")
             log.info("worker %s stopped", self.id)
+
+    def _set_state(self, state: str) -> None:
+        # the database may be down while a preempted worker drains: leases cover that
+        try:
+            self.queue.set_worker_state(self.id, state)
+        except psycopg.Error as exc:
+            log.warning("cannot mark worker %s %s: %s", self.id, state, exc)
 
     def _done(self) -> bool:
         if self.stopping.is_set():

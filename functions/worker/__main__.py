@@ -1,15 +1,18 @@
-"""Run a build worker until SIGTERM/SIGINT (or max-jobs / idle-exit)."""
+"""Run a build worker until a preemption notice or a drain signal (or max-jobs, idle-exit)."""
 
 from __future__ import annotations
 
 import argparse
-import signal
+import logging
 import sys
 from typing import Any
 
 from kiln.app import make_worker
 from kiln.config import ConfigError, load_config
 from kiln.logconfig import setup_logging
+from kiln.preemption import PreemptionMonitor, detectors_from_config
+
+log = logging.getLogger("kiln.worker")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,13 +30,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(config.logging, process="worker")
     worker: Any = make_worker(config, max_jobs=args.max_jobs, idle_exit=args.idle_exit)
-
-    def on_signal(signum: int, frame: object) -> None:
-        worker.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # a preemption notice or a drain signal stops claiming and hands running builds back
+    preemption = config.worker.preemption
+    monitor = PreemptionMonitor(detectors_from_config(preemption),
+                                on_notice=lambda notice: worker.stop(),
+                                poll_seconds=preemption.poll_seconds)
+    if monitor.check() is not None:
+        # started on an instance that is already being reclaimed: take no build
+        log.warning("preemption notice before start (%s): not starting", monitor.notice)
+        monitor.acknowledge()
+        return 0
+    monitor.install_signal_handlers()
+    monitor.start()
     worker.run()
+    monitor.stop()
+    if monitor.notice is not None and monitor.noticed_at is not None:
+        log.info("drained %.2fs after the notice (%s: %s)",
+                 monitor.clock() - monitor.noticed_at, monitor.notice.source,
+                 monitor.notice.detail)
+        monitor.acknowledge()
     return 0
 
 

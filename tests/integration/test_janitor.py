@@ -1,0 +1,371 @@
+"""The janitor on a real PostgreSQL and a real artifact directory.
+
+Concurrent janitors (processes and threads) never act twice; storage GC by retention, by
+size budget, and its repair of store/database disagreements; pruning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg_pool import ConnectionPool
+
+from kiln.gc import Pruner, StorageCollector
+from kiln.janitor import Janitor, Job, Maintenance
+from kiln.queue import QUEUE_CHANNEL, QueueManager
+from kiln.storage import LocalStore, file_sha256
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = {"os": "linux", "arch": "amd64"}
+DAY = 86400.0
+
+
+def key_of(n: int) -> str:
+    return hashlib.sha256(f"janitor-{n}".encode()).hexdigest()
+
+
+@pytest.fixture
+def pool(db_url: str) -> Iterator[ConnectionPool]:
+    pool = ConnectionPool(db_url, min_size=1, max_size=12, kwargs={"autocommit": True},
+                          open=True)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def queue(pool: ConnectionPool) -> QueueManager:
+    return QueueManager(pool)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    return LocalStore(tmp_path / "artifacts")
+
+
+def sql(pool: ConnectionPool, query: str, params: dict[str, Any] | None = None) -> list[Any]:
+    with pool.connection() as conn:
+        cur = conn.execute(query, params or {})
+        return cur.fetchall() if cur.description else []
+
+
+def expire_leases(queue: QueueManager, count: int) -> list[str]:
+    """Queue ``count`` builds and claim them with leases that have already run out."""
+    keys = [key_of(n) for n in range(count)]
+    for key in keys:
+        queue.enqueue(key, SPEC)
+    claimed = queue.claim("killed-worker", limit=count, lease_seconds=0.01)
+    assert len(claimed) == count
+    time.sleep(0.05)
+    return keys
+
+
+def listen(url: str) -> psycopg.Connection:
+    conn = psycopg.connect(url, autocommit=True)
+    conn.execute(f"LISTEN {QUEUE_CHANNEL}")
+    return conn
+
+
+def drain_notifications(conn: psycopg.Connection) -> Counter[str]:
+    got: Counter[str] = Counter()
+    for note in conn.notifies(timeout=1.0):
+        got[note.payload] += 1
+    return got
+
+
+def assert_requeued_once(pool: ConnectionPool, keys: list[str]) -> None:
+    rows = sql(pool, """SELECT b.key, b.state, b.attempts,
+                               count(*) FILTER (WHERE a.outcome = 'lost'),
+                               count(*) FILTER (WHERE a.outcome = 'running')
+                          FROM kiln_builds b JOIN kiln_attempts a ON a.build_key = b.key
+                         GROUP BY b.key""")
+    assert sorted(r[0] for r in rows) == sorted(keys)
+    for key, state, attempts, lost, running in rows:
+        assert (state, attempts, lost, running) == ("queued", 1, 1, 0), key
+
+
+def janitor_env(db_url: str, store_dir: Path) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(REPO),
+        "CONFIG_PATH": "/dev/null",
+        "KILN_DATABASE__URL": db_url,
+        "KILN_STORAGE__LOCAL__PATH": str(store_dir),
+        "KILN_LOGGING__LEVEL": "DEBUG",
+    }
+
+
+def test_two_janitor_processes_requeue_each_expired_lease_once(
+        db_url: str, queue: QueueManager, pool: ConnectionPool, tmp_path: Path) -> None:
+    keys = expire_leases(queue, 25)
+    listener = listen(db_url)
+    env = janitor_env(db_url, tmp_path / "artifacts")
+    procs = [subprocess.Popen([sys.executable, "-m", "functions.janitor", "--once"], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=60)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert_requeued_once(pool, keys)
+    # each requeue woke the workers exactly once
+    assert drain_notifications(listener) == Counter({k: 1 for k in keys})
+    listener.close()
+    # every job ran once between the two of them: the other found it busy or not due
+    runs = {r[0]: r[1] for r in sql(pool, "SELECT job, ok FROM kiln_janitor_runs")}
+    for name in ("requeue_expired", "mark_gone_workers", "expire_resolutions", "storage_gc",
+                 "prune"):
+        assert runs[name] is True, name
+    done = [line for out in outputs for line in out.splitlines()
+            if "janitor job requeue_expired (" in line]
+    assert len(done) == 1 and "25: " in done[0], outputs
+
+
+def test_concurrent_sweeps_requeue_each_lease_once(db_url: str, queue: QueueManager,
+                                                   pool: ConnectionPool) -> None:
+    # no janitor locks here: the query alone must be safe to run concurrently
+    keys = expire_leases(queue, 40)
+    listener = listen(db_url)
+    barrier = threading.Barrier(8)
+    moved: list[str] = []
+    lock = threading.Lock()
+
+    def sweep() -> None:
+        barrier.wait()
+        for _ in range(3):
+            rows = queue.requeue_expired()
+            with lock:
+                moved.extend(r["key"] for r in rows)
+
+    threads = [threading.Thread(target=sweep) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(moved) == sorted(keys)
+    assert_requeued_once(pool, keys)
+    assert drain_notifications(listener) == Counter({k: 1 for k in keys})
+    listener.close()
+
+
+def test_a_job_runs_once_per_turn_between_janitors(queue: QueueManager,
+                                                   pool: ConnectionPool) -> None:
+    calls: Counter[str] = Counter()
+    gate = threading.Event()
+
+    def slow() -> str:
+        calls["slow"] += 1
+        gate.wait(5)
+        return "ran"
+
+    def janitor() -> Janitor:
+        return Janitor(queue=queue, migrate=list, jobs=[Job("slow", 60.0, slow)],
+                       maintenance=Maintenance(pool))
+
+    first, second = janitor(), janitor()
+    outcome: dict[str, str] = {}
+    thread = threading.Thread(target=lambda: outcome.update(first.run_once()))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not calls["slow"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # while the first runs it, the second skips it; forcing does not bypass the lock
+    assert second.run_once() == {"slow": "busy"}
+    assert second.run_once(only=["slow"]) == {"slow": "busy"}
+    gate.set()
+    thread.join()
+    assert outcome == {"slow": "done"}
+    # its turn is taken for half an interval, unless an operator forces it
+    assert second.run_once() == {"slow": "not due"}
+    assert second.run_once(only=["slow"]) == {"slow": "done"}
+    assert calls["slow"] == 2
+    assert sql(pool, "SELECT ok, result FROM kiln_janitor_runs WHERE job = 'slow'") == [
+        (True, "ran")]
+
+
+def test_a_failing_job_is_recorded_and_the_others_still_run(queue: QueueManager,
+                                                            pool: ConnectionPool) -> None:
+    def broken() -> None:
+        raise RuntimeError("store unreachable")
+
+    janitor = Janitor(queue=queue, migrate=list, maintenance=Maintenance(pool),
+                      jobs=[Job("broken", 10.0, broken), Job("fine", 10.0, lambda: None)])
+    assert janitor.run_once() == {"broken": "failed", "fine": "done"}
+    assert sql(pool, "SELECT job, ok, result FROM kiln_janitor_runs ORDER BY job") == [
+        ("broken", False, "RuntimeError: store unreachable"), ("fine", True, "")]
+
+
+# storage GC ---------------------------------------------------------------------------
+
+
+def build(queue: QueueManager, store: LocalStore, tmp_path: Path, n: int,
+          size: int = 10_000) -> str:
+    """Run build ``n`` through the queue and store a ``size``-byte artifact for it."""
+    key = key_of(n)
+    queue.enqueue(key, SPEC)
+    assert [c.key for c in queue.claim("w", limit=1, lease_seconds=60)] == [key]
+    binary = tmp_path / f"bin-{n}"
+    binary.write_bytes(hashlib.sha256(key.encode()).digest() * (size // 32))
+    digest = file_sha256(binary)
+    stored = store.put(key, "caddy", binary, sha256=digest)
+    assert queue.complete(key, "w", artifact_path=stored.path, artifact_size=stored.size,
+                          artifact_sha256=digest)
+    return key
+
+
+def age(pool: ConnectionPool, key: str, *, built_days: float,
+        downloaded_days: float | None = None) -> None:
+    """Pretend the build finished, and was last downloaded, that many days ago."""
+    sql(pool, """UPDATE kiln_builds
+                    SET finished_at = now() - make_interval(secs => %(b)s),
+                        last_downloaded_at = now() - make_interval(secs => %(d)s::float8)
+                  WHERE key = %(key)s""",
+        {"key": key, "b": built_days * DAY,
+         "d": None if downloaded_days is None else downloaded_days * DAY})
+
+
+def collector(pool: ConnectionPool, store: LocalStore, **kwargs: Any) -> StorageCollector:
+    return StorageCollector(maintenance=Maintenance(pool), store=store,
+                            **{"retention": 0.0, "budget_bytes": 0, **kwargs})
+
+
+def has_artifact(queue: QueueManager, store: LocalStore, key: str) -> bool:
+    row = queue.get(key)
+    assert row is not None and row["state"] == "succeeded"
+    files = [o for o in store.objects() if key in o.path]
+    assert bool(files) == bool(row["artifact_path"]), (files, row["artifact_path"])
+    return bool(files)
+
+
+def test_gc_by_retention_keeps_the_build_and_a_request_rebuilds_it(
+        queue: QueueManager, store: LocalStore, pool: ConnectionPool, tmp_path: Path) -> None:
+    stale, downloaded, fresh = (build(queue, store, tmp_path, n) for n in range(3))
+    age(pool, stale, built_days=40)
+    age(pool, downloaded, built_days=40, downloaded_days=2)
+    report = collector(pool, store, retention=30 * DAY).collect()
+    assert report.expired == [stale] and report.freed_bytes > 0
+    assert not has_artifact(queue, store, stale)
+    assert has_artifact(queue, store, downloaded) and has_artifact(queue, store, fresh)
+    # the row stays; asking for it again queues a rebuild
+    again = queue.enqueue(stale, SPEC)
+    assert again.queued and again.build["state"] == "queued"
+    assert not queue.enqueue(fresh, SPEC).queued
+    # a second pass has nothing left to do
+    assert not collector(pool, store, retention=30 * DAY).collect()
+
+
+def test_gc_over_budget_deletes_least_recently_downloaded_first(
+        queue: QueueManager, store: LocalStore, pool: ConnectionPool, tmp_path: Path) -> None:
+    keys = [build(queue, store, tmp_path, n, size=100_000) for n in range(4)]
+    # last use: key 2 longest ago (never downloaded, built 9 days ago), then 0, 3, 1
+    age(pool, keys[0], built_days=10, downloaded_days=5)
+    age(pool, keys[1], built_days=10, downloaded_days=1)
+    age(pool, keys[2], built_days=9)
+    age(pool, keys[3], built_days=10, downloaded_days=3)
+    report = collector(pool, store, budget_bytes=250_000).collect()
+    assert report.over_budget == [keys[2], keys[0]]
+    assert report.stored_bytes <= 250_000
+    assert [has_artifact(queue, store, k) for k in keys] == [False, True, False, True]
+
+
+def test_gc_never_collects_an_artifact_within_its_grace(
+        queue: QueueManager, store: LocalStore, pool: ConnectionPool, tmp_path: Path) -> None:
+    old, new = build(queue, store, tmp_path, 0), build(queue, store, tmp_path, 1)
+    age(pool, old, built_days=1)
+    report = collector(pool, store, budget_bytes=1, grace_seconds=3600).collect()
+    assert report.over_budget == [old]
+    assert has_artifact(queue, store, new)
+
+
+def test_gc_repairs_orphans_and_missing_artifacts(
+        queue: QueueManager, store: LocalStore, pool: ConnectionPool, tmp_path: Path) -> None:
+    kept = build(queue, store, tmp_path, 0)
+    vanished = build(queue, store, tmp_path, 1)
+    age(pool, vanished, built_days=1)
+    row = queue.get(vanished)
+    assert row is not None
+    (store.root / row["artifact_path"]).unlink()  # an operator or lifecycle rule removed it
+    # an upload whose build then failed for good (e.g. its lease was taken away)
+    failed = key_of(2)
+    queue.enqueue(failed, SPEC)
+    queue.claim("w", limit=1, lease_seconds=60)
+    binary = tmp_path / "orphan"
+    binary.write_bytes(b"x" * 1000)
+    store.put(failed, "caddy", binary, sha256=file_sha256(binary))
+    queue.fail(failed, "w", error="compile error", retryable=False)
+    # an upload of a build that is still running must not be touched
+    running = key_of(3)
+    queue.enqueue(running, SPEC)
+    queue.claim("w", limit=1, lease_seconds=60)
+    store.put(running, "caddy", binary, sha256=file_sha256(binary))
+
+    report = collector(pool, store).collect()
+    assert report.orphans == [failed]
+    assert report.missing == [vanished]
+    assert has_artifact(queue, store, kept)
+    assert not has_artifact(queue, store, vanished)
+    assert queue.enqueue(vanished, SPEC).queued  # the next request rebuilds it
+    assert [o.path for o in store.objects() if failed in o.path] == []
+    assert [o.path for o in store.objects() if running in o.path] != []
+
+
+def test_a_request_during_collection_waits_and_then_rebuilds(
+        queue: QueueManager, store: LocalStore, pool: ConnectionPool, tmp_path: Path) -> None:
+    key = build(queue, store, tmp_path, 0)
+    age(pool, key, built_days=40)
+    maintenance = Maintenance(pool)
+    result: dict[str, Any] = {}
+    with maintenance.locked_artifact(key, older_than=30 * DAY) as ok:
+        assert ok
+        # the request blocks on the row lock instead of racing a rebuild against the delete
+        thread = threading.Thread(target=lambda: result.update(
+            r=queue.enqueue(key, SPEC)))
+        thread.start()
+        time.sleep(0.3)
+        assert thread.is_alive()
+        store.delete(key)
+    thread.join(10)
+    assert result["r"].queued
+
+
+# pruning ------------------------------------------------------------------------------
+
+
+def test_prune_removes_old_logs_attempts_and_gone_workers(
+        queue: QueueManager, pool: ConnectionPool) -> None:
+    old, recent = key_of(0), key_of(1)
+    for key in (old, recent):
+        queue.enqueue(key, SPEC)
+        queue.claim("w", limit=1, lease_seconds=60)
+        queue.fail(key, "w", error="boom", retryable=False)
+    sql(pool, "UPDATE kiln_attempts SET finished_at = now() - interval '100 days' "
+              "WHERE build_key = %(k)s", {"k": old})
+    for key, days in ((old, 20), (recent, 1)):
+        sql(pool, """INSERT INTO kiln_build_logs (build_key, attempt, seq, step, line, at)
+                     VALUES (%(k)s, 1, 1, 'fetch', 'go: downloading',
+                             now() - make_interval(days => %(d)s))""", {"k": key, "d": days})
+    for n, days in enumerate((200, 150, 100)):
+        queue.register_worker(f"w{n}", hostname="h", pid=n, concurrency=1, sandbox="process",
+                              go_version="go1.25.0")
+        sql(pool, """UPDATE kiln_workers SET state = 'gone',
+                            started_at = now() - make_interval(days => %(d)s),
+                            stopped_at = now() - make_interval(days => %(d)s)
+                      WHERE id = %(id)s""", {"id": f"w{n}", "d": days})
+    report = Pruner(maintenance=Maintenance(pool), log_retention=14 * DAY,
+                    attempt_retention=90 * DAY).prune()
+    assert (report.log_lines, report.attempts, report.workers) == (1, 1, 2)
+    assert [a["outcome"] for a in queue.attempts(old)] == []
+    assert [a["outcome"] for a in queue.attempts(recent)] == ["failed"]
+    assert sql(pool, "SELECT build_key FROM kiln_build_logs") == [(recent,)]
+    # the newest worker stays, even gone: new build keys take its toolchain
+    assert sql(pool, "SELECT id FROM kiln_workers") == [("w2",)]
