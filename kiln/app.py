@@ -72,8 +72,12 @@ def make_worker(config: Config, *, max_jobs: int = 0, idle_exit: float = 0.0) ->
     def listen() -> psycopg.Connection:
         return connect(url, config.database, application="kiln-worker-listen")
 
+    from kiln.attest import make_attestor
+
+    store = make_store(config.storage)
     return Worker(
-        queue=QueueManager(pool), builder=builder, store=make_store(config.storage),
+        attestor=make_attestor(config, pool=pool, store=store),
+        queue=QueueManager(pool), builder=builder, store=store,
         listen=listen, work_root=Path(config.build.work_dir), worker_id=config.worker.id,
         concurrency=config.worker.concurrency, lease_seconds=config.worker.lease_seconds,
         heartbeat_seconds=config.worker.heartbeat_seconds,

@@ -208,6 +208,46 @@ class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "text"
 
+class SigningConfig(_Section):
+    #: the ed25519 private key itself (PKCS#8 PEM, or base64 of the raw 32 bytes), usually
+    #: "${KILN_SIGNING_KEY}"; wins over key_file. Read by workers only, never shown to steps
+    key: str = Field("", repr=False)
+    #: file holding the private key (PEM or base64 raw); empty: key, else unsigned builds
+    key_file: str = ""
+    #: where `kiln serve` creates a key when neither key nor key_file is set
+    generated_key_file: Path = Path("var/signing/ed25519.pem")
+    #: builder.id in provenance; empty: api.public_url, else urn:kiln:builder
+    builder_id: str = ""
+
+    @field_validator("key")
+    @classmethod
+    def _readable_key(cls, value: str) -> str:
+        if value.strip():
+            from kiln.signing import SigningKeyError, load_private_key
+
+            try:
+                load_private_key(value)
+            except SigningKeyError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
+class WebhooksConfig(_Section):
+    #: HMAC-SHA256 secret of the X-Kiln-Signature header; empty: deliveries are not signed
+    secret: str = Field("", repr=False)
+    #: accept callback URLs whose host is a private, loopback or link-local address
+    allow_private: bool = False
+    #: seconds one delivery may take
+    timeout: float = Field(10.0, gt=0)
+    #: attempts before a delivery is given up
+    max_attempts: int = Field(8, ge=1, le=100)
+    #: first retry delay, doubled each attempt (with jitter), at most max_retry_seconds
+    retry_base_seconds: float = Field(10.0, ge=0)
+    max_retry_seconds: float = Field(3600.0, gt=0)
+    #: seconds between the janitor's delivery sweeps
+    interval: float = Field(2.0, gt=0)
+
+
 
 class BuildLogsConfig(_Section):
     #: a worker writes a build's output in batches of at most this many lines...
@@ -231,6 +271,10 @@ class Config(_Section):
     worker: WorkerConfig = WorkerConfig()
     janitor: JanitorConfig = JanitorConfig()
     logging: LoggingConfig = LoggingConfig()
+    #: artifact signatures and provenance
+    signing: SigningConfig = SigningConfig()
+    #: callbacks POSTed when a build finishes
+    webhooks: WebhooksConfig = WebhooksConfig()
     #: build output: batching by workers, streaming to watchers
     build_logs: BuildLogsConfig = BuildLogsConfig()
 

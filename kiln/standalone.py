@@ -69,6 +69,14 @@ def serve(config: Config) -> int:
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
     env = child_environment(url)
+    if not config.signing.key and not config.signing.key_file:
+        # standalone builds are signed too: with a key of its own, made once under var/
+        from kiln.signing import Signer, generate_key_file
+
+        key_file = config.signing.generated_key_file.resolve()
+        signer = Signer(generate_key_file(key_file))
+        env["KILN_SIGNING__KEY_FILE"] = str(key_file)
+        log.info("signing with %s (key id %s)", key_file, signer.key_id)
     commands = {
         "worker": [sys.executable, "-m", "functions.worker"],
         "janitor": [sys.executable, "-m", "functions.janitor"],

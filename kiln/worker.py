@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psycopg
 
+from kiln.attest import Attestor, utc_now
 from kiln.builder import Builder, BuildFailure, Cancelled, LogSink
 from kiln.queue import QUEUE_CHANNEL, Claimed, QueueManager
 from kiln.sandbox import SandboxError
@@ -84,6 +85,7 @@ class Worker:
         max_jobs: int = 0,
         idle_exit: float = 0.0,
         log_sinks: LogSinkFactory = logging_sink,
+        attestor: Attestor | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.queue = queue
@@ -100,6 +102,7 @@ class Worker:
         self.max_jobs = max_jobs
         self.idle_exit = idle_exit
         self.log_sinks = log_sinks
+        self.attestor = attestor
         self.clock = clock
         self.stopping = threading.Event()
         self._wake = threading.Event()
@@ -283,10 +286,15 @@ class Worker:
              + (f"/v{spec.arm}" if spec.arm else ""))
         for plugin in spec.plugins:
             sink("resolve", f"plugin {plugin.package} ({plugin.module} {plugin.version})")
+        started_at = utc_now()
         output = self.builder.build(spec, key=job.key, workdir=workdir, log=sink, cancel=cancel)
         sink("upload", f"storing {spec.filename}")
         digest = file_sha256(output.binary)
         stored = self.store.put(job.key, spec.filename, output.binary, sha256=digest)
+        if self.attestor is not None:  # checksum, signature, provenance, SBOM (kiln/attest.py)
+            self.attestor.publish(key=job.key, spec=spec, output=output, sha256=digest,
+                                  sandbox=self.builder.sandbox, worker_id=self.id,
+                                  attempt=job.attempt, started_at=started_at, log=sink)
         if cancel.is_set():
             raise Cancelled()
         if not self.queue.complete(job.key, self.id, artifact_path=stored.path,

@@ -62,9 +62,15 @@ def create_app(services: Services) -> falcon.App:
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
     app.add_route("/healthz", HealthResource(queue=services.queue))
+    # callbacks and several platforms per request; signing and attestation routes
+    from kiln.api import attest
+
+    extras = attest.build_extras(services)
+    attest.add_routes(app, services, groups=extras["groups"])
     app.add_route("/api/builds", BuildsResource(
         service=services.service, queue=services.queue,
-        max_body_bytes=config.api.max_body_bytes, max_plugins=config.build.max_plugins))
+        max_body_bytes=config.api.max_body_bytes, max_plugins=config.build.max_plugins,
+        **extras))
     app.add_route("/api/builds/{key}", BuildResource(queue=services.queue))
     app.add_route("/api/builds/{key}/artifact", ArtifactResource(
         queue=services.queue, store=services.store,

@@ -10,6 +10,8 @@ from typing import Any, BinaryIO
 import falcon
 
 from kiln.api.errors import ApiError, bad_request, not_found, unavailable
+from kiln.api.groups import Callbacks
+from kiln.groups import GroupManager
 from kiln.queue import QueueManager
 from kiln.service import BuildService, NoToolchain
 from kiln.spec import BuildRequest, BuildSpec, SpecError
@@ -18,7 +20,9 @@ from kiln.versions import ModuleNotFound, ProxyUnavailable
 
 KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 STREAM_CHUNK = 256 * 1024
-BUILD_FIELDS = ("os", "arch", "arm", "caddy_version", "plugins", "replacements")
+BUILD_FIELDS = ("os", "arch", "arm", "caddy_version", "plugins", "replacements",
+                # several platforms and webhooks: kiln/api/groups.py
+                "platforms", "callback_url")
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -29,7 +33,10 @@ def build_links(key: str) -> dict[str, str]:
     """Return the URLs (relative to the server) of a build's resources."""
     base = f"/api/builds/{key}"
     return {"self": base, "artifact": f"{base}/artifact", "log": f"{base}/log",
-            "events": f"{base}/events"}
+            "events": f"{base}/events",
+            # attestations: kiln/api/attest.py
+            "signature": f"{base}/artifact.sig", "checksum": f"{base}/artifact.sha256",
+            "provenance": f"{base}/provenance", "sbom": f"{base}/sbom"}
 
 
 def build_document(row: dict[str, Any], *, queue: QueueManager | None = None) -> dict[str, Any]:
@@ -144,16 +151,35 @@ class BuildsResource:
     """``/api/builds``: submit a build, or list the recent ones."""
 
     def __init__(self, *, service: BuildService, queue: QueueManager, max_body_bytes: int,
-                 max_plugins: int) -> None:
+                 max_plugins: int, callbacks: Callbacks | None = None,
+                 groups: GroupManager | None = None) -> None:
         self.service = service
         self.queue = queue
         self.max_body_bytes = max_body_bytes
         self.max_plugins = max_plugins
+        self.callbacks = callbacks
+        self.groups = groups
+
+    def submit_one(self, req: falcon.Request, request: BuildRequest) -> Any:
+        """Submit one build of this HTTP request and register its callback_url."""
+        submitted = submit(self.service, request)
+        if self.callbacks is not None:
+            self.callbacks.subscribe(req, submitted.key)
+        return submitted
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         data = read_json(req, self.max_body_bytes)
+        if self.callbacks is not None:
+            self.callbacks.check(req, data)
+        elif "callback_url" in data:
+            raise bad_request("this server sends no webhooks", field="callback_url")
+        if "platforms" in data:
+            from kiln.api.groups import submit_group
+
+            submit_group(self, req, resp, data)
+            return
         request = request_from_json(data, max_plugins=self.max_plugins)
-        submitted = submit(self.service, request)
+        submitted = self.submit_one(req, request)
         doc = build_document(submitted.build, queue=self.queue)
         resp.media = doc
         resp.status = falcon.HTTP_200 if doc["state"] == "succeeded" else falcon.HTTP_202

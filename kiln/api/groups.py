@@ -1,0 +1,149 @@
+"""Extras of ``POST /api/builds``: several platforms in one request, and callback URLs.
+
+``{"platforms": [{"os": "linux", "arch": "amd64"}, {"os": "darwin", "arch": "arm64"}],
+"plugins": [...]}`` (instead of os/arch/arm) queues one build per platform, all with the
+same Caddy version and plugins, and answers with a group document; ``GET /api/groups/{id}``
+shows it again with each build's current state. ``callback_url`` (with one platform or
+several) is POSTed when each build finishes (kiln/webhooks.py).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, Any
+
+import falcon
+
+from kiln.api.errors import ApiError, bad_request, not_found
+from kiln.groups import GROUP_PATTERN, MAX_PLATFORMS, GroupManager, group_state
+from kiln.queue import QueueManager
+from kiln.spec import BuildRequest
+from kiln.webhooks import CallbackRefused, Resolver, WebhookManager, check_callback_url
+
+if TYPE_CHECKING:
+    from kiln.api.builds import BuildsResource
+
+PLATFORM_FIELDS = ("os", "arch", "arm")
+
+
+class Callbacks:
+    """Check a request's ``callback_url`` before queueing; register it for each build after."""
+
+    def __init__(self, *, webhooks: WebhookManager, allow_private: bool, public_url: str = "",
+                 resolve: Resolver = socket.getaddrinfo) -> None:
+        self.webhooks = webhooks
+        self.allow_private = allow_private
+        self.public_url = public_url
+        self.resolve = resolve
+
+    def check(self, req: falcon.Request, data: dict[str, Any]) -> None:
+        """Validate ``callback_url`` (400 naming the problem) and keep it for subscribe()."""
+        url = data.get("callback_url")
+        if url is None:
+            return
+        try:
+            req.context.callback_url = check_callback_url(
+                url, allow_private=self.allow_private, resolve=self.resolve)
+        except CallbackRefused as exc:
+            raise bad_request(str(exc), field="callback_url") from None
+
+    def subscribe(self, req: falcon.Request, key: str) -> None:
+        """Have the build's finish POSTed to the request's callback_url, if it gave one."""
+        url = req.context.get("callback_url")
+        if url:
+            self.webhooks.subscribe(key, url, base_url=self.public_url or req.prefix)
+
+
+def platform_requests(data: dict[str, Any], *, max_plugins: int) -> list[BuildRequest]:
+    """Validate a multi-platform request; return one BuildRequest per platform, in order."""
+    from kiln.api.builds import request_from_json
+
+    platforms = data.get("platforms")
+    given = [name for name in PLATFORM_FIELDS if name in data]
+    if given:
+        raise bad_request(f"give either {'/'.join(given)} or platforms, not both",
+                          field="platforms")
+    if not isinstance(platforms, list) or not platforms:
+        raise bad_request('platforms must be a non-empty list like [{"os": "linux", '
+                          '"arch": "amd64"}, {"os": "linux", "arch": "arm", "arm": 7}]',
+                          field="platforms")
+    if len(platforms) > MAX_PLATFORMS:
+        raise bad_request(f"{len(platforms)} platforms asked for; at most {MAX_PLATFORMS}",
+                          field="platforms")
+    common = {k: v for k, v in data.items() if k != "platforms"}
+    requests: list[BuildRequest] = []
+    seen: dict[tuple[str, str, str], int] = {}
+    for i, platform in enumerate(platforms):
+        where = f"platforms[{i}]"
+        if not isinstance(platform, dict):
+            raise bad_request(f'{where} must be an object like {{"os": "linux", '
+                              '"arch": "amd64"}', field=where)
+        unknown = sorted(set(platform) - set(PLATFORM_FIELDS))
+        if unknown:
+            raise bad_request(f"{where} has unknown field(s) {', '.join(unknown)}; accepted: "
+                              + ", ".join(PLATFORM_FIELDS), field=f"{where}.{unknown[0]}")
+        try:
+            request = request_from_json({**common, **platform}, max_plugins=max_plugins)
+        except ApiError as exc:
+            field = exc.field
+            if field and field.split("[")[0] in PLATFORM_FIELDS:
+                raise bad_request(f"{where}: {exc.message}", field=f"{where}.{field}") from None
+            raise
+        platform_key = (request.os, request.arch, request.arm)
+        if platform_key in seen:
+            raise bad_request(f"{where} repeats platforms[{seen[platform_key]}]", field=where)
+        seen[platform_key] = i
+        requests.append(request)
+    return requests
+
+
+def group_document(gid: str, keys: list[str], *, queue: QueueManager) -> dict[str, Any]:
+    """Return the public JSON form of a group: its state and each build's document."""
+    from kiln.api.builds import build_document
+
+    builds = []
+    for key in keys:
+        row = queue.get(key)
+        if row is not None:
+            builds.append(build_document(row, queue=queue))
+    return {
+        "id": gid,
+        "state": group_state(b["state"] for b in builds),
+        "builds": builds,
+        "links": {"self": f"/api/groups/{gid}"},
+    }
+
+
+def submit_group(resource: BuildsResource, req: falcon.Request, resp: falcon.Response,
+                 data: dict[str, Any]) -> None:
+    """Queue one build per platform and answer with the group document."""
+    if resource.groups is None:
+        raise bad_request("this server does not take several platforms in one request",
+                          field="platforms")
+    requests = platform_requests(data, max_plugins=resource.max_plugins)
+    keys: list[str] = []
+    for request in requests:
+        submitted = resource.submit_one(req, request)
+        if submitted.key not in keys:
+            keys.append(submitted.key)
+    gid = resource.groups.create(keys)
+    doc = group_document(gid, keys, queue=resource.queue)
+    resp.media = doc
+    resp.status = falcon.HTTP_200 if doc["state"] == "succeeded" else falcon.HTTP_202
+    resp.location = doc["links"]["self"]
+
+
+class GroupResource:
+    """``/api/groups/{id}``: the builds of a multi-platform request."""
+
+    def __init__(self, *, groups: GroupManager, queue: QueueManager) -> None:
+        self.groups = groups
+        self.queue = queue
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, gid: str) -> None:
+        if not GROUP_PATTERN.match(gid):
+            raise not_found(f"{gid!r} is not a group id (g_ and 32 hex characters)")
+        keys = self.groups.keys(gid)
+        if keys is None:
+            raise not_found(f"no group {gid}")
+        resp.media = group_document(gid, keys, queue=self.queue)
