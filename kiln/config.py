@@ -134,6 +134,10 @@ class ApiConfig(_Section):
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     #: how long /api/download and /api/compat hold a request for a build, seconds
     max_wait: float = Field(1800.0, gt=0)
+    #: redirect-and-wait under a response time limit (API Gateway: 29 s): when a held download's
+    #: build is still running after max_wait, answer 307 to the same URL (kiln_wait=N) up to
+    #: this many times before failing; 0: no redirects (Go's client follows 9, curl -L 50)
+    wait_redirects: int = Field(0, ge=0, le=50)
 
     @field_validator("listen")
     @classmethod
