@@ -5,16 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import psycopg
+from psycopg_pool import ConnectionPool
 
 from kiln.api import Services
 from kiln.builder import Builder
 from kiln.buildlog import LOGS_CHANNEL, BuildLogs, LogWriter
+from kiln.catalog import Catalog, CatalogBuildService, CatalogStore
 from kiln.config import Config
 from kiln.db import connect, make_pool
 from kiln.notifier import Notifier
 from kiln.queue import EVENTS_CHANNEL, QueueManager
 from kiln.sandbox import make_sandbox
-from kiln.service import BuildService
 from kiln.storage import make_store
 from kiln.versions import ModuleProxy, Resolver
 from kiln.versions_cache import DatabaseResolutionCache
@@ -30,6 +31,15 @@ def database_url(config: Config) -> str:
     return config.database.url
 
 
+def make_catalog(config: Config, pool: ConnectionPool) -> Catalog | None:
+    """Return the plugin catalog the config names, or None when it names none."""
+    plugins = config.plugins
+    if not plugins.catalog_file and not plugins.catalog_url:
+        return None
+    return Catalog(store=CatalogStore(pool), url=plugins.catalog_url, ttl=plugins.catalog_ttl,
+                   file=Path(plugins.catalog_file) if plugins.catalog_file else None)
+
+
 def make_services(config: Config, *, application: str = "kiln-api") -> Services:
     """Return the API's collaborators."""
     pool = make_pool(database_url(config), config.database, application=application)
@@ -39,7 +49,9 @@ def make_services(config: Config, *, application: str = "kiln-api") -> Services:
         cache=DatabaseResolutionCache(queue, latest_ttl=config.build.latest_ttl),
         latest_ttl=config.build.latest_ttl,
     )
-    service = BuildService(
+    catalog = make_catalog(config, pool)
+    service = CatalogBuildService(
+        catalog=catalog, allow=config.plugins.allow,
         queue=queue, resolver=resolver, tags=tuple(config.build.tags),
         ldflags=config.build.ldflags, max_attempts=config.worker.max_attempts,
         worker_live_seconds=config.janitor.worker_gone_seconds,
@@ -52,7 +64,7 @@ def make_services(config: Config, *, application: str = "kiln-api") -> Services:
     # one LISTEN connection per process for every held request and live watcher
     notifier = Notifier(listen, channels=[EVENTS_CHANNEL, LOGS_CHANNEL])
     return Services(config=config, queue=queue, service=service,
-                    store=make_store(config.storage), notifier=notifier,
+                    store=make_store(config.storage), catalog=catalog, notifier=notifier,
                     logs=BuildLogs(pool))
 
 

@@ -138,6 +138,9 @@ class ApiConfig(_Section):
     #: build is still running after max_wait, answer 307 to the same URL (kiln_wait=N) up to
     #: this many times before failing; 0: no redirects (Go's client follows 9, curl -L 50)
     wait_redirects: int = Field(0, ge=0, le=50)
+    #: how long a held download waits for a build worker when none is live before it
+    #: answers 502 (raise it when workers scale up from zero), seconds
+    worker_wait: float = Field(30.0, ge=0)
 
     @field_validator("listen")
     @classmethod
@@ -208,6 +211,38 @@ class JanitorConfig(_Section):
     attempt_retention: float = Field(90 * 86400.0, gt=0)
 
 
+class PluginsConfig(_Section):
+    #: a catalog in /api/packages' shape (JSON, or YAML by its suffix) the operator keeps;
+    #: read by the API, its entries win over the mirror's
+    catalog_file: str = ""
+    #: an /api/packages URL of that shape the janitor mirrors into the database,
+    #: e.g. https://caddyserver.com/api/packages; empty: no mirror
+    catalog_url: str = ""
+    #: seconds between the janitor's mirror refreshes
+    catalog_refresh: float = Field(3600.0, gt=0)
+    #: seconds an API process reuses the catalog it read
+    catalog_ttl: float = Field(60.0, ge=0)
+    #: any: build any module the proxy serves; registered: only packages in the catalog
+    #: (declared last so its check sees the catalog fields)
+    allow: Literal["any", "registered"] = "any"
+
+    @field_validator("catalog_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http(s):// URL")
+        return value
+
+    @field_validator("allow")
+    @classmethod
+    def _needs_catalog(cls, value: str, info: Any) -> str:
+        if value == "registered" and not (info.data.get("catalog_file")
+                                          or info.data.get("catalog_url")):
+            raise ValueError("registered needs a catalog: set plugins.catalog_file or "
+                             "plugins.catalog_url")
+        return value
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "text"
@@ -275,6 +310,8 @@ class Config(_Section):
     worker: WorkerConfig = WorkerConfig()
     janitor: JanitorConfig = JanitorConfig()
     logging: LoggingConfig = LoggingConfig()
+    #: the plugin catalog (/api/packages) and which plugins may be built
+    plugins: PluginsConfig = PluginsConfig()
     #: artifact signatures and provenance
     signing: SigningConfig = SigningConfig()
     #: callbacks POSTed when a build finishes

@@ -10,13 +10,16 @@ import falcon
 
 from kiln.api import events, ui
 from kiln.api.builds import ArtifactResource, BuildResource, BuildsResource, HealthResource
+from kiln.api.compat import add_routes as add_compat_routes
 from kiln.api.errors import REQUEST_ID_HEADER, handle_unexpected, request_id, serialize_error
 from kiln.buildlog import BuildLogs
+from kiln.catalog import Catalog
 from kiln.config import Config
 from kiln.notifier import Notifier
 from kiln.queue import QueueManager
 from kiln.service import BuildService
 from kiln.storage import ArtifactStore
+from kiln.waiter import BuildWaiter
 
 log = logging.getLogger("kiln.api")
 
@@ -29,6 +32,8 @@ class Services:
     queue: QueueManager
     service: BuildService
     store: ArtifactStore
+    #: the plugin catalog (/api/packages); None: no catalog configured
+    catalog: Catalog | None = None
     #: the process's one LISTEN connection, fanned out to held requests and live watchers
     notifier: Notifier | None = None
     #: build logs (plain text and live events)
@@ -80,4 +85,12 @@ def create_app(services: Services) -> falcon.App:
                           notifier=services.notifier,
                           keepalive=config.build_logs.keepalive_seconds)
     ui.add_routes(app, service=services.service)
+    add_compat_routes(
+        app, service=services.service, queue=services.queue, store=services.store,
+        waiter=BuildWaiter(queue=services.queue, notifier=services.notifier,
+                           worker_live_seconds=config.janitor.worker_gone_seconds,
+                           worker_wait=config.api.worker_wait),
+        catalog=services.catalog, max_wait=config.api.max_wait,
+        max_plugins=config.build.max_plugins, redirect=config.storage.serve == "redirect",
+        public_url=config.api.public_url, wait_redirects=config.api.wait_redirects)
     return app
