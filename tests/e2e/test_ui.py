@@ -1,0 +1,152 @@
+"""The web UI in a real headless Chromium: pick plugins, build, watch the log, download, run.
+
+Chromium is Debian's (/usr/bin/chromium), driven by Playwright's Python package.
+``KILN_UPDATE_SCREENSHOT=1`` also saves the finished build page to docs/ui.png.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.fixtures import goproxy as gp
+from tests.service import REPO, KilnProcesses
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+BUILD_TIMEOUT_MS = 240_000
+
+
+@pytest.fixture(scope="module")
+def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
+         proxy_dir: Path, go_cache_dir: Path) -> Iterator[KilnProcesses]:
+    root = tmp_path_factory.mktemp("ui")
+    name = "kiln_ui_e2e"
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
+    info = psycopg.conninfo.conninfo_to_dict(pg_server_url)
+    info["dbname"] = name
+    url = psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+    service = KilnProcesses(db_url=url, root=root, goproxy=f"file://{proxy_dir}",
+                            cache_dir=go_cache_dir)
+    try:
+        service.start_worker()
+        service.wait_for_worker()
+        service.start_api()
+        yield service
+    finally:
+        service.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def log_lines(page: Any) -> int:
+    return int(page.locator("#log .line").count())
+
+
+def test_pick_two_plugins_build_watch_download_and_run(kiln: KilnProcesses, browser: Any,
+                                                      tmp_path: Path) -> None:
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(kiln.url + "/")
+
+    # every control is reachable by its label; plugins are added with the keyboard
+    page.get_by_label("Platform").select_option("linux/amd64")
+    page.get_by_label("Caddy version").fill("v2.8.0")
+    search = page.get_by_label("Search the catalog, or type a Go module path")
+    for plugin in (f"{gp.HELLO}@v0.1.0", gp.DNS_PACKAGE):
+        search.fill(plugin)
+        search.press("Enter")
+    selected = page.locator("#selected-plugins li")
+    assert selected.count() == 2
+    assert page.get_by_label(f"Version of {gp.HELLO}").input_value() == "v0.1.0"
+    page.get_by_role("button", name="Build").click()
+
+    page.wait_for_url("**/builds/*", timeout=60_000)
+    key = page.url.rsplit("/", 1)[-1]
+    assert len(key) == 64
+    # log lines arrive while the build runs, before there is anything to download
+    page.locator("#log .line").first.wait_for(state="attached", timeout=BUILD_TIMEOUT_MS)
+    early = log_lines(page)
+    assert page.locator("#result").is_hidden()
+    download_link = page.locator("#download")
+    download_link.wait_for(state="visible", timeout=BUILD_TIMEOUT_MS)
+    assert log_lines(page) > early
+    assert page.locator("#state").inner_text() == "Built"
+    assert page.locator("#log").inner_text().splitlines()[-1].startswith("succeeded: ")
+    sha256 = page.locator("#sha256").inner_text()
+    assert len(sha256) == 64
+    assert [s.get_attribute("class") for s in page.locator("#steps li").all()][0] == "step done"
+
+    with page.expect_download() as info:
+        download_link.click()
+    download = info.value
+    assert download.suggested_filename == "caddy_linux_amd64_custom"
+    binary = tmp_path / download.suggested_filename
+    download.save_as(binary)
+    assert hashlib.sha256(binary.read_bytes()).hexdigest() == sha256
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    out = subprocess.run([str(binary), "list-modules", "--versions"], capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    assert f"{gp.HELLO_ID} v0.1.0" in out
+    assert f"{gp.DNS_ID} {gp.DNS_LATEST}" in out
+
+    shot = tmp_path / "ui.png"
+    page.screenshot(path=str(shot), full_page=True)
+    if os.environ.get("KILN_UPDATE_SCREENSHOT"):
+        shutil.copy(shot, REPO / "docs" / "ui.png")
+
+    # the page of a build can be shared: a fresh visitor sees the finished build
+    other = context.new_page()
+    other.set_viewport_size({"width": 390, "height": 844})  # a phone
+    other.goto(f"{kiln.url}/builds/{key}")
+    other.locator("#download").wait_for(state="visible", timeout=30_000)
+    assert other.locator("#sha256").inner_text() == sha256
+    assert other.locator("#log .line").count() == log_lines(page)
+    # nothing wider than the phone's screen
+    assert other.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    assert other.locator(f"#recent-list a[href='/builds/{key}']").count() == 1
+    assert errors == []
+    context.close()
+
+
+def test_a_bad_plugin_path_is_explained_on_the_form(kiln: KilnProcesses, browser: Any) -> None:
+    page = browser.new_page()
+    page.goto(kiln.url + "/")
+    search = page.get_by_label("Search the catalog, or type a Go module path")
+    search.fill("github.com/kiln-fixtures/nosuchplugin")
+    page.get_by_role("button", name="Add").click()
+    page.get_by_role("button", name="Build").click()
+    alert = page.get_by_role("alert")
+    alert.wait_for(state="visible", timeout=60_000)
+    assert "github.com/kiln-fixtures/nosuchplugin" in alert.inner_text()
+    assert page.url == kiln.url + "/"
+    page.close()
