@@ -219,6 +219,8 @@ def provenance_statement(
 ) -> dict[str, Any]:
     """Return an in-toto Statement v1 with a SLSA provenance v1 predicate for one artifact."""
     settings = dict(info.settings) if info else {}
+    # Go leaves -ldflags out of what a -trimpath binary records; they are the spec's
+    settings.setdefault("-ldflags", spec.ldflags)
     return {
         "_type": STATEMENT_TYPE,
         "subject": [{"name": filename, "digest": {"sha256": sha256}}],

@@ -47,6 +47,10 @@ KEY_PATH = "/api/signing-key"
 class VerifyError(Exception):
     """Verification cannot proceed (bad key, unreachable server, missing file)."""
 
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 @dataclass
 class Report:
@@ -79,7 +83,7 @@ def _get(url: str) -> tuple[bytes, dict[str, str]]:
         message = exc.reason
         with contextlib.suppress(ValueError, KeyError, TypeError):
             message = json.loads(exc.read())["error"]["message"]
-        raise VerifyError(f"GET {url}: {exc.code} {message}") from None
+        raise VerifyError(f"GET {url}: {exc.code} {message}", status=exc.code) from None
     except (urllib.error.URLError, OSError) as exc:
         raise VerifyError(f"GET {url}: {getattr(exc, 'reason', exc)}") from None
 
@@ -119,10 +123,17 @@ class Evidence:
 def fetch_evidence(server: str, *, sha256: str, build: str) -> Evidence:
     """Download the checksum, signature and provenance of the build that made the file."""
     if not build:
-        body, _ = _get(f"{server}/api/artifacts/{sha256}")
+        try:
+            body, _ = _get(f"{server}/api/artifacts/{sha256}")
+        except VerifyError as exc:
+            if exc.status != 404:
+                raise
+            body = b"{}"
         builds = json.loads(body).get("builds") or []
         if not builds:
-            raise VerifyError(f"{server} has no build of a file with sha256 {sha256}")
+            raise VerifyError(f"{server} has no build of a file with sha256 {sha256}: the "
+                              "file was changed, or another server built it (--build KEY "
+                              "checks it against one build)")
         build = builds[0]["key"]
     base = f"{server}/api/builds/{build}"
     checksum, _ = _get(f"{base}/artifact.sha256")
