@@ -231,7 +231,8 @@ def read_catalog_file(path: Path) -> list[Package]:
     try:
         data = yaml.safe_load(text) if path.suffix in (".yml", ".yaml") else json.loads(text)
     except (ValueError, yaml.YAMLError) as exc:
-        raise CatalogError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
+        kind = "YAML" if path.suffix in (".yml", ".yaml") else "JSON"
+        raise CatalogError(f"{path}: not valid {kind}: {exc}") from None
     return parse_packages(data, source=str(path), strict=True)
 
 

@@ -1,0 +1,157 @@
+"""The plugin catalog: reading /api/packages documents, mapping requests, the allow policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kiln.catalog import (
+    Catalog,
+    CatalogError,
+    CatalogIndex,
+    CatalogUnavailable,
+    PackageNotRegistered,
+    family,
+    parse_packages,
+    read_catalog_file,
+)
+from kiln.spec import BuildRequest
+
+DNS = "github.com/acme/dns/v2"
+DNS_PROVIDER = f"{DNS}/providers/example"
+L4 = "github.com/acme/l4"
+
+
+def document() -> dict[str, object]:
+    return {"status_code": 200, "result": [
+        {"id": "1", "path": "github.com/acme/hello", "repo": "https://github.com/acme/hello",
+         "downloads": 3, "listed": True, "available": True, "published": "2024-01-01",
+         "updated": "2024-02-01",
+         "modules": [{"name": "http.handlers.hello", "docs": "Greets.",
+                      "package": "github.com/acme/hello", "repo": "https://github.com/acme/hello"}]},
+        {"path": DNS_PROVIDER, "modules": [{"name": "dns.providers.example"}]},
+        # one entry, modules in two subpackages of the module (like caddy-l4)
+        {"path": f"{L4}/layer4", "modules": [
+            {"name": "layer4", "package": f"{L4}/layer4"},
+            {"name": "layer4.matchers.tls", "package": f"{L4}/modules/l4tls"}]},
+        {"path": "github.com/acme/retired", "available": False},
+        {"path": "github.com/acme/multi/providers/x"},
+    ]}
+
+
+def index() -> CatalogIndex:
+    return CatalogIndex(parse_packages(document(), source="test", strict=True))
+
+
+def request(*plugins: str, replacements: tuple[str, ...] = ()) -> BuildRequest:
+    return BuildRequest.create(os="linux", arch="amd64", plugins=list(plugins),
+                               replacements=list(replacements))
+
+
+def test_entries_get_the_caddyserver_shape_with_defaults() -> None:
+    packages = {p.path: p.to_dict() for p in parse_packages(document(), source="t", strict=True)}
+    assert packages["github.com/acme/hello"]["downloads"] == 3
+    provider = packages[DNS_PROVIDER]
+    assert set(provider) == {"id", "path", "repo", "downloads", "listed", "available",
+                             "published", "updated", "modules"}
+    assert provider["repo"] == f"https://{DNS_PROVIDER}"
+    assert provider["modules"] == [{"name": "dns.providers.example", "docs": "",
+                                    "package": DNS_PROVIDER, "repo": f"https://{DNS_PROVIDER}"}]
+    # a stable id when the source gives none
+    again = parse_packages(document(), source="t", strict=True)
+    assert {p.path: p.id for p in again}[DNS_PROVIDER] == provider["id"]
+    # a bare list is accepted too, and https:// prefixes are stripped
+    bare = parse_packages([{"path": "https://github.com/acme/x/"}], source="t", strict=True)
+    assert [p.path for p in bare] == ["github.com/acme/x"]
+
+
+@pytest.mark.parametrize("bad", [
+    {"result": "nope"},
+    [{"modules": []}],
+    [{"path": "github.com/acme/x;rm -rf"}],
+    [{"path": "github.com/acme/x@v1.0.0"}],
+    [{"path": "github.com/acme/x", "downloads": -1}],
+    [{"path": "github.com/acme/x", "modules": [{"docs": "no name"}]}],
+    [{"path": "github.com/acme/x", "listed": "yes"}],
+])
+def test_a_bad_operator_file_is_refused_and_a_bad_mirror_entry_skipped(bad: object) -> None:
+    with pytest.raises(CatalogError):
+        parse_packages(bad, source="catalog.json", strict=True)
+    if isinstance(bad, list):
+        assert parse_packages([*bad, {"path": "github.com/acme/ok"}], source="upstream",
+                              strict=False)[-1].path == "github.com/acme/ok"
+
+
+def test_yaml_and_json_files(tmp_path: Path) -> None:
+    (tmp_path / "c.yml").write_text("result:\n  - path: github.com/acme/hello\n")
+    assert [p.path for p in read_catalog_file(tmp_path / "c.yml")] == ["github.com/acme/hello"]
+    (tmp_path / "c.json").write_text("{not json")
+    with pytest.raises(CatalogError, match="c.json: not valid JSON"):
+        read_catalog_file(tmp_path / "c.json")
+
+
+def test_family_ignores_major_version_elements() -> None:
+    assert family("github.com/a/b/v2/sub") == "github.com/a/b/sub"
+    assert family("github.com/a/b") == "github.com/a/b"
+    assert family("gopkg.in/yaml.v3") == "gopkg.in/yaml.v3"
+
+
+def test_caddy_upgrade_module_paths_map_to_registered_packages() -> None:
+    idx = index()
+    # caddy upgrade names the module; the registered package is a subpackage of it
+    mapped = idx.map_request(request(f"{DNS}@v2.1.0"))
+    assert [str(p) for p in mapped.plugins] == [f"{DNS_PROVIDER}@v2.1.0"]
+    # base@v2.x names the package registered under base/v2
+    mapped = idx.map_request(request("github.com/acme/dns@v2.1.0"))
+    assert [str(p) for p in mapped.plugins] == [f"{DNS_PROVIDER}@v2.1.0"]
+    # base/v3 for a package registered without /vN keeps the major version asked for
+    mapped = idx.map_request(request("github.com/acme/multi/v3"))
+    assert [str(p) for p in mapped.plugins] == ["github.com/acme/multi/v3/providers/x"]
+    # a module whose modules live in two subpackages brings both
+    mapped = idx.map_request(request(f"{L4}@v0.3.0"))
+    assert [str(p) for p in mapped.plugins] == [f"{L4}/layer4@v0.3.0",
+                                                f"{L4}/modules/l4tls@v0.3.0"]
+    # a Caddy module ID becomes its package
+    mapped = idx.map_request(request("dns.providers.example"))
+    assert [p.path for p in mapped.plugins] == [DNS_PROVIDER]
+    # registered and unknown paths stay as they are
+    same = request("github.com/acme/hello@v1.0.0", "github.com/other/thing")
+    assert idx.map_request(same) is same
+
+
+def test_registered_policy_admits_catalog_packages_only() -> None:
+    idx = index()
+    idx.check(request("github.com/acme/hello", f"{DNS_PROVIDER}@v2.0.0",
+                      "github.com/acme/hello/subpkg", "github.com/caddyserver/caddy/v2/modules/x"))
+    with pytest.raises(PackageNotRegistered) as info:
+        idx.check(request("github.com/other/thing"))
+    assert str(info.value).startswith(
+        "github.com/other/thing is not a registered Caddy module package path")
+    assert info.value.field == "plugins[0]"
+    with pytest.raises(PackageNotRegistered, match="not available"):
+        idx.check(request("github.com/acme/retired"))
+    # a replacement may not swap registered code for unregistered code
+    with pytest.raises(PackageNotRegistered, match="github.com/evil/fork"):
+        idx.check(request("github.com/acme/hello", replacements=(
+            "github.com/acme/hello=github.com/evil/fork@v1.0.0",)))
+
+
+def test_file_catalog_is_reread_when_it_changes_and_last_copy_survives_errors(
+        tmp_path: Path) -> None:
+    file = tmp_path / "catalog.json"
+    file.write_text(json.dumps(document()))
+    now = [0.0]
+    catalog = Catalog(store=None, file=file, ttl=10, clock=lambda: now[0])
+    assert len(catalog.packages()) == 5
+    file.write_text(json.dumps({"result": [{"path": "github.com/acme/only"}]}))
+    assert len(catalog.packages()) == 5  # within the ttl
+    now[0] = 11
+    assert [p.path for p in catalog.packages()] == ["github.com/acme/only"]
+    file.write_text("{broken")
+    now[0] = 30
+    assert [p.path for p in catalog.packages()] == ["github.com/acme/only"]
+    broken = Catalog(store=None, file=file)
+    with pytest.raises(CatalogUnavailable, match="cannot be read"):
+        broken.packages()
