@@ -70,7 +70,7 @@ def resolve_host(host: str, port: int, *, allow_private: bool,
     """Return the addresses of ``host``; refuse non-public ones unless ``allow_private``."""
     try:
         infos = resolve(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
+    except (OSError, UnicodeError, ValueError) as exc:
         raise CallbackRefused(f"callback_url host {host!r} does not resolve: {exc}") from None
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     if not addresses:
@@ -93,7 +93,11 @@ def check_callback_url(url: object, *, allow_private: bool,
         raise CallbackRefused(f"callback_url is over {MAX_URL_LENGTH} characters")
     if any(c.isspace() or not c.isprintable() for c in url):
         raise CallbackRefused("callback_url must not contain spaces or control characters")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as exc:  # e.g. an unclosed [IPv6 literal
+        raise CallbackRefused(f"callback_url is not a URL: {exc}") from None
     if parts.scheme not in ("http", "https"):
         raise CallbackRefused("callback_url must be an http:// or https:// URL")
     if parts.username is not None or parts.password is not None:
@@ -103,9 +107,9 @@ def check_callback_url(url: object, *, allow_private: bool,
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise CallbackRefused("callback_url has an invalid port") from None
-    if not parts.hostname:
+    if not host:
         raise CallbackRefused("callback_url has no host")
-    resolve_host(parts.hostname, port, allow_private=allow_private, resolve=resolve)
+    resolve_host(host, port, allow_private=allow_private, resolve=resolve)
     return url
 
 

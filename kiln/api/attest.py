@@ -101,9 +101,12 @@ class _BuildFile:
 
     def _succeeded(self, key: str) -> tuple[dict[str, Any], str]:
         row = _load(self.queue, key)
-        if row["state"] != "succeeded" or not row["artifact_path"]:
+        if row["state"] != "succeeded":
             raise not_found(f"build {key} is {row['state']}; its {self.kind} exists once it "
                             "has succeeded")
+        if not row["artifact_path"]:
+            raise not_found(f"the artifact of build {key} was removed from the store; ask "
+                            "for the build again to rebuild it")
         try:
             filename = BuildSpec.from_dict(row["spec"]).filename
         except SpecError as exc:

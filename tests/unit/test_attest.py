@@ -265,6 +265,8 @@ def test_webhook_signature_is_hmac_sha256_of_the_body() -> None:
     ("http:///nohost", "no host"),
     ("http://1.1.1.1:99999/", "port"),
     ("http://1.1.1.1/a b", "spaces"),
+    ("http://[1.1.1.1/hook", "not a URL"),
+    ("http://" + "a" * 70 + ".example/", "does not resolve"),
     ("http://127.0.0.1:8080/hook", "loopback"),
     ("http://localhost/hook", "private"),
     ("http://10.1.2.3/hook", "private"),
