@@ -391,3 +391,36 @@ def test_no_live_worker_is_502_and_a_long_build_is_504(idle_kiln: KilnProcesses)
     time.sleep(2.5)  # the API's live-worker count is reused for two seconds
     assert_error(requests.get(url, timeout=60), 502, "no build worker is running")
     assert requests.head(url, timeout=60).status_code == 502
+
+
+def test_the_gevent_worker_holds_and_lets_go_too(kiln: KilnProcesses,
+                                                 tmp_path_factory: pytest.TempPathFactory
+                                                 ) -> None:
+    pytest.importorskip("gevent")
+    other = KilnProcesses(db_url=kiln.env["KILN_DATABASE__URL"],
+                          root=tmp_path_factory.mktemp("compat-gevent"),
+                          goproxy=kiln.env["KILN_BUILD__GOPROXY"],
+                          cache_dir=Path(kiln.env["KILN_BUILD__CACHE_DIR"]),
+                          env={k: v for k, v in kiln.env.items()
+                               if k.startswith(("KILN_PLUGINS", "KILN_STORAGE"))})
+    try:
+        other.start_api(worker_class="gevent")
+        url = download_url(other, os="linux", arch="arm64", p=f"{gp.HELLO}@v0.1.0")
+        target = urllib.parse.urlsplit(url)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            with worker_paused(kiln):
+                held = pool.submit(requests.get, url, timeout=300)
+                with socket.create_connection(("127.0.0.1", other.port)) as conn:
+                    conn.sendall(f"GET {target.path}?{target.query} HTTP/1.1\r\n"
+                                 f"Host: 127.0.0.1\r\n\r\n".encode())
+                    wait_for(lambda: other.log("api").count("holding GET") >= 2, 30,
+                             "two held requests")
+                wait_for(lambda: "client went away" in other.log("api"), 5,
+                         "the server to notice")
+                assert not held.done()
+            resp = held.result()
+        assert resp.status_code == 200, resp.text
+        assert "holds 1 requests with 1 subscriptions" in other.log("api")
+        assert resp.content[:4] == b"\x7fELF"
+    finally:
+        other.close()
