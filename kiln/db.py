@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -52,16 +54,56 @@ def connect(url: str, config: DatabaseConfig, *, application: str = "kiln",
                            **connect_kwargs(config, application=application))  # type: ignore[arg-type]
 
 
+#: while no connection can be made, a caller waits this long for one (then gets an error:
+#: the API answers 503) instead of the pool's whole timeout, for each of its queries
+UNREACHABLE_WAIT_SECONDS = 1.0
+#: a failing reconnection is retried with backoff (1, 2, 4 s) for this long, then given up:
+#: the next caller starts a new attempt at once (psycopg_pool's default, 5 minutes of
+#: doubling delays, kept a pool away from a restarted database for up to a minute)
+RECONNECT_SECONDS = 10.0
+
+
+class ResilientPool(ConnectionPool):
+    """A connection pool that fails fast while the database is down and reconnects promptly."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        #: monotonic time of the first failed connection attempt since the last success
+        self.unreachable_since: float | None = None
+        pool = self
+
+        class Connection(psycopg.Connection[Any]):
+            @classmethod
+            def connect(cls, *cargs: Any, **ckwargs: Any) -> Any:
+                try:
+                    conn = super().connect(*cargs, **ckwargs)
+                except psycopg.OperationalError:
+                    if pool.unreachable_since is None:
+                        pool.unreachable_since = time.monotonic()
+                    raise
+                pool.unreachable_since = None
+                return conn
+
+        super().__init__(*args, connection_class=Connection, **kwargs)
+
+    def getconn(self, timeout: float | None = None) -> Any:
+        """Return a connection; wait only briefly while the database is unreachable."""
+        if self.unreachable_since is not None and not self.get_stats().get("pool_available"):
+            timeout = min(self.timeout if timeout is None else timeout,
+                          UNREACHABLE_WAIT_SECONDS)
+        return super().getconn(timeout)
+
+
 def make_pool(url: str, config: DatabaseConfig, *, application: str = "kiln",
               min_size: int | None = None, max_size: int | None = None) -> ConnectionPool:
     """Open a connection pool; connections are checked before being handed out."""
-    pool = ConnectionPool(
+    pool = ResilientPool(
         url,
         min_size=config.pool_min if min_size is None else min_size,
         max_size=config.pool_max if max_size is None else max_size,
         kwargs={"autocommit": True, **connect_kwargs(config, application=application)},
         check=ConnectionPool.check_connection,
         timeout=config.connect_timeout * 2,
+        reconnect_timeout=RECONNECT_SECONDS,
         open=False,
         name=application,
     )

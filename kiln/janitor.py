@@ -238,6 +238,7 @@ class Janitor:
         self.maintenance = maintenance or Maintenance(queue.pool)
         self._stop = threading.Event()
         self._threads: dict[str, threading.Thread] = {}
+        self._unreachable = False
         self.scheduler = schedule.Scheduler()
 
     @classmethod
@@ -292,6 +293,9 @@ class Janitor:
         """
         try:
             with self.maintenance.job_lock(job.name) as locked:
+                if self._unreachable:
+                    log.info("the database is reachable again")
+                    self._unreachable = False
                 if not locked:
                     log.debug("janitor job %s: another janitor is running it", job.name)
                     return "busy"
@@ -314,8 +318,10 @@ class Janitor:
                         job.name, time.monotonic() - started, text or "nothing to do")
                 return "done"
         except psycopg.Error as exc:
-            # the database is unreachable: the next turn tries again
-            log.warning("janitor job %s skipped: %s", job.name, exc)
+            # the database is unreachable: the next turn tries again (one warning an outage)
+            log.log(logging.DEBUG if self._unreachable else logging.WARNING,
+                    "janitor job %s skipped: %s", job.name, exc)
+            self._unreachable = True
             return "failed"
 
     def run_once(self, *, only: Sequence[str] = ()) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -106,7 +107,9 @@ class LocalStore:
         except OSError as exc:
             raise StorageError(f"cannot store {path}: {exc}") from exc
         finally:
-            tmp.unlink(missing_ok=True)
+            # cleanup must not replace the StorageError (the staging directory may be the fault)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         return StoredArtifact(path=path, size=target.stat().st_size, sha256=sha256)
 
     def open(self, path: str) -> BinaryIO:

@@ -150,6 +150,7 @@ class Worker:
         # the database may be down while a preempted worker drains: leases cover that
         try:
             self.queue.set_worker_state(self.id, state)
+            log.info("worker %s is %s", self.id, state)
         except psycopg.Error as exc:
             log.warning("cannot mark worker %s %s: %s", self.id, state, exc)
 
