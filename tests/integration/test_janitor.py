@@ -131,6 +131,50 @@ def test_two_janitor_processes_requeue_each_expired_lease_once(
     assert len(done) == 1 and "25: " in done[0], outputs
 
 
+def test_janitor_marks_silent_workers_gone_and_expires_resolutions(
+        db_url: str, queue: QueueManager, pool: ConnectionPool, tmp_path: Path) -> None:
+    for worker in ("silent", "alive"):
+        queue.register_worker(worker, hostname="h", pid=1, concurrency=1, sandbox="process",
+                              go_version="go1.25.0")
+    sql(pool, "UPDATE kiln_workers SET heartbeat_at = now() - interval '10 minutes' "
+              "WHERE id = 'silent'")
+    queue.put_resolution("example.com/m", "latest", "v1.0.0", stored_at=time.time() - 600,
+                         ttl=300)
+    queue.put_resolution("example.com/m", "v1.0.0", "v1.0.0", stored_at=time.time() - 600,
+                         ttl=None)
+    run = subprocess.run([sys.executable, "-m", "functions.janitor", "--once"], cwd=REPO,
+                         env=janitor_env(db_url, tmp_path / "artifacts"), capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert sql(pool, "SELECT id, state FROM kiln_workers ORDER BY id") == [
+        ("alive", "active"), ("silent", "gone")]
+    assert sql(pool, "SELECT query FROM kiln_resolutions") == [("v1.0.0",)]
+
+
+def test_retries_wait_out_their_backoff_and_end_with_the_last_error(
+        queue: QueueManager) -> None:
+    key = key_of(1)
+    queue.enqueue(key, SPEC, max_attempts=2)
+    queue.claim("w", limit=1, lease_seconds=30)
+    assert queue.fail(key, "w", error="module proxy unreachable", retryable=True,
+                      retry_after=1.0) == "queued"
+    assert queue.claim("w", limit=1, lease_seconds=30) == []  # still backing off
+    time.sleep(1.1)
+    assert [c.key for c in queue.claim("w", limit=1, lease_seconds=30)] == [key]
+    assert queue.fail(key, "w", error="StorageError: disk full", retryable=True,
+                      retry_after=1.0) == "failed"
+    build = queue.get(key)
+    assert build is not None and build["error"] == "StorageError: disk full"
+
+
+def test_backoff_doubles_with_jitter() -> None:
+    from kiln.worker import backoff
+
+    assert [backoff(n, 10.0, rand=lambda: 0.5) for n in (1, 2, 3, 4)] == [10, 20, 40, 80]
+    assert backoff(3, 10.0, rand=lambda: 0.0) == 20.0  # -50%
+    assert backoff(3, 10.0, rand=lambda: 0.999) < 60.0  # under +50%
+
+
 def test_concurrent_sweeps_requeue_each_lease_once(db_url: str, queue: QueueManager,
                                                    pool: ConnectionPool) -> None:
     # no janitor locks here: the query alone must be safe to run concurrently
