@@ -74,7 +74,8 @@ log = logging.getLogger(__name__)
 WORKER_LABEL = "dev.kiln.worker"
 #: label carrying the step name (fetch, compile, ...)
 STEP_LABEL = "dev.kiln.step"
-#: labels naming the process that supervises a container: host name, pid, sandbox object
+#: labels naming the process that supervises a container: host name and pid namespace,
+#: pid, sandbox object
 HOST_LABEL = "dev.kiln.worker.host"
 PID_LABEL = "dev.kiln.worker.pid"
 INSTANCE_LABEL = "dev.kiln.worker.instance"
@@ -100,6 +101,8 @@ PIDS_CHECK_SECONDS = 0.5
 #: while a Go build (GOMAXPROCS follows the CPU limit) stays far from the default 512
 PIDS_NEAR_LIMIT = 0.75
 PIDS_STRIKES = 3
+#: seconds between attempts to kill a step when the engine refuses
+KILL_RETRY_SECONDS = 1.0
 #: seconds to wait for the exit status once a step's output has ended
 EXIT_WAIT_SECONDS = 30
 #: seconds the one-off ``go env GOVERSION`` container may take
@@ -183,6 +186,8 @@ class DockerSandbox:
         self.worker_id = worker_id
         self.goproxy = goproxy
         self.uid, self.gid = _numeric_user(user)
+        if self.uid == 0 or user.partition(":")[0] == "root":
+            raise SandboxError(f"build.docker.user: {user!r} is root; steps must run unprivileged")
         root = cache_dir.resolve() / "docker"
         self.modcache = root / "mod"
         self.buildcache = root / "build"
@@ -202,7 +207,7 @@ class DockerSandbox:
         except _ENGINE_ERRORS as exc:
             raise SandboxError(f"cannot inspect sandbox image {image}: {exc}") from exc
         self.identity = f"docker:{self.image_id}"
-        self.host = socket.gethostname()
+        self.host = _process_space()
         self.instance = uuid.uuid4().hex
         self._version: str | None = None
         self._version_lock = threading.Lock()
@@ -325,7 +330,12 @@ class DockerSandbox:
         if deadline.isdigit() and int(deadline) + ORPHAN_GRACE_SECONDS < time.time():
             return True
         pid = labels.get(PID_LABEL, "")
-        return labels.get(HOST_LABEL) == self.host and pid.isdigit() and not _alive(int(pid))
+        return (
+            "pid:[" in self.host  # pids mean something only within one known namespace
+            and labels.get(HOST_LABEL) == self.host
+            and pid.isdigit()
+            and not _alive(int(pid))
+        )
 
     # -- containers -------------------------------------------------------------------
 
@@ -399,44 +409,50 @@ class DockerSandbox:
         killed: list[str] = []
         done = threading.Event()
 
-        def kill(reason: str) -> None:
-            if killed:
-                return
+        def kill(reason: str) -> bool:
+            """Kill the container for ``reason``; tell whether it is over (killed or ended)."""
             try:
                 container.kill()
             except NotFound:
-                return
+                return True
             except APIError as exc:
                 if exc.status_code == 409:  # not running: it ended on its own
-                    return
+                    return True
                 log.warning("cannot kill sandbox container %s: %s", container.short_id, exc)
-                return
+                return False
             except _ENGINE_ERRORS as exc:
                 log.warning("cannot kill sandbox container %s: %s", container.short_id, exc)
-                return
+                return False
             killed.append(reason)
+            return True
 
         def watch() -> None:
             deadline = started + step.timeout
             next_pids = time.monotonic() + PIDS_CHECK_SECONDS
             strikes = 0
             while not done.is_set():
+                cancelled = False
                 if cancel is not None:
-                    if cancel.wait(WATCH_SECONDS):
-                        kill("cancelled")
-                        return
-                elif done.wait(WATCH_SECONDS):
+                    cancelled = cancel.wait(WATCH_SECONDS)
+                else:
+                    done.wait(WATCH_SECONDS)
+                if done.is_set():
                     return
                 now = time.monotonic()
-                if now >= deadline:
-                    kill("timeout")
-                    return
-                if now >= next_pids:
+                reason: str | None = None
+                if cancelled:
+                    reason = "cancelled"
+                elif now >= deadline:
+                    reason = "timeout"
+                elif now >= next_pids:
                     next_pids = now + PIDS_CHECK_SECONDS
                     strikes = strikes + 1 if self._near_pids_limit(container) else 0
                     if strikes >= PIDS_STRIKES:
-                        kill("pids")
+                        reason = "pids"
+                if reason is not None:
+                    if kill(reason):
                         return
+                    done.wait(KILL_RETRY_SECONDS)  # the engine hiccuped: try again
 
         lines: list[str] = []
         size = 0
@@ -575,6 +591,18 @@ def _numeric_user(user: str) -> tuple[int | None, int | None]:
     if not uid.isdigit() or (gid and not gid.isdigit()):
         return None, None
     return int(uid), int(gid) if gid else int(uid)
+
+
+def _process_space() -> str:
+    """Name where this process's pids are valid: the host name and the pid namespace.
+
+    A worker container on the host network shares the host's name but not its pids.
+    """
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()}/{namespace}"
 
 
 def _alive(pid: int) -> bool:
