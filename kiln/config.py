@@ -185,6 +185,9 @@ class WorkerConfig(_Section):
 
 
 class JanitorConfig(_Section):
+    #: CloudWatch namespace the janitor function (functions/janitor/lambda_handler.py)
+    #: publishes queue depth to after each run, for worker autoscaling; empty: none
+    cloudwatch_namespace: str = ""
     #: seconds between lease-expiry sweeps
     requeue_interval: float = Field(10.0, gt=0)
     #: seconds without a heartbeat before a worker is marked gone

@@ -1,0 +1,408 @@
+"""The deployment files in infra/: each parses, is complete, and names real Kiln settings.
+
+No cloud and no cluster here: these check what an API server, ``docker compose`` or
+``terraform plan`` would refuse first (missing fields, dangling references, unknown
+settings), and the things Kiln itself needs of a deployment (health checks on /healthz,
+work directories mounted at the same path, a load balancer timeout above api.max_wait).
+Where the real tool is installed (docker compose, terraform) it checks too.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from kiln.config import ENV_PREFIX, Config, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+INFRA = REPO / "infra"
+COMPOSE = INFRA / "compose" / "docker-compose.yml"
+K8S = INFRA / "k8s"
+TERRAFORM = INFRA / "terraform" / "aws"
+QUEUE_QUERY = "SELECT count(*) FROM kiln_builds WHERE state = 'queued'"
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def setting_exists(name: str) -> bool:
+    """Tell whether KILN_<SECTION>__<FIELD> names a field of kiln/config.py."""
+    if not name.startswith(ENV_PREFIX) or "__" not in name:
+        return False
+    model: type[BaseModel] = Config
+    parts = name[len(ENV_PREFIX):].lower().split("__")
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        annotation = field.annotation
+        if i < len(parts) - 1:
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                return False
+            model = annotation
+    return True
+
+
+def assert_settings(env: dict[str, Any], where: str) -> None:
+    """Every KILN_ variable is a real setting, and together they load as a config."""
+    kiln = {k: str(v) for k, v in env.items() if k.startswith(ENV_PREFIX)}
+    unknown = sorted(k for k in kiln if not setting_exists(k))
+    assert not unknown, f"{where}: not settings of kiln/config.py: {unknown}"
+    load_config(env={"CONFIG_PATH": "/dev/null", **kiln})
+
+
+_DEFAULT = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+
+
+def compose_expand(value: Any) -> Any:
+    """Replace ${VAR:-default} with its default, as compose does with an empty environment."""
+    if isinstance(value, str):
+        return _DEFAULT.sub(lambda m: m.group(2) or "", value).replace("$$", "$")
+    if isinstance(value, dict):
+        return {k: compose_expand(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [compose_expand(v) for v in value]
+    return value
+
+
+# -- compose ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return dict(compose_expand(yaml.safe_load(COMPOSE.read_text())))
+
+
+def test_compose_runs_the_whole_stack_with_health_checks(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"postgres", "minio", "api", "worker", "janitor"} <= set(services)
+    for name in ("postgres", "minio", "api", "worker"):
+        check = services[name].get("healthcheck", {})
+        assert check.get("test") and not check.get("disable"), f"{name} has no health check"
+    assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
+    for name, service in services.items():
+        for needed, condition in (service.get("depends_on") or {}).items():
+            assert needed in services, f"{name} depends on unknown service {needed}"
+            wanted = condition["condition"]
+            if wanted == "service_healthy":
+                assert "healthcheck" in services[needed], f"{name} waits for {needed}'s health"
+    # the API, worker and janitor wait for a healthy database
+    for name in ("api", "worker", "janitor"):
+        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_compose_worker_mounts_the_engine_and_same_paths(compose: dict[str, Any]) -> None:
+    worker = compose["services"]["worker"]
+    env = worker["environment"]
+    assert env["KILN_BUILD__SANDBOX"] == "docker"
+    mounts = [m.split(":") for m in worker["volumes"]]
+    assert ["/var/run/docker.sock", "/var/run/docker.sock"] in mounts
+    same = {host for host, inside, *_ in mounts if host == inside}
+    for name in ("KILN_BUILD__CACHE_DIR", "KILN_BUILD__WORK_DIR"):
+        assert any(env[name].startswith(path + "/") for path in same), (
+            f"{name}={env[name]} is not under a directory mounted at the same path")
+
+
+def test_compose_settings_are_kiln_settings(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        env = service.get("environment")
+        if isinstance(env, dict) and any(k.startswith(ENV_PREFIX) for k in env):
+            assert_settings(env, f"compose service {name}")
+
+
+def _compose_command() -> list[str] | None:
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True,
+                                 check=False).returncode == 0:
+        return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    return [legacy] if legacy else None
+
+
+def test_compose_file_is_valid_for_docker_compose() -> None:
+    command = _compose_command()
+    if command is None:
+        pytest.skip("neither `docker compose` nor docker-compose is installed")
+    result = subprocess.run([*command, "-f", str(COMPOSE), "config", "-q"], capture_output=True,
+                            text=True, cwd=COMPOSE.parent, check=False, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# -- Kubernetes ---------------------------------------------------------------------------
+
+
+@functools.cache
+def manifests() -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                found.append((path.name, doc))
+    return found
+
+
+def by_kind(kind: str) -> list[dict[str, Any]]:
+    return [doc for _, doc in manifests() if doc["kind"] == kind]
+
+
+def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    if doc["kind"] == "ScaledJob":
+        return dict(doc["spec"]["jobTargetRef"]["template"]["spec"])
+    if doc["kind"] == "CronJob":
+        return dict(doc["spec"]["jobTemplate"]["spec"]["template"]["spec"])
+    return dict(doc["spec"]["template"]["spec"])
+
+
+WORKLOADS = ("Deployment", "StatefulSet", "Job", "CronJob", "ScaledJob")
+
+
+def test_every_manifest_has_what_the_api_server_requires() -> None:
+    assert manifests(), "no manifests in infra/k8s"
+    for name, doc in manifests():
+        assert doc.get("apiVersion") and doc.get("kind"), name
+        assert doc["metadata"].get("name"), f"{name}: {doc['kind']} without metadata.name"
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == "kiln", f"{name}: {doc['kind']}"
+        if doc["kind"] in WORKLOADS:
+            spec = pod_spec(doc)
+            containers = spec["containers"] + spec.get("initContainers", [])
+            assert containers, f"{name}: no containers"
+            for container in containers:
+                assert container.get("name") and container.get("image"), f"{name}: {container}"
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            labels = doc["spec"]["template"]["metadata"]["labels"]
+            selector = doc["spec"]["selector"]["matchLabels"]
+            assert selector.items() <= labels.items(), f"{name}: selector misses the pods"
+
+
+def test_kustomization_lists_every_manifest_but_the_secret_example() -> None:
+    listed = set(yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"])
+    present = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    assert listed == present
+
+
+def test_api_pods_are_probed_on_healthz_and_reached_through_service_and_ingress() -> None:
+    api = next(d for d in by_kind("Deployment") if d["metadata"]["name"] == "kiln-api")
+    container = pod_spec(api)["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe in ("readinessProbe", "livenessProbe"):
+        check = container[probe]["httpGet"]
+        assert check["path"] == "/healthz"
+        assert check["port"] in ports or check["port"] in ports.values()
+    listen = next(e["value"] for e in container["env"] if e["name"] == "KILN_API__LISTEN")
+    assert int(listen.rsplit(":", 1)[1]) in ports.values()
+
+    services = {s["metadata"]["name"]: s for s in by_kind("Service")}
+    labels = api["spec"]["template"]["metadata"]["labels"]
+    service = services["kiln-api"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    service_ports = {p["name"] for p in service["spec"]["ports"]}
+    for ingress in by_kind("Ingress"):
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                assert backend["name"] in services
+                assert backend["port"].get("name") in service_ports or backend["port"].get(
+                    "number") in [p["port"] for p in service["spec"]["ports"]]
+        # the ingress must not cut a held download short
+        timeout = int(ingress["metadata"]["annotations"][
+            "nginx.ingress.kubernetes.io/proxy-read-timeout"])
+        config = by_kind("ConfigMap")[0]["data"]
+        assert timeout > float(config["KILN_API__MAX_WAIT"])
+
+
+def test_workers_scale_with_keda_on_queued_builds() -> None:
+    (job,) = by_kind("ScaledJob")
+    (trigger,) = job["spec"]["triggers"]
+    assert trigger["type"] == "postgresql"
+    assert trigger["metadata"]["query"] == QUEUE_QUERY
+    auths = {a["metadata"]["name"]: a for a in by_kind("TriggerAuthentication")}
+    auth = auths[trigger["authenticationRef"]["name"]]
+    ref = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}["connection"]
+    secret = next(d for d in by_kind("Secret") if d["metadata"]["name"] == ref["name"])
+    assert ref["key"] in secret["stringData"]
+
+
+def test_worker_pod_shares_its_engine_and_same_path_directories() -> None:
+    (job,) = by_kind("ScaledJob")
+    spec = pod_spec(job)
+    worker = next(c for c in spec["containers"] if c["name"] == "worker")
+    engine = next(c for c in spec["initContainers"] if c["name"] == "dind")
+    # a native sidecar: keeps running beside the worker and stops when the worker exits
+    assert engine["restartPolicy"] == "Always"
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert env["KILN_BUILD__SANDBOX"] == "docker"
+    socket = env["DOCKER_HOST"].removeprefix("unix://")
+    assert f"--host=unix://{socket}" in engine["args"]
+
+    def mounts(container: dict[str, Any]) -> dict[str, str]:
+        return {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+
+    assert mounts(worker)[str(Path(socket).parent)] == mounts(engine)[str(Path(socket).parent)]
+    for name in ("KILN_BUILD__CACHE_DIR", "KILN_BUILD__WORK_DIR"):
+        path = env[name]
+        shared = [p for p in mounts(worker) if path.startswith(p.rstrip("/") + "/")]
+        assert shared, f"{name} is on no volume"
+        assert mounts(engine).get(shared[0]) == mounts(worker)[shared[0]], (
+            f"{name}: the engine does not see {shared[0]} at the same path")
+
+
+def test_kubernetes_settings_are_kiln_settings() -> None:
+    shared: dict[str, Any] = {}
+    for doc in by_kind("ConfigMap"):
+        shared.update(doc["data"])
+    for doc in by_kind("Secret"):
+        shared.update(doc.get("stringData", {}))
+    assert_settings(shared, "kiln-config and kiln-secrets")
+    for _, doc in manifests():
+        if doc["kind"] in WORKLOADS:
+            for container in pod_spec(doc)["containers"]:
+                env = {e["name"]: e.get("value", "x") for e in container.get("env", [])}
+                assert_settings({**shared, **env}, f"{doc['metadata']['name']}/{container['name']}")
+
+
+# -- Terraform ----------------------------------------------------------------------------
+
+
+@functools.cache
+def terraform() -> dict[str, list[Any]]:
+    import hcl2
+
+    merged: dict[str, list[Any]] = {}
+    for path in sorted(TERRAFORM.glob("*.tf")):
+        with path.open() as f:
+            for key, blocks in hcl2.load(f).items():
+                merged.setdefault(key, []).extend(blocks)
+    return merged
+
+
+def unquote(value: Any) -> Any:
+    """python-hcl2 keeps the quotes of string literals and keys in some versions."""
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    return value
+
+
+def resources(kind: str) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    for block in terraform().get("resource", []):
+        for type_, named in block.items():
+            if unquote(type_) == kind:
+                found.update({unquote(k): v for k, v in named.items()})
+    return found
+
+
+def one(kind: str) -> dict[str, Any]:
+    found = resources(kind)
+    assert found, f"no {kind} in infra/terraform/aws"
+    return next(iter(found.values()))
+
+
+def block(resource: dict[str, Any], name: str) -> dict[str, Any]:
+    value = resource[name]
+    return dict(value[0] if isinstance(value, list) else value)
+
+
+def test_terraform_declares_the_whole_deployment() -> None:
+    for kind in ("aws_db_instance", "aws_s3_bucket", "aws_s3_bucket_lifecycle_configuration",
+                 "aws_ecs_cluster", "aws_ecs_service", "aws_ecs_task_definition", "aws_lb",
+                 "aws_lb_target_group", "aws_autoscaling_group", "aws_launch_template",
+                 "aws_lambda_function", "aws_cloudwatch_event_rule",
+                 "aws_cloudwatch_event_target", "aws_cloudwatch_metric_alarm"):
+        assert resources(kind), f"infra/terraform/aws has no {kind}"
+    assert unquote(one("aws_db_instance")["engine"]) == "postgres"
+    service = one("aws_ecs_service")
+    assert unquote(service["launch_type"]) == "FARGATE" and service["load_balancer"]
+    health = block(one("aws_lb_target_group"), "health_check")
+    assert unquote(health["path"]) == "/healthz"
+
+
+def test_terraform_bucket_cleans_up_what_crashed_uploads_leave() -> None:
+    rules = one("aws_s3_bucket_lifecycle_configuration")["rule"]
+    prefixes = {unquote(block(r, "filter").get("prefix", "")): r for r in rules
+                if isinstance(r, dict) and "filter" in r}
+    assert "expiration" in prefixes[".tmp/"]
+    assert any("abort_incomplete_multipart_upload" in r for r in rules if isinstance(r, dict))
+
+
+def test_terraform_workers_are_spot_with_rebalancing_and_scale_on_queue_depth() -> None:
+    group = one("aws_autoscaling_group")
+    assert group["capacity_rebalance"] is True
+    policy = block(group, "mixed_instances_policy")
+    distribution = block(policy, "instances_distribution")
+    assert distribution["on_demand_percentage_above_base_capacity"] == 0
+    template = block(policy, "launch_template")
+    assert "override" in str(template) and "worker_instance_types" in str(template)
+    variables = {unquote(k): v for b in terraform()["variable"] for k, v in b.items()}
+    assert len(variables["worker_instance_types"]["default"]) > 1
+
+    alarms = resources("aws_cloudwatch_metric_alarm")
+    policies = resources("aws_autoscaling_policy")
+    scaling = [a for a in alarms.values() if "QueuedBuilds" in str(a)]
+    assert scaling, "no alarm on QueuedBuilds"
+    for alarm in scaling:
+        actions = str(alarm["alarm_actions"])
+        assert any(f"aws_autoscaling_policy.{name}." in actions for name in policies), actions
+
+
+def test_terraform_janitor_runs_on_a_schedule_with_a_real_handler() -> None:
+    functions = resources("aws_lambda_function")
+    handlers = {name: unquote(f["handler"]) for name, f in functions.items()}
+    assert handlers["janitor"] == "functions.janitor.lambda_handler.handler"
+    for handler in handlers.values():
+        module, _, attribute = handler.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), attribute)), handler
+    rule = resources("aws_cloudwatch_event_rule")["janitor"]
+    assert "var.janitor_schedule" in str(rule["schedule_expression"])
+    target = resources("aws_cloudwatch_event_target")["janitor"]
+    assert "aws_lambda_function.janitor" in str(target["arn"])
+    variables = {unquote(k): v for b in terraform()["variable"] for k, v in b.items()}
+    assert unquote(variables["janitor_schedule"]["default"]).startswith(("rate(", "cron("))
+
+
+def test_terraform_load_balancer_outlasts_held_downloads() -> None:
+    lb = one("aws_lb")
+    assert "var.max_wait" in str(lb["idle_timeout"])
+
+
+def test_terraform_variables_and_outputs_are_documented() -> None:
+    readme = (TERRAFORM / "README.md").read_text()
+    for kind in ("variable", "output"):
+        for entry in terraform()[kind]:
+            for name, body in entry.items():
+                name = unquote(name)
+                assert unquote(body.get("description", "")).strip(), f"{kind} {name}: no description"
+                if kind == "variable":
+                    assert "type" in body, f"variable {name}: no type"
+                assert f"`{name}`" in readme, f"{kind} {name} is not in infra/terraform/aws/README.md"
+
+
+def test_terraform_settings_are_kiln_settings() -> None:
+    names = set()
+    for path in TERRAFORM.rglob("*.tf*"):
+        names.update(re.findall(r"\b(KILN_[A-Z0-9_]+)\s*=", path.read_text()))
+    assert names
+    unknown = sorted(n for n in names if not setting_exists(n))
+    assert not unknown, f"not settings of kiln/config.py: {unknown}"
+
+
+def test_terraform_is_formatted() -> None:
+    binary = shutil.which("terraform")
+    if binary is None:
+        pytest.skip("terraform is not installed")
+    result = subprocess.run([binary, "fmt", "-check", "-recursive", "-list=true", str(TERRAFORM)],
+                            capture_output=True, text=True, check=False, timeout=60,
+                            env={**os.environ, "TF_CLI_CONFIG_FILE": "/dev/null"})
+    assert result.returncode == 0, f"run `terraform fmt -recursive infra/terraform`:\n{result.stdout}"
