@@ -192,11 +192,14 @@ class DockerSandbox:
         self.modcache = root / "mod"
         self.buildcache = root / "build"
         self.copies = root / "build-copy"
-        for directory in (self.modcache, self.buildcache, self.copies):
-            directory.mkdir(parents=True, exist_ok=True)
-        # the worker may run as root; the steps run as the sandbox user and write these
-        self._give(self.modcache)
-        self._give(self.buildcache)
+        try:
+            for directory in (self.modcache, self.buildcache, self.copies):
+                directory.mkdir(parents=True, exist_ok=True)
+            # the worker may run as root; the steps run as the sandbox user and write these
+            self._give(self.modcache)
+            self._give(self.buildcache)
+        except OSError as exc:
+            raise SandboxError(f"build.cache_dir: cannot prepare {root}: {exc}") from exc
         try:
             self.image_id: str = client.images.get(image).id
         except ImageNotFound as exc:
