@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import falcon
@@ -41,10 +43,19 @@ POLL_SECONDS = 30.0
 NO_NOTIFIER_POLL_SECONDS = 0.5
 #: how long a finished build's stream waits for the attempt's last log lines
 RESULT_GRACE_SECONDS = 5.0
+#: seconds before a stream whose read failed tries again
+ERROR_RETRY_SECONDS = 2.0
+#: seconds a finished shared read is kept, and how many of each build
+SWEEP_SECONDS = 60.0
+KEEP_SNAPSHOTS = 4
+#: how long a read waits for the rest of the watchers the same notification woke
+COALESCE_SECONDS = 0.02
 #: what an EventSource waits before reconnecting, milliseconds
 RETRY_MS = 2000
 #: lines read per query while catching up
 PAGE_LINES = 500
+
+log = logging.getLogger(__name__)
 
 _STEP = re.compile(r"^[a-z]{0,16}$")
 _STATE = re.compile(r"^([a-z]+-\d+)?$")
@@ -95,17 +106,112 @@ def state_signature(state: str, *, attempt: int, position: int | None) -> str:
     return f"{state}-{position if state == 'queued' and position is not None else attempt}"
 
 
+@dataclass
+class Snapshot:
+    """What one read found: new lines after ``base``, then the build's state."""
+
+    #: when the read started (BuildReader's clock)
+    started: float
+    base: tuple[int, int]
+    ready: threading.Event = field(default_factory=threading.Event)
+    lines: list[LogLine] = field(default_factory=list)
+    row: dict[str, Any] | None = None
+    attempt: int = 0
+    position: int | None = None
+    error: Exception | None = None
+
+
+class BuildReader:
+    """Read a build's new lines and state once for all the watchers the same news woke.
+
+    A notification wakes every watcher of a build in this process at once; without this,
+    each would run the same queries. A watcher asks for a read that started after its
+    news arrived (``not_before``) from its cursor on; a read that qualifies, finished or
+    still running, is shared.
+    """
+
+    def __init__(self, *, queue: QueueManager, logs: BuildLogs,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.queue = queue
+        self.logs = logs
+        self.clock = clock
+        self.sleep = sleep
+        # the last few reads of each key: watchers a little behind the others (still at
+        # the previous cursor) keep finding theirs
+        self._recent: dict[str, list[Snapshot]] = {}
+        self._lock = threading.Lock()
+        self._swept = clock()
+
+    def read(self, key: str, after: tuple[int, int], *, not_before: float) -> Snapshot:
+        """Return a snapshot of ``key`` taken after ``not_before``, from ``after`` or earlier."""
+        with self._lock:
+            recent = self._recent.setdefault(key, [])
+            snap = next((s for s in reversed(recent)
+                         if s.started >= not_before and s.base <= after), None)
+            mine = snap is None
+            if snap is None:
+                # start a little after the news arrived, once it has reached every
+                # watcher of the build, so that they all find this read
+                snap = Snapshot(started=max(self.clock(), not_before + COALESCE_SECONDS),
+                                base=after)
+                recent.append(snap)
+                del recent[:-KEEP_SNAPSHOTS]
+                self._sweep(snap.started)
+        if mine:
+            try:
+                self.sleep(max(snap.started - self.clock(), 0.0))
+                self._fetch(key, snap)
+            except Exception as exc:
+                snap.error = exc
+            finally:
+                snap.ready.set()
+        else:
+            snap.ready.wait()
+        if snap.error is not None:
+            raise snap.error
+        return snap
+
+    def _fetch(self, key: str, snap: Snapshot) -> None:
+        # lines first: the state read next is then at least as new as they are, so the
+        # "running" of an attempt is shown before its lines
+        snap.lines = self.logs.lines_after(key, *snap.base, limit=PAGE_LINES)
+        snap.row = self.queue.get(key)
+        if snap.row is None:
+            return
+        snap.attempt = self.logs.latest_attempt(key)
+        if snap.row["state"] == "queued":
+            snap.position = self.queue.queue_position(key)
+
+    def _sweep(self, now: float) -> None:
+        if now - self._swept < SWEEP_SECONDS:
+            return
+        self._swept = now
+        for key, recent in list(self._recent.items()):
+            if all(s.ready.is_set() and now - s.started > SWEEP_SECONDS for s in recent):
+                del self._recent[key]
+
+
+class _StampedInbox(queue.SimpleQueue):  # type: ignore[type-arg]
+    """An inbox that notes when each notification arrived."""
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put((time.monotonic(), item), block, timeout)
+
+
 class BuildWatch:
     """One client's stream of a build's events, from a cursor on."""
 
     def __init__(self, *, key: str, cursor: Cursor, queue: QueueManager, logs: BuildLogs,
-                 notifier: Notifier | None, keepalive: float = KEEPALIVE_SECONDS,
+                 notifier: Notifier | None, reader: BuildReader | None = None,
+                 keepalive: float = KEEPALIVE_SECONDS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.key = key
         self.cursor = cursor
         self.queue = queue
         self.logs = logs
         self.notifier = notifier
+        self.reader = reader or BuildReader(queue=queue, logs=logs)
         self.keepalive = keepalive
         self.clock = clock
         self._final_since: float | None = None
@@ -124,7 +230,7 @@ class BuildWatch:
 
     def events(self) -> Iterator[bytes]:
         """Yield the stream: history, then live events; end after the result."""
-        inbox: queue.SimpleQueue[str] = queue.SimpleQueue()
+        inbox = _StampedInbox()
         # subscribe before the first read, so nothing announced in between is missed
         subs = [] if self.notifier is None else [
             self.notifier.subscribe(channel, self.key, inbox=inbox)
@@ -135,13 +241,20 @@ class BuildWatch:
             last_sent = self.clock()
             if self.cursor.done:
                 self.cursor = replace(self.cursor, done=False)
+            not_before = time.monotonic()
             while True:
-                chunk, more, done, wait = self._advance()
+                try:
+                    chunk, more, done, wait = self._advance(not_before)
+                except Exception as exc:  # e.g. the database is away: keep the client
+                    log.warning("live events of %s: %s", self.key, exc,
+                                extra={"build_key": self.key})
+                    chunk, more, done, wait = [], False, False, ERROR_RETRY_SECONDS
                 if chunk:
                     yield b"".join(chunk)
                     last_sent = self.clock()
                 if done:
                     return
+                not_before = time.monotonic()
                 if more:
                     continue
                 until_keepalive = self.keepalive - (self.clock() - last_sent)
@@ -152,29 +265,29 @@ class BuildWatch:
                 if self.notifier is None:
                     wait = min(wait, NO_NOTIFIER_POLL_SECONDS)
                 try:
-                    inbox.get(timeout=max(min(wait, until_keepalive), 0.01))
+                    arrived, _ = inbox.get(timeout=max(min(wait, until_keepalive), 0.01))
                 except queue.Empty:
                     continue
-                # one read answers every notification that has piled up meanwhile
+                # one read answers every notification that has piled up meanwhile, as
+                # long as it started after the last of them arrived
                 while not inbox.empty():
-                    inbox.get_nowait()
+                    arrived, _ = inbox.get_nowait()
+                not_before = arrived
         finally:
             for sub in subs:
                 sub.close()
 
-    def _advance(self) -> tuple[list[bytes], bool, bool, float]:
+    def _advance(self, not_before: float) -> tuple[list[bytes], bool, bool, float]:
         """Read what is new; return (events, more to read, finished, seconds to wait)."""
-        # lines first: the state read next is then at least as new as they are, so the
-        # "running" of an attempt is shown before its lines
-        lines = self.logs.lines_after(self.key, self.cursor.attempt, self.cursor.seq,
-                                      limit=PAGE_LINES)
-        more = len(lines) == PAGE_LINES
-        row = self.queue.get(self.key)
+        after = (self.cursor.attempt, self.cursor.seq)
+        snap = self.reader.read(self.key, after, not_before=not_before)
+        lines = [line for line in snap.lines if (line.attempt, line.seq) > after]
+        more = len(snap.lines) == PAGE_LINES
+        row = snap.row
         if row is None:  # deleted meanwhile: nothing more will come
             return [], False, True, 0.0
         state = row["state"]
-        attempt = self.logs.latest_attempt(self.key)
-        position = self.queue.queue_position(self.key) if state == "queued" else None
+        attempt, position = snap.attempt, snap.position
         # an attempt claimed since the state was read (or whose record was pruned)
         attempt = max([attempt, *(line.attempt for line in lines)])
         out: list[bytes] = []
@@ -279,6 +392,7 @@ class EventsResource:
         self.logs = logs
         self.notifier = notifier
         self.keepalive = keepalive
+        self.reader = BuildReader(queue=queue, logs=logs)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
         _load(self.queue, key)
@@ -286,7 +400,8 @@ class EventsResource:
         cursor = Cursor.parse(req.get_header("Last-Event-ID")
                               or req.get_param("last_event_id"))
         watch = BuildWatch(key=key, cursor=cursor, queue=self.queue, logs=self.logs,
-                           notifier=self.notifier, keepalive=self.keepalive)
+                           notifier=self.notifier, reader=self.reader,
+                           keepalive=self.keepalive)
         if watch.finished_already():
             # 204 tells an EventSource to stop reconnecting
             resp.status = falcon.HTTP_204
