@@ -8,13 +8,16 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from kiln.api import Services
+from kiln.auth import KeyManager
 from kiln.builder import Builder
 from kiln.buildlog import LOGS_CHANNEL, BuildLogs, LogWriter
 from kiln.catalog import Catalog, CatalogBuildService, CatalogStore
 from kiln.config import Config
 from kiln.db import connect, make_pool
+from kiln.metrics import MeteredSandbox, MetricsRecorder
 from kiln.notifier import Notifier
 from kiln.queue import EVENTS_CHANNEL, QueueManager
+from kiln.quota import QuotaManager
 from kiln.sandbox import make_sandbox
 from kiln.storage import make_store
 from kiln.versions import ModuleProxy, Resolver
@@ -50,11 +53,13 @@ def make_services(config: Config, *, application: str = "kiln-api") -> Services:
         latest_ttl=config.build.latest_ttl,
     )
     catalog = make_catalog(config, pool)
+    metrics = MetricsRecorder(pool, flush_seconds=config.metrics.flush_seconds).start()
     service = CatalogBuildService(
         catalog=catalog, allow=config.plugins.allow,
         queue=queue, resolver=resolver, tags=tuple(config.build.tags),
         ldflags=config.build.ldflags, max_attempts=config.worker.max_attempts,
         worker_live_seconds=config.janitor.worker_gone_seconds,
+        quota=QuotaManager.from_config(pool, config.quota), metrics=metrics,
     )
     url = database_url(config)
 
@@ -65,7 +70,7 @@ def make_services(config: Config, *, application: str = "kiln-api") -> Services:
     notifier = Notifier(listen, channels=[EVENTS_CHANNEL, LOGS_CHANNEL])
     return Services(config=config, queue=queue, service=service,
                     store=make_store(config.storage), catalog=catalog, notifier=notifier,
-                    logs=BuildLogs(pool))
+                    logs=BuildLogs(pool), keys=KeyManager(pool), metrics=metrics)
 
 
 def make_worker(config: Config, *, max_jobs: int = 0, idle_exit: float = 0.0) -> object:
@@ -75,7 +80,9 @@ def make_worker(config: Config, *, max_jobs: int = 0, idle_exit: float = 0.0) ->
     url = database_url(config)
     pool = make_pool(url, config.database, application="kiln-worker", min_size=1,
                      max_size=max(2, config.worker.concurrency + 2))
-    sandbox = make_sandbox(config.build)
+    # step durations go to /metrics through the shared table
+    sandbox = MeteredSandbox(make_sandbox(config.build), MetricsRecorder(
+        pool, flush_seconds=config.metrics.flush_seconds).start())
     builder = Builder(
         sandbox=sandbox, goproxy=config.build.goproxy, gosumdb=config.build.gosumdb,
         fetch_timeout=config.build.fetch_timeout, compile_timeout=config.build.compile_timeout,

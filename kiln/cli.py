@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=(handler.__doc__ or "").strip())
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=handler)
+    from kiln.auth import add_commands as add_key_commands
+
+    add_key_commands(sub, load_config=_config)
     from kiln.verify import add_command as add_verify_command
 
     add_verify_command(sub)

@@ -141,6 +141,21 @@ class ApiConfig(_Section):
     #: how long a held download waits for a build worker when none is live before it
     #: answers 502 (raise it when workers scale up from zero), seconds
     worker_wait: float = Field(30.0, ge=0)
+    #: CIDRs of reverse proxies whose X-Forwarded-For is believed (for quotas and logs);
+    #: empty: the client address is the TCP peer
+    trusted_proxies: list[str] = []
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an address or CIDR (e.g. 10.0.0.0/8)") from None
+        return value
 
     @field_validator("listen")
     @classmethod
@@ -305,6 +320,29 @@ class BuildLogsConfig(_Section):
     keepalive_seconds: float = Field(15.0, gt=0)
 
 
+class AuthConfig(_Section):
+    #: open: anyone may build, admin routes need an admin key; keys: every build needs a key
+    mode: Literal["open", "keys"] = "open"
+
+
+class QuotaConfig(_Section):
+    #: length of a quota window, seconds; counters start again at each window boundary
+    window_seconds: int = Field(3600, ge=1)
+    #: new (uncached) builds one client address may start per window without a key; 0: no limit
+    anonymous_builds: int = Field(0, ge=0)
+    #: new builds one key may start per window, unless the key sets its own; 0: no limit
+    key_builds: int = Field(0, ge=0)
+    #: build requests of any kind (cached ones too) per key or address per window; 0: no limit
+    requests: int = Field(0, ge=0)
+
+
+class MetricsConfig(_Section):
+    #: serve /metrics to anyone; false: only with an admin key (Prometheus bearer auth)
+    public: bool = True
+    #: seconds a process keeps counts in memory before adding them to the database
+    flush_seconds: float = Field(5.0, gt=0)
+
+
 class Config(_Section):
     database: DatabaseConfig = DatabaseConfig()
     storage: StorageConfig = StorageConfig()
@@ -315,6 +353,12 @@ class Config(_Section):
     logging: LoggingConfig = LoggingConfig()
     #: the plugin catalog (/api/packages) and which plugins may be built
     plugins: PluginsConfig = PluginsConfig()
+    #: API keys: who may build, and who may administer
+    auth: AuthConfig = AuthConfig()
+    #: limits on new builds per key or client address
+    quota: QuotaConfig = QuotaConfig()
+    #: the Prometheus endpoint
+    metrics: MetricsConfig = MetricsConfig()
     #: artifact signatures and provenance
     signing: SigningConfig = SigningConfig()
     #: callbacks POSTed when a build finishes

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -19,15 +19,17 @@ from psycopg_pool import ConnectionPool
 
 QUEUE_CHANNEL = "kiln_queue"
 EVENTS_CHANNEL = "kiln_events"
+#: payload: the key of a running build that was cancelled; its worker stops it
+CANCEL_CHANNEL = "kiln_cancel"
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 
 @cache
-def queries() -> dict[str, str]:
-    """Return the named queries of ``kiln/sql/queries.sql``."""
-    text = resources.files("kiln").joinpath("sql/queries.sql").read_text()
+def queries(filename: str = "queries.sql") -> dict[str, str]:
+    """Return the named queries of ``kiln/sql/<filename>``."""
+    text = resources.files("kiln").joinpath(f"sql/{filename}").read_text()
     found: dict[str, str] = {}
     for block in re.split(r"^-- name: ", text, flags=re.M)[1:]:
         name, _, body = block.partition("\n")
@@ -76,14 +78,21 @@ class QueueManager:
     # builds -------------------------------------------------------------------------
 
     def enqueue(self, key: str, spec: dict[str, Any], *, priority: int = 0,
-                max_attempts: int = 3, requested_by: str | None = None) -> EnqueueResult:
-        """Queue a build once per key; NOTIFY workers in the same transaction."""
+                max_attempts: int = 3, requested_by: str | None = None,
+                admit: Callable[[psycopg.Cursor[Any]], None] | None = None) -> EnqueueResult:
+        """Queue a build once per key; NOTIFY workers in the same transaction.
+
+        ``admit`` runs in that transaction when the call would queue the build; raising
+        from it undoes the insert (quotas are enforced this way).
+        """
         with self._conn() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
             cur.execute(queries()["enqueue"], {
                 "key": key, "spec": Jsonb(spec), "priority": priority,
                 "max_attempts": max_attempts, "requested_by": requested_by,
             })
             queued = cur.fetchone() is not None
+            if queued and admit is not None:
+                admit(cur)
             if queued:
                 cur.execute(queries()["notify_queued"], {"key": key})
             cur.execute(queries()["get_build"], {"key": key})
@@ -103,6 +112,26 @@ class QueueManager:
     def list_builds(self, *, limit: int = 50) -> list[dict[str, Any]]:
         """Return the most recent builds."""
         return self._all("list_builds", {"limit": limit})
+
+    def admin_list_builds(self, *, limit: int = 50, state: str | None = None,
+                          requested_by: str | None = None,
+                          before: dt.datetime | None = None) -> list[dict[str, Any]]:
+        """Return recent builds with who asked for them, newest first, optionally filtered."""
+        return self._all("admin_list_builds", {"limit": limit, "state": state,
+                                               "requested_by": requested_by,
+                                               "before": before})
+
+    def cancel(self, key: str, *, reason: str) -> dict[str, Any] | None:
+        """Cancel a queued or running build; NOTIFY its worker. None if neither."""
+        return self._one("cancel", {"key": key, "reason": reason})
+
+    def force_rebuild(self, key: str) -> bool:
+        """Queue a finished build again, whatever its outcome; False if it is not finished."""
+        return self._one("force_rebuild", {"key": key}) is not None
+
+    def forget_artifact(self, key: str) -> bool:
+        """Detach a succeeded build from its artifact (the next request rebuilds it)."""
+        return self._one("forget_artifact", {"key": key}) is not None
 
     def attempts(self, key: str) -> list[dict[str, Any]]:
         """Return every attempt of a build, oldest first."""

@@ -6,11 +6,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kiln.auth import current_principal
 from kiln.queue import QueueManager
+from kiln.quota import QuotaExceeded
 from kiln.spec import BuildRequest, BuildSpec
 from kiln.versions import Resolver, resolve_spec
+
+if TYPE_CHECKING:
+    from kiln.auth import Principal
+    from kiln.metrics import MetricsRecorder
+    from kiln.quota import QuotaManager
 
 #: seconds the sandbox identity read from the workers table is reused
 TOOLCHAIN_CACHE_SECONDS = 5.0
@@ -42,8 +49,12 @@ class BuildService:
         max_attempts: int = 3,
         worker_live_seconds: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
+        quota: QuotaManager | None = None,
+        metrics: MetricsRecorder | None = None,
     ) -> None:
         self.queue = queue
+        self.quota = quota
+        self.metrics = metrics
         self.resolver = resolver
         self.tags = tags
         self.ldflags = ldflags
@@ -72,11 +83,39 @@ class BuildService:
         return resolve_spec(request, self.resolver, go_version=go_version, sandbox=sandbox,
                             tags=self.tags, ldflags=self.ldflags)
 
-    def submit(self, request: BuildRequest, *, priority: int = 0,
-               requested_by: str | None = None) -> Submitted:
-        """Resolve and queue a build (once per key); return its current row."""
-        spec = self.resolve(request)
-        key = spec.key()
-        result = self.queue.enqueue(key, spec.to_dict(), priority=priority,
-                                    max_attempts=self.max_attempts, requested_by=requested_by)
+    def submit(self, request: BuildRequest, *, priority: int | None = None,
+               requested_by: str | None = None,
+               principal: Principal | None = None) -> Submitted:
+        """Resolve and queue a build (once per key); return its current row.
+
+        With a ``principal`` (who asked; default: the sender of the HTTP request being
+        served) its key's priority and the quotas apply, and it is recorded as the
+        requester; QuotaExceeded is raised over a limit.
+        """
+        admit = None
+        if principal is None:
+            principal = current_principal()
+        if principal is not None:
+            priority = principal.priority if priority is None else priority
+            requested_by = requested_by or principal.requester
+        try:
+            if principal is not None and self.quota is not None:
+                self.quota.check_request(principal)
+                admit = self.quota.admitter(principal)
+            spec = self.resolve(request)
+            key = spec.key()
+            result = self.queue.enqueue(key, spec.to_dict(), priority=priority or 0,
+                                        max_attempts=self.max_attempts,
+                                        requested_by=requested_by, admit=admit)
+        except QuotaExceeded as exc:
+            if self.metrics is not None:
+                who = "key" if principal is not None and principal.key else "anonymous"
+                self.metrics.inc("kiln_quota_rejections_total",
+                                 {"limit": exc.limit, "principal": who})
+            raise
+        if self.metrics is not None:
+            state = result.build["state"]
+            outcome = ("miss" if result.queued else "hit" if state == "succeeded"
+                       else "joined" if state in ("queued", "running") else "finished")
+            self.metrics.inc("kiln_build_requests_total", {"result": outcome})
         return Submitted(key=key, build=result.build, queued=result.queued, spec=spec)

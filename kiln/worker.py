@@ -20,7 +20,8 @@ import psycopg
 
 from kiln.attest import Attestor, utc_now
 from kiln.builder import Builder, BuildFailure, Cancelled, LogSink
-from kiln.queue import QUEUE_CHANNEL, Claimed, QueueManager
+from kiln.logconfig import bind_context, unbind_context
+from kiln.queue import CANCEL_CHANNEL, QUEUE_CHANNEL, Claimed, QueueManager
 from kiln.sandbox import SandboxError
 from kiln.spec import BuildSpec
 from kiln.storage import ArtifactStore, StorageError, file_sha256
@@ -61,7 +62,8 @@ def logging_sink(key: str, attempt: int) -> LogSink:
 class _Running:
     claimed: Claimed
     cancel: threading.Event = field(default_factory=threading.Event)
-    #: why it was cancelled: "lost" (lease taken away) or "stopping" (worker shutting down)
+    #: why it was cancelled: "lost" (lease taken away), "stopping" (worker shutting down)
+    #: or "cancelled" (a user or an admin cancelled it)
     reason: str = ""
 
 
@@ -202,15 +204,30 @@ class Worker:
             try:
                 with self.listen() as conn:
                     conn.execute(f"LISTEN {QUEUE_CHANNEL}")
+                    conn.execute(f"LISTEN {CANCEL_CHANNEL}")
                     self._wake.set()  # a notification may have been missed while away
                     while not self.stopping.is_set():
-                        for _ in conn.notifies(timeout=TICK_SECONDS * 4):
-                            self._wake.set()
+                        for note in conn.notifies(timeout=TICK_SECONDS * 4):
+                            if note.channel == CANCEL_CHANNEL:
+                                self.cancel(note.payload)
+                            else:
+                                self._wake.set()
             except psycopg.Error as exc:
                 if self.stopping.is_set():
                     return
                 log.warning("listener lost its connection, reconnecting: %s", exc)
                 self.stopping.wait(RECONNECT_SECONDS)
+
+    def cancel(self, key: str) -> bool:
+        """Stop build ``key`` if this worker runs it (it was cancelled); tell whether it did."""
+        with self._lock:
+            running = self._running.get(key)
+        if running is None or running.reason:
+            return False
+        log.info("build %s was cancelled; stopping it", key, extra={"build_key": key})
+        running.reason = "cancelled"
+        running.cancel.set()
+        return True
 
     def _heartbeat_loop(self) -> None:
         while not self.stopping.wait(self.heartbeat_seconds):
@@ -250,6 +267,7 @@ class Worker:
         key = job.key
         sink = self.log_sinks(key, job.attempt)
         workdir = self.work_root / f"{key[:16]}-{job.attempt}-{uuid.uuid4().hex[:8]}"
+        context = bind_context(build_key=key)  # on every line logged about this build
         try:
             self._build(job, sink, workdir, running.cancel)
         except Cancelled:
@@ -257,6 +275,8 @@ class Worker:
                 self.queue.release(key, self.id, outcome="preempted")
                 sink("result", "worker stopped; build handed back to the queue")
                 log.info("handed %s back to the queue", key, extra={"build_key": key})
+            elif running.reason == "cancelled":  # the database already says cancelled
+                sink("result", "cancelled; the sandbox was stopped")
         except BuildFailure as exc:
             self._fail(job, sink, exc.message, retryable=exc.retryable)
         except (StorageError, SandboxError) as exc:
@@ -271,6 +291,7 @@ class Worker:
                 self._finished_jobs += 1
                 self._last_busy = self.clock()
             self._wake.set()
+            unbind_context(context)
 
     def _fail(self, job: Claimed, sink: LogSink, message: str, *, retryable: bool) -> None:
         delay = backoff(job.attempt, self.retry_base_seconds)

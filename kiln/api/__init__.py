@@ -5,18 +5,24 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import falcon
 
-from kiln.api import events, ui
-from kiln.api.builds import ArtifactResource, BuildResource, BuildsResource, HealthResource
+from kiln.api import admin, events, ui
+from kiln.api.auth import AuthMiddleware
+from kiln.api.builds import ArtifactResource, BuildsResource, HealthResource
 from kiln.api.compat import add_routes as add_compat_routes
 from kiln.api.errors import REQUEST_ID_HEADER, handle_unexpected, request_id, serialize_error
+from kiln.auth import KeyManager
 from kiln.buildlog import BuildLogs
 from kiln.catalog import Catalog
 from kiln.config import Config
+from kiln.logconfig import bind_context, unbind_context
+from kiln.metrics import MetricsMiddleware, MetricsRecorder
 from kiln.notifier import Notifier
 from kiln.queue import QueueManager
+from kiln.quota import parse_networks
 from kiln.service import BuildService
 from kiln.storage import ArtifactStore
 from kiln.waiter import BuildWaiter
@@ -38,6 +44,10 @@ class Services:
     notifier: Notifier | None = None
     #: build logs (plain text and live events)
     logs: BuildLogs | None = None
+    #: API keys; None: made from the queue's pool
+    keys: KeyManager | None = None
+    #: this process's metrics recorder; None: made from the queue's pool (not flushed on a timer)
+    metrics: MetricsRecorder | None = None
 
 
 class RequestIdMiddleware:
@@ -46,9 +56,15 @@ class RequestIdMiddleware:
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.started = time.perf_counter()
         resp.set_header(REQUEST_ID_HEADER, request_id(req))
+        # every line logged while serving this request carries its id
+        req.context.log_token = bind_context(request_id=request_id(req))
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
                          req_succeeded: bool) -> None:
+        token = req.context.get("log_token")
+        if token is not None:
+            unbind_context(token)
+            req.context.log_token = None
         started = req.context.get("started")
         if started is None:
             return
@@ -60,7 +76,15 @@ class RequestIdMiddleware:
 def create_app(services: Services) -> falcon.App:
     """Return the WSGI app serving Kiln's HTTP API."""
     config = services.config
-    app = falcon.App(middleware=[RequestIdMiddleware()], cors_enable=False)
+    keys = services.keys or KeyManager(services.queue.pool)
+    metrics = services.metrics or MetricsRecorder(services.queue.pool)
+    middleware: list[Any] = [
+        RequestIdMiddleware(),
+        MetricsMiddleware(metrics),
+        AuthMiddleware(keys=keys, mode=config.auth.mode,
+                       trusted_proxies=parse_networks(config.api.trusted_proxies)),
+    ]
+    app = falcon.App(middleware=middleware, cors_enable=False)
     app.req_options.strip_url_path_trailing_slash = True
     app.req_options.auto_parse_qs_csv = False
     app.resp_options.secure_cookies_by_default = False
@@ -76,7 +100,7 @@ def create_app(services: Services) -> falcon.App:
         service=services.service, queue=services.queue,
         max_body_bytes=config.api.max_body_bytes, max_plugins=config.build.max_plugins,
         **extras))
-    app.add_route("/api/builds/{key}", BuildResource(queue=services.queue))
+    app.add_route("/api/builds/{key}", admin.CancellableBuildResource(queue=services.queue))
     app.add_route("/api/builds/{key}/artifact", ArtifactResource(
         queue=services.queue, store=services.store,
         redirect=config.storage.serve == "redirect"))
@@ -93,4 +117,7 @@ def create_app(services: Services) -> falcon.App:
         catalog=services.catalog, max_wait=config.api.max_wait,
         max_plugins=config.build.max_plugins, redirect=config.storage.serve == "redirect",
         public_url=config.api.public_url, wait_redirects=config.api.wait_redirects)
+    admin.install(app, queue=services.queue, store=services.store, metrics=metrics,
+                  auth_mode=config.auth.mode, metrics_public=config.metrics.public,
+                  worker_live_seconds=config.janitor.worker_gone_seconds)
     return app

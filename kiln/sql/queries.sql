@@ -12,7 +12,8 @@ ON CONFLICT (key) DO UPDATE
    SET state = 'queued', attempts = 0, error = NULL, error_kind = NULL,
        worker_id = NULL, lease_expires_at = NULL, started_at = NULL, finished_at = NULL,
        queued_at = now(), run_after = now(), updated_at = now(),
-       priority = GREATEST(b.priority, EXCLUDED.priority)
+       priority = GREATEST(b.priority, EXCLUDED.priority),
+       requested_by = COALESCE(EXCLUDED.requested_by, b.requested_by)
  WHERE b.state = 'cancelled'
     OR (b.state = 'failed' AND b.error_kind = 'retryable')
     OR (b.state = 'succeeded' AND b.artifact_path IS NULL)
@@ -24,7 +25,8 @@ SELECT pg_notify('kiln_queue', %(key)s), pg_notify('kiln_events', json_build_obj
 -- name: get_build
 SELECT key, spec, state, priority, attempts, max_attempts, worker_id, lease_expires_at,
        run_after, created_at, updated_at, queued_at, started_at, finished_at, error, error_kind,
-       artifact_path, artifact_size, artifact_sha256, downloads, last_downloaded_at
+       artifact_path, artifact_size, artifact_sha256, downloads, last_downloaded_at,
+       requested_by
   FROM kiln_builds
  WHERE key = %(key)s;
 
@@ -251,3 +253,61 @@ ON CONFLICT (module, query) DO UPDATE
 
 -- name: expire_resolutions
 DELETE FROM kiln_resolutions WHERE expires_at IS NOT NULL AND expires_at <= now();
+
+-- name: admin_list_builds
+-- Every build, newest first, with who asked for it (a key id, or addr:<client address>)
+-- and the name of that key; filters are optional.
+-- Every column, so that build documents made from these rows see what get_build gives.
+SELECT b.*, k.name AS key_name
+  FROM kiln_builds b
+  LEFT JOIN kiln_api_keys k ON k.id = b.requested_by
+ WHERE (%(state)s::text IS NULL OR b.state = %(state)s::text)
+   AND (%(requested_by)s::text IS NULL OR b.requested_by = %(requested_by)s::text)
+   AND (%(before)s::timestamptz IS NULL OR b.created_at < %(before)s::timestamptz)
+ ORDER BY b.created_at DESC
+ LIMIT %(limit)s;
+
+-- name: cancel
+-- Cancel a queued or running build at once. A running one's worker hears kiln_cancel and
+-- kills its sandbox; should it miss that, its next heartbeat finds the lease gone.
+WITH target AS (
+    SELECT key, state
+      FROM kiln_builds
+     WHERE key = %(key)s AND state IN ('queued', 'running')
+       FOR UPDATE
+), done AS (
+    UPDATE kiln_builds b
+       SET state = 'cancelled', finished_at = now(), updated_at = now(),
+           lease_expires_at = NULL, error = %(reason)s, error_kind = NULL
+      FROM target
+     WHERE b.key = target.key
+ RETURNING b.key, target.state AS was, b.worker_id
+), attempt AS (
+    UPDATE kiln_attempts a
+       SET outcome = 'cancelled', finished_at = now(), error = %(reason)s
+      FROM done
+     WHERE a.build_key = done.key AND a.outcome = 'running'
+)
+SELECT key, was, worker_id,
+       CASE WHEN was = 'running' THEN pg_notify('kiln_cancel', key) END,
+       pg_notify('kiln_events', json_build_object('key', key, 'state', 'cancelled')::text)
+  FROM done;
+
+-- name: force_rebuild
+-- Queue a finished build again (an operator's decision); its artifact stays attached until
+-- the new one replaces it.
+UPDATE kiln_builds
+   SET state = 'queued', attempts = 0, error = NULL, error_kind = NULL, worker_id = NULL,
+       lease_expires_at = NULL, started_at = NULL, finished_at = NULL,
+       queued_at = now(), run_after = now(), updated_at = now()
+ WHERE key = %(key)s AND state IN ('succeeded', 'failed', 'cancelled')
+RETURNING key, pg_notify('kiln_queue', key),
+          pg_notify('kiln_events', json_build_object('key', key, 'state', 'queued')::text);
+
+-- name: forget_artifact
+-- Detach a succeeded build from its stored files; asking for it again rebuilds it (see
+-- enqueue).
+UPDATE kiln_builds
+   SET artifact_path = NULL, artifact_size = NULL, artifact_sha256 = NULL, updated_at = now()
+ WHERE key = %(key)s AND state = 'succeeded' AND artifact_path IS NOT NULL
+RETURNING key;

@@ -1,0 +1,208 @@
+"""Control over builds: cancel (the key that asked, or an admin), and admin-only routes.
+
+``DELETE /api/builds/{key}`` cancels; under ``/api/admin/`` (admin keys only): every build
+with who asked for it, a forced rebuild, the workers, and deleting an artifact.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import falcon
+
+from kiln.api import auth as api_auth
+from kiln.api.auth import ADMIN, KEY, forbidden, principal_of
+from kiln.api.builds import KEY_PATTERN, BuildResource, build_document
+from kiln.api.errors import ApiError, bad_request, not_found, unavailable
+from kiln.metrics import KilnCollector, MetricsRecorder, MetricsResource
+from kiln.queue import STATES, QueueManager
+from kiln.storage import ArtifactStore, StorageError
+
+#: builds one listing returns by default, and at most
+LIST_LIMIT = 50
+MAX_LIST_LIMIT = 500
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _utc(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _time_param(req: falcon.Request, name: str) -> dt.datetime | None:
+    text = req.get_param(name)
+    if text is None:
+        return None
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise bad_request(f"{name} must be an ISO 8601 time such as 2024-08-01T12:00:00Z",
+                          field=name) from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def _load(queue: QueueManager, key: str) -> dict[str, Any]:
+    if not KEY_PATTERN.match(key):
+        raise not_found(f"{key!r} is not a build key (64 lowercase hex characters)")
+    row = queue.get(key)
+    if row is None:
+        raise not_found(f"no build with key {key}")
+    return row
+
+
+def conflict(message: str) -> ApiError:
+    """Return a 409: the build is not in a state this action applies to."""
+    return ApiError(falcon.HTTP_409, message)
+
+
+def cancel_build(queue: QueueManager, req: falcon.Request, key: str) -> dict[str, Any]:
+    """Cancel ``key`` for whoever sent ``req``; return the build's row afterwards."""
+    principal = principal_of(req)
+    row = _load(queue, key)
+    if not principal.is_admin and row.get("requested_by") != principal.requester:
+        raise forbidden(f"{principal.describe()} did not ask for build {key}: only the key "
+                        "that asked for it, or an admin key, may cancel it")
+    if row["state"] in ("queued", "running"):
+        queue.cancel(key, reason=f"cancelled by {principal.describe()}")
+        row = _load(queue, key)
+    if row["state"] != "cancelled":
+        raise conflict(f"build {key} has {row['state']}; only a queued or running build "
+                       "can be cancelled")
+    return row
+
+
+class CancellableBuildResource(BuildResource):
+    """``/api/builds/{key}``: a build's state (GET), and cancelling it (DELETE)."""
+
+    auth = {"DELETE": KEY}
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
+        row = cancel_build(self.queue, req, key)
+        resp.media = build_document(row, queue=self.queue)
+
+
+def admin_build_document(row: dict[str, Any], *, queue: QueueManager) -> dict[str, Any]:
+    """Return a build's public document plus what only admins see."""
+    doc = build_document(row, queue=queue)
+    requester = row.get("requested_by")
+    doc["requested_by"] = {
+        "id": requester,
+        "key_name": row.get("key_name"),
+        "anonymous": bool(requester and requester.startswith("addr:")),
+    } if requester else None
+    doc["priority"] = row["priority"]
+    doc["downloads"] = row["downloads"]
+    doc["worker_id"] = row["worker_id"]
+    return doc
+
+
+class AdminBuildsResource:
+    """``/api/admin/builds``: every build, newest first, with who asked."""
+
+    auth = {"GET": ADMIN}
+
+    def __init__(self, *, queue: QueueManager) -> None:
+        self.queue = queue
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        state = req.get_param("state")
+        if state is not None and state not in STATES:
+            raise bad_request(f"state must be one of {', '.join(STATES)}", field="state")
+        limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_LIST_LIMIT,
+                                     default=LIST_LIMIT)
+        before = _time_param(req, "before")
+        rows = self.queue.admin_list_builds(limit=limit, state=state,
+                                            requested_by=req.get_param("requested_by"),
+                                            before=before)
+        builds = [admin_build_document(r, queue=self.queue) for r in rows]
+        doc: dict[str, Any] = {"builds": builds}
+        if len(rows) == limit:
+            doc["next_before"] = _utc(rows[-1]["created_at"])
+        resp.media = doc
+
+
+class AdminRebuildResource:
+    """``/api/admin/builds/{key}/rebuild``: build a finished build again."""
+
+    auth = {"POST": ADMIN}
+
+    def __init__(self, *, queue: QueueManager) -> None:
+        self.queue = queue
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
+        row = _load(self.queue, key)
+        if not self.queue.force_rebuild(key):
+            raise conflict(f"build {key} is {row['state']}; only a finished build can be "
+                           "rebuilt")
+        resp.status = falcon.HTTP_202
+        resp.media = admin_build_document(_load(self.queue, key), queue=self.queue)
+        resp.location = resp.media["links"]["self"]
+
+
+class AdminArtifactResource:
+    """``/api/admin/builds/{key}/artifact``: delete a build's stored files."""
+
+    auth = {"DELETE": ADMIN}
+
+    def __init__(self, *, queue: QueueManager, store: ArtifactStore) -> None:
+        self.queue = queue
+        self.store = store
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
+        row = _load(self.queue, key)
+        # detach first: from now on nobody is sent to the files being deleted
+        if not self.queue.forget_artifact(key):
+            raise conflict(f"build {key} is {row['state']} and has no stored artifact")
+        try:
+            self.store.delete(key)
+        except StorageError as exc:
+            raise unavailable(f"the artifact was detached but its files cannot be deleted "
+                              f"now ({exc}); the storage collector will remove them") from None
+        resp.media = admin_build_document(_load(self.queue, key), queue=self.queue)
+
+
+class AdminWorkersResource:
+    """``/api/admin/workers``: every worker that registered, and what it runs."""
+
+    auth = {"GET": ADMIN}
+
+    def __init__(self, *, queue: QueueManager) -> None:
+        self.queue = queue
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"workers": [
+            {"id": w["id"], "hostname": w["hostname"], "pid": w["pid"], "state": w["state"],
+             "concurrency": w["concurrency"], "sandbox": w["sandbox"],
+             "running": int(w["running"]), "started_at": _iso(w["started_at"]),
+             "heartbeat_at": _iso(w["heartbeat_at"]), "stopped_at": _iso(w["stopped_at"])}
+            for w in self.queue.list_workers()
+        ]}
+
+
+def add_routes(app: falcon.App, *, queue: QueueManager, store: ArtifactStore) -> None:
+    """Add the admin routes to ``app``."""
+    app.add_route("/api/admin/builds", AdminBuildsResource(queue=queue))
+    app.add_route("/api/admin/builds/{key}/rebuild", AdminRebuildResource(queue=queue))
+    app.add_route("/api/admin/builds/{key}/artifact",
+                  AdminArtifactResource(queue=queue, store=store))
+    app.add_route("/api/admin/workers", AdminWorkersResource(queue=queue))
+
+
+def install(app: falcon.App, *, queue: QueueManager, store: ArtifactStore,
+            metrics: MetricsRecorder, auth_mode: str = "open", metrics_public: bool = True,
+            worker_live_seconds: float = 120.0) -> None:
+    """Add the admin routes, /metrics, /openapi.json and the 429 answer to ``app``."""
+    from kiln.api import openapi
+
+    add_routes(app, queue=queue, store=store)
+    resource = MetricsResource(recorder=metrics, collector=KilnCollector(
+        queue.pool, worker_live_seconds=worker_live_seconds))
+    if not metrics_public:
+        resource.auth = {"GET": ADMIN}
+    app.add_route("/metrics", resource)
+    app.add_route("/openapi.json", openapi.OpenApiResource(auth_mode=auth_mode,
+                                                           metrics_public=metrics_public))
+    api_auth.install(app)

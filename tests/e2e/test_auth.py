@@ -1,0 +1,331 @@
+"""API keys end to end: `kiln keys`, bearer tokens on every guarded route, both auth modes.
+
+Two gunicorns share one database: one in ``auth.mode: keys``, one in ``open``. A worker row
+is registered so that build keys can be made, but no worker runs (builds stay queued) until
+the artifact test starts a real one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import requests
+from psycopg_pool import ConnectionPool
+
+from kiln.queue import QueueManager
+from tests.fixtures import goproxy as gp
+from tests.service import REPO, KilnProcesses
+
+pytestmark = pytest.mark.slow
+
+FAKE_WORKER = "auth-test-registered"
+
+
+@dataclass
+class Kiln:
+    keys_mode: KilnProcesses
+    open_mode: KilnProcesses
+    db_url: str
+    tokens: dict[str, str]
+
+    def kiln(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run the kiln command against this database."""
+        return subprocess.run([sys.executable, "-m", "kiln.cli", *args], cwd=REPO,
+                              env=self.keys_mode.env, capture_output=True, text=True,
+                              timeout=60, check=False)
+
+
+def _database(pg_server_url: str, template: str, name: str) -> str:
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
+    info = psycopg.conninfo.conninfo_to_dict(pg_server_url)
+    info["dbname"] = name
+    return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
+         proxy_dir: Path, go_cache_dir: Path) -> Iterator[Kiln]:
+    url = _database(pg_server_url, pg_template, "kiln_auth")
+    with ConnectionPool(url, min_size=1, max_size=1, kwargs={"autocommit": True}) as pool:
+        QueueManager(pool).register_worker(FAKE_WORKER, hostname="nowhere", pid=1,
+                                           concurrency=1, sandbox="process:go-registered",
+                                           go_version="go1.27.3")
+    root = tmp_path_factory.mktemp("auth")
+    common = {"root": root, "goproxy": f"file://{proxy_dir}", "cache_dir": go_cache_dir}
+    keys_mode = KilnProcesses(db_url=url, **common, env={"KILN_AUTH__MODE": "keys"})
+    open_mode = KilnProcesses(db_url=url, **common, env={"KILN_AUTH__MODE": "open"})
+    open_mode.logs = root / "logs-open"
+    open_mode.logs.mkdir()
+    kiln = Kiln(keys_mode, open_mode, url, {})
+    try:
+        keys_mode.start_api()
+        open_mode.start_api()
+        for name, scope, extra in [("ops", "admin", []), ("ci", "build", []),
+                                   ("other", "build", []), ("gone", "build", []),
+                                   ("urgent", "build", ["--priority", "5"])]:
+            made = kiln.kiln("keys", "create", name, "--scope", scope, "--json", *extra)
+            assert made.returncode == 0, made.stderr
+            kiln.tokens[name] = json.loads(made.stdout)["token"]
+        assert kiln.kiln("keys", "revoke", "gone").returncode == 0
+        yield kiln
+    finally:
+        keys_mode.close()
+        open_mode.close()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def post_build(base: str, body: dict[str, Any], token: str | None = None) -> requests.Response:
+    return requests.post(f"{base}/api/builds", json=body,
+                         headers=bearer(token) if token else {}, timeout=60)
+
+
+def _bodies() -> Iterator[dict[str, Any]]:
+    for plugins in ([], [f"{gp.HELLO}@v0.1.0"], [f"{gp.HELLO}@v0.2.0"]):
+        for version in gp.CADDY_RELEASES:
+            for arch in ("arm64", "386", "riscv64", "s390x", "ppc64le", "mips", "mipsle",
+                         "mips64", "mips64le", "ppc64", "loong64"):
+                yield {"os": "linux", "arch": arch, "caddy_version": version,
+                       "plugins": plugins}
+
+
+_fresh = _bodies()
+
+
+def new_build(kiln: Kiln, token: str | None = "ci") -> str:
+    """Queue a build nobody asked for yet (as key ``token``, or anonymously); return its key."""
+    body = next(_fresh)
+    if token is None:
+        resp = post_build(kiln.open_mode.url, body)
+    else:
+        resp = post_build(kiln.keys_mode.url, body, kiln.tokens[token])
+    assert resp.status_code == 202, resp.text
+    return str(resp.json()["key"])
+
+
+# -- kiln keys ----------------------------------------------------------------------------
+
+
+def test_keys_are_stored_hashed_and_listed_without_tokens(kiln: Kiln) -> None:
+    listed = kiln.kiln("keys", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    live = {k["name"]: k for k in json.loads(listed.stdout)}
+    assert set(live) == {"ops", "ci", "other", "urgent"}
+    assert live["ops"]["scope"] == "admin" and live["urgent"]["priority"] == 5
+    assert not any("token" in k for k in live.values())
+    every = {k["name"]: k for k in json.loads(kiln.kiln("keys", "list", "--all", "--json").stdout)}
+    assert every["gone"]["revoked_at"] is not None
+    with psycopg.connect(kiln.db_url) as conn:
+        rows = conn.execute("SELECT * FROM kiln_api_keys").fetchall()
+        stored = conn.execute("SELECT token_sha256 FROM kiln_api_keys WHERE name = 'ci'"
+                              ).fetchone()
+    for token in kiln.tokens.values():
+        assert token not in repr(rows)
+    assert stored is not None
+    assert stored[0] == hashlib.sha256(kiln.tokens["ci"].encode()).hexdigest()
+    table = kiln.kiln("keys", "list").stdout
+    assert "ops" in table and "admin" in table and "gone" not in table
+
+
+def test_keys_command_explains_mistakes(kiln: Kiln) -> None:
+    dup = kiln.kiln("keys", "create", "ci")
+    assert dup.returncode == 1 and "revoke it first" in dup.stderr
+    bad = kiln.kiln("keys", "create", "no spaces")
+    assert bad.returncode == 1 and "not a key name" in bad.stderr
+    missing = kiln.kiln("keys", "revoke", "nobody")
+    assert missing.returncode == 1 and "kiln keys list" in missing.stderr
+    human = kiln.kiln("keys", "create", "shown-once")
+    assert human.returncode == 0 and "shown only now" in human.stdout
+    assert kiln.kiln("keys", "revoke", "shown-once").returncode == 0
+
+
+# -- every guarded route --------------------------------------------------------------------
+
+#: (method, path template, what it needs in keys mode)
+GUARDED = [
+    ("POST", "/api/builds", "build"),
+    ("DELETE", "/api/builds/{key}", "key"),
+    ("GET", "/api/admin/builds", "admin"),
+    ("POST", "/api/admin/builds/{key}/rebuild", "admin"),
+    ("GET", "/api/admin/workers", "admin"),
+    ("DELETE", "/api/admin/builds/{key}/artifact", "admin"),
+]
+
+
+def call(kiln: Kiln, method: str, template: str, headers: dict[str, str],
+         base: str | None = None, key: str | None = None) -> requests.Response:
+    """Call a route; routes of one build get a new build unless ``key`` is given."""
+    if "{key}" in template and key is None:
+        key = new_build(kiln)
+    body = next(_fresh) if template == "/api/builds" else None
+    return requests.request(method, (base or kiln.keys_mode.url) + template.format(key=key),
+                            json=body, headers=headers, timeout=60)
+
+
+def assert_error(resp: requests.Response, status: int) -> None:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["status_code"] == status
+    assert body["error"]["message"] and body["error"]["id"] == resp.headers["X-Request-Id"]
+    if status == 401:
+        assert resp.headers["WWW-Authenticate"].startswith('Bearer realm="kiln"')
+
+
+@pytest.mark.parametrize(("method", "template", "need"), GUARDED)
+def test_without_a_valid_key_the_answer_is_401(kiln: Kiln, method: str, template: str,
+                                               need: str) -> None:
+    wrong = "kiln_" + "x" * 43
+    key = new_build(kiln) if "{key}" in template else None
+    for headers in ({}, bearer(wrong), bearer(kiln.tokens["gone"]),
+                    {"Authorization": "Basic b3BzOm9wcw=="}, {"Authorization": "Bearer"}):
+        resp = call(kiln, method, template, headers, key=key)
+        assert_error(resp, 401)
+        if headers and headers["Authorization"].startswith("Bearer kiln_"):
+            assert "not valid" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("method", "template", "need"), GUARDED)
+def test_scopes_decide_between_403_and_success(kiln: Kiln, method: str, template: str,
+                                               need: str) -> None:
+    as_builder = call(kiln, method, template, bearer(kiln.tokens["ci"]))
+    as_admin = call(kiln, method, template, bearer(kiln.tokens["ops"]))
+    if need == "admin":
+        assert_error(as_builder, 403)
+        assert "admin" in as_builder.json()["error"]["message"]
+    else:
+        assert as_builder.status_code in (200, 202), as_builder.text
+    # an admin key may do everything (a queued build has no artifact and cannot be
+    # rebuilt: 409 says the key was accepted and the build's state is the obstacle)
+    assert as_admin.status_code in (200, 202, 409), as_admin.text
+
+
+def test_open_mode_builds_anonymously_but_guards_the_rest(kiln: Kiln) -> None:
+    for method, template, need in GUARDED:
+        resp = call(kiln, method, template, {}, base=kiln.open_mode.url)
+        if need == "build":
+            assert resp.status_code == 202, resp.text
+        else:
+            assert_error(resp, 401)
+    # a key sent in open mode must still be valid
+    wrong = post_build(kiln.open_mode.url, {"os": "linux", "arch": "amd64"}, "kiln_nope")
+    assert_error(wrong, 401)
+
+
+def test_public_routes_need_no_key(kiln: Kiln) -> None:
+    key = new_build(kiln)
+    for path in ("/healthz", f"/api/builds/{key}", "/metrics", "/openapi.json"):
+        assert requests.get(kiln.keys_mode.url + path, timeout=30).status_code == 200, path
+
+
+# -- who may cancel ----------------------------------------------------------------------
+
+
+def test_only_the_requester_or_an_admin_cancels(kiln: Kiln) -> None:
+    mine = new_build(kiln, "ci")
+    url = f"{kiln.keys_mode.url}/api/builds/{mine}"
+    refused = requests.delete(url, headers=bearer(kiln.tokens["other"]), timeout=30)
+    assert_error(refused, 403)
+    assert "did not ask for" in refused.json()["error"]["message"]
+    done = requests.delete(url, headers=bearer(kiln.tokens["ci"]), timeout=30)
+    assert done.status_code == 200 and done.json()["state"] == "cancelled"
+    assert "cancelled by key ci" in done.json()["error"]
+    # cancelling twice is harmless
+    assert requests.delete(url, headers=bearer(kiln.tokens["ci"]), timeout=30).status_code == 200
+
+    anonymous = new_build(kiln, None)
+    url = f"{kiln.keys_mode.url}/api/builds/{anonymous}"
+    assert_error(requests.delete(url, headers=bearer(kiln.tokens["ci"]), timeout=30), 403)
+    by_admin = requests.delete(url, headers=bearer(kiln.tokens["ops"]), timeout=30)
+    assert by_admin.status_code == 200 and by_admin.json()["state"] == "cancelled"
+    missing = requests.delete(f"{kiln.keys_mode.url}/api/builds/{'e' * 64}",
+                              headers=bearer(kiln.tokens["ops"]), timeout=30)
+    assert_error(missing, 404)
+
+
+def test_admin_lists_builds_with_requesters_and_rebuilds(kiln: Kiln) -> None:
+    mine = new_build(kiln, "ci")
+    theirs = new_build(kiln, None)
+    headers = bearer(kiln.tokens["ops"])
+    listing = requests.get(f"{kiln.keys_mode.url}/api/admin/builds", params={"limit": 500},
+                           headers=headers, timeout=30).json()["builds"]
+    by_key = {b["key"]: b for b in listing}
+    assert by_key[mine]["requested_by"]["key_name"] == "ci"
+    assert by_key[theirs]["requested_by"]["anonymous"] is True
+    assert by_key[theirs]["requested_by"]["id"] == "addr:127.0.0.1"
+    only_ci = requests.get(f"{kiln.keys_mode.url}/api/admin/builds",
+                           params={"requested_by": by_key[mine]["requested_by"]["id"]},
+                           headers=headers, timeout=30).json()["builds"]
+    assert only_ci and all(b["requested_by"]["key_name"] == "ci" for b in only_ci)
+    bad = requests.get(f"{kiln.keys_mode.url}/api/admin/builds", params={"state": "asleep"},
+                       headers=headers, timeout=30)
+    assert_error(bad, 400)
+
+    # a queued build cannot be forced again; a cancelled one can
+    rebuild = f"{kiln.keys_mode.url}/api/admin/builds/{mine}/rebuild"
+    assert_error(requests.post(rebuild, headers=headers, timeout=30), 409)
+    requests.delete(f"{kiln.keys_mode.url}/api/builds/{mine}", headers=headers, timeout=30)
+    again = requests.post(rebuild, headers=headers, timeout=30)
+    assert again.status_code == 202 and again.json()["state"] == "queued"
+
+    workers = requests.get(f"{kiln.keys_mode.url}/api/admin/workers", headers=headers,
+                           timeout=30).json()["workers"]
+    assert FAKE_WORKER in {w["id"] for w in workers}
+
+
+def test_a_keys_priority_puts_its_builds_first(kiln: Kiln) -> None:
+    earlier = new_build(kiln, "ci")
+    urgent = new_build(kiln, "urgent")
+    status = requests.get(f"{kiln.keys_mode.url}/api/builds/{urgent}", timeout=30).json()
+    behind = requests.get(f"{kiln.keys_mode.url}/api/builds/{earlier}", timeout=30).json()
+    assert status["queue_position"] == 0
+    assert behind["queue_position"] > 0
+
+
+# -- deleting an artifact -------------------------------------------------------------------
+
+
+def test_admin_deletes_an_artifact_and_the_next_request_rebuilds(kiln: Kiln) -> None:
+    service = kiln.keys_mode
+    admin = bearer(kiln.tokens["ops"])
+    # an operator clears the queue before a worker starts: only this test's build runs
+    queued = requests.get(f"{service.url}/api/admin/builds",
+                          params={"state": "queued", "limit": 500}, headers=admin,
+                          timeout=30).json()["builds"]
+    for build in queued:
+        cancelled = requests.delete(f"{service.url}/api/builds/{build['key']}", headers=admin,
+                                    timeout=30)
+        assert cancelled.status_code == 200, cancelled.text
+    service.start_worker(env={"KILN_WORKER__CONCURRENCY": "1"})
+    try:
+        service.wait_for_worker()
+        body = {"os": "linux", "arch": "amd64", "caddy_version": gp.CADDY_OLDEST}
+        key = post_build(service.url, body, kiln.tokens["ci"]).json()["key"]
+        assert service.wait_build(key)["state"] == "succeeded"
+    finally:
+        service.stop("worker")
+    artifact = f"{service.url}/api/builds/{key}/artifact"
+    assert requests.head(artifact, timeout=30).status_code == 200
+    gone = requests.delete(f"{service.url}/api/admin/builds/{key}/artifact",
+                           headers=bearer(kiln.tokens["ops"]), timeout=30)
+    assert gone.status_code == 200 and "artifact" not in gone.json()
+    assert requests.head(artifact, timeout=30).status_code == 404
+    assert not list((service.root / "artifacts").rglob(f"*{key}*/*"))
+    twice = requests.delete(f"{service.url}/api/admin/builds/{key}/artifact",
+                            headers=bearer(kiln.tokens["ops"]), timeout=30)
+    assert_error(twice, 409)
+    # asked for again, it is built again
+    again = post_build(service.url, body, kiln.tokens["ci"])
+    assert again.status_code == 202 and again.json()["state"] == "queued"
