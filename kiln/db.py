@@ -34,6 +34,12 @@ KEEPALIVE_KWARGS = {
     "tcp_user_timeout": 30000,
 }
 
+#: a pooled connection handed out this recently is handed out again without a check query:
+#: under load the check doubled the round trips of every query (bench/: claim throughput),
+#: and a connection that just worked is almost surely fine (if not, the query fails like
+#: any other, and the pool drops the broken connection when it is returned)
+CHECK_IDLE_SECONDS = 2.0
+
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
@@ -52,6 +58,16 @@ def connect(url: str, config: DatabaseConfig, *, application: str = "kiln",
     """Open one connection (used for LISTEN and for short-lived tools)."""
     return psycopg.connect(url, autocommit=autocommit,
                            **connect_kwargs(config, application=application))  # type: ignore[arg-type]
+
+
+def _check_if_idle(conn: psycopg.Connection) -> None:
+    """Check a pooled connection with a round trip, unless it was handed out moments ago."""
+    now = time.monotonic()
+    last = getattr(conn, "_kiln_handed_out_at", None)
+    conn._kiln_handed_out_at = now  # type: ignore[attr-defined]
+    if last is not None and now - last < CHECK_IDLE_SECONDS:
+        return
+    ConnectionPool.check_connection(conn)
 
 
 #: while no connection can be made, a caller waits this long for one (then gets an error:
@@ -94,14 +110,22 @@ class ResilientPool(ConnectionPool):
 
 
 def make_pool(url: str, config: DatabaseConfig, *, application: str = "kiln",
-              min_size: int | None = None, max_size: int | None = None) -> ConnectionPool:
-    """Open a connection pool; connections are checked before being handed out."""
+              min_size: int | None = None, max_size: int | None = None,
+              synchronous_commit: bool = True) -> ConnectionPool:
+    """Open a connection pool; connections idle for a while are checked before use.
+
+    ``synchronous_commit=False`` lets commits return before their WAL reaches the disk
+    (only for writes that a server crash may lose without harm; see make_worker).
+    """
+    kwargs = connect_kwargs(config, application=application)
+    if not synchronous_commit:
+        kwargs["options"] = f"{kwargs['options']} -c synchronous_commit=off"
     pool = ResilientPool(
         url,
         min_size=config.pool_min if min_size is None else min_size,
         max_size=config.pool_max if max_size is None else max_size,
-        kwargs={"autocommit": True, **connect_kwargs(config, application=application)},
-        check=ConnectionPool.check_connection,
+        kwargs={"autocommit": True, **kwargs},
+        check=_check_if_idle,
         timeout=config.connect_timeout * 2,
         reconnect_timeout=RECONNECT_SECONDS,
         open=False,

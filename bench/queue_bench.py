@@ -1,0 +1,267 @@
+"""Wake-up latency and claim throughput: Kiln's queue beside procrastinate's, same server.
+
+Both sides run real worker processes (bench.kiln_worker, bench.procrastinate_worker) with a
+no-op job, against their own database on one PostgreSQL server.
+
+- wake-up: an idle worker waits; the benchmark commits one enqueue and notes when the commit
+  returned; the worker notes when its claim returned (``time.monotonic()``, one clock for
+  every process of the machine). Then it waits until the worker is idle again, and repeats.
+- throughput: K worker processes wait, idle; one transaction queues N jobs (with a NOTIFY
+  each); the figure is N over the time from that commit to the last job's completion
+  (both from PostgreSQL's clock, which is the machine's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from bench.infra import Child, base_env, bench_queries, peak_rss_mib
+from bench.report import percentile
+from kiln.config import DatabaseConfig
+from kiln.db import Migrator, make_pool
+from kiln.queue import QueueManager, queries
+from kiln.spec import BuildSpec, ResolvedPlugin
+
+#: seconds a worker process may take to start and LISTEN
+START_TIMEOUT = 60.0
+#: concurrency of every worker process in the throughput runs, Kiln's and procrastinate's
+THROUGHPUT_CONCURRENCY = 4
+#: concurrency in the wake-up runs (one job at a time anyway)
+WAKEUP_CONCURRENCY = 1
+
+
+def noop_spec() -> dict[str, Any]:
+    """Return a valid build spec for the no-op worker (its bytes do not matter)."""
+    return BuildSpec(
+        os="linux", arch="amd64", arm="", caddy_version="v2.8.4",
+        plugins=(ResolvedPlugin(package="github.com/kiln-fixtures/hello",
+                                module="github.com/kiln-fixtures/hello", version="v0.1.0"),),
+        replacements=(), go_version="go1.27.3", sandbox="bench:noop",
+    ).to_dict()
+
+
+def make_keys(prefix: str, count: int) -> list[str]:
+    """Return ``count`` distinct build keys."""
+    return [hashlib.sha256(f"{prefix}-{i}".encode()).hexdigest() for i in range(count)]
+
+
+class Side(Protocol):
+    name: str
+
+    def worker(self, name: str, *, concurrency: int, events: bool) -> Child: ...
+
+    def enqueue_one(self, tag: str) -> str: ...
+
+    def fill(self, tag: str, count: int) -> tuple[list[Any], float]: ...
+
+    def progress(self, ids: list[Any]) -> tuple[int, float | None]: ...
+
+    def close(self) -> None: ...
+
+
+class KilnSide:
+    """Kiln: QueueManager.enqueue (the API's path) and bench.kiln_worker."""
+
+    name = "Kiln"
+
+    def __init__(self, url: str, logs: Path) -> None:
+        self.url = url
+        self.logs = logs
+        with psycopg.connect(url, autocommit=True) as conn:
+            Migrator(conn).migrate()
+        self.pool = make_pool(url, DatabaseConfig(), application="kiln-bench", min_size=1,
+                              max_size=2)
+        self.pool.wait()
+        self.queue = QueueManager(self.pool)
+        self.spec = noop_spec()
+
+    def worker(self, name: str, *, concurrency: int, events: bool) -> Child:
+        argv = [sys.executable, "-m", "bench.kiln_worker", self.url,
+                "--concurrency", str(concurrency)] + (["--events"] if events else [])
+        return Child(name, argv, env=base_env(), logs=self.logs, events=True)
+
+    def enqueue_one(self, tag: str) -> str:
+        key = make_keys(tag, 1)[0]
+        self.queue.enqueue(key, self.spec)
+        return key
+
+    def fill(self, tag: str, count: int) -> tuple[list[Any], float]:
+        keys = make_keys(tag, count)
+        spec = Jsonb(self.spec)
+        rows = [{"key": k, "spec": spec, "priority": 0, "max_attempts": 3,
+                 "requested_by": None} for k in keys]
+        # QueueManager.enqueue's queries, N at once in one transaction
+        with self.pool.connection() as conn:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(queries()["enqueue"], rows)
+                cur.executemany(queries()["notify_queued"], [{"key": k} for k in keys])
+            committed = time.time()
+        return list(keys), committed
+
+    def progress(self, ids: list[Any]) -> tuple[int, float | None]:
+        with self.pool.connection() as conn:
+            row = conn.execute(bench_queries()["kiln_progress"], {"keys": ids}).fetchone()
+        assert row is not None
+        return int(row[0]), row[1]
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class ProcrastinateSide:
+    """procrastinate: Task.defer / batch_defer and its worker, in its own database."""
+
+    name = "procrastinate"
+
+    def __init__(self, url: str, logs: Path) -> None:
+        import procrastinate
+
+        from bench.procrastinate_worker import TASK, make_app
+
+        self.url = url
+        self.logs = logs
+        self.app = make_app(procrastinate.SyncPsycopgConnector(conninfo=url))
+        self.app.open()
+        self.app.schema_manager.apply_schema()
+        self.task = self.app.tasks[TASK]
+
+    def worker(self, name: str, *, concurrency: int, events: bool) -> Child:
+        argv = [sys.executable, "-m", "bench.procrastinate_worker", self.url,
+                "--concurrency", str(concurrency)] + (["--events"] if events else [])
+        return Child(name, argv, env=base_env(), logs=self.logs, events=True)
+
+    def enqueue_one(self, tag: str) -> str:
+        return str(self.task.defer())
+
+    def fill(self, tag: str, count: int) -> tuple[list[Any], float]:
+        args: list[Any] = [{"i": i} for i in range(count)]
+        ids = self.task.batch_defer(*args)
+        return [int(i) for i in ids], time.time()
+
+    def progress(self, ids: list[Any]) -> tuple[int, float | None]:
+        with psycopg.connect(self.url) as conn:
+            row = conn.execute(bench_queries()["procrastinate_progress"],
+                               {"ids": ids}).fetchone()
+        assert row is not None
+        return int(row[0]), row[1]
+
+    def close(self) -> None:
+        self.app.close()
+
+
+def _wait_listening(workers: list[Child]) -> None:
+    for w in workers:
+        w.wait_event(lambda e: e["event"] == "listening", START_TIMEOUT)
+    time.sleep(0.3)  # let the first (empty) claims settle
+    for w in workers:
+        w.drain()
+
+
+def _claimed(key: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: e["event"] == "claim" and key in e["keys"]
+
+
+def _completed(key: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: e["event"] == "complete" and e["key"] == key
+
+
+def wakeup_run(side: Side, *, samples: int, tag: str,
+               progress: Callable[[str], None]) -> list[float]:
+    """Return ``samples`` wake-up latencies (ms) of one idle worker."""
+    worker = side.worker(f"{side.name}-wakeup-{tag}", concurrency=WAKEUP_CONCURRENCY,
+                         events=True)
+    try:
+        _wait_listening([worker])
+        latencies = []
+        for i in range(samples):
+            time.sleep(random.uniform(0.002, 0.006))  # idle, and not in step with anything
+            key = side.enqueue_one(f"{tag}-{i}")
+            committed = time.monotonic()
+            claim = worker.wait_event(_claimed(key), 10)
+            latencies.append((claim["t"] - committed) * 1000)
+            worker.wait_event(_completed(key), 10)
+            # idle again: the claim loop's empty claim after the completion
+            worker.wait_event(lambda e: e["event"] == "claim" and not e["keys"], 10)
+        return latencies
+    finally:
+        worker.stop()
+
+
+def throughput_runs(side: Side, *, workers: int, jobs: int, repeats: int, tag: str,
+                    progress: Callable[[str], None]) -> tuple[list[float], float]:
+    """Return jobs/s of ``repeats`` runs with ``workers`` idle worker processes, and the
+    peak RSS (MiB) of the busiest of them."""
+    procs = [side.worker(f"{side.name}-tput-{tag}-{workers}w-{n}",
+                         concurrency=THROUGHPUT_CONCURRENCY, events=False)
+             for n in range(workers)]
+    rates = []
+    peak = 0.0
+    try:
+        _wait_listening(procs)
+        for r in range(repeats):
+            ids, committed = side.fill(f"{tag}-{workers}-{r}", jobs)
+            deadline = time.monotonic() + max(120.0, jobs / 50)
+            while True:
+                done, last = side.progress(ids)
+                if done >= len(ids):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{side.name}: only {done}/{len(ids)} jobs done")
+                time.sleep(0.1)
+            assert last is not None
+            rates.append(jobs / max(last - committed, 1e-6))
+            progress(f"{side.name} throughput, {workers} worker(s): {rates[-1]:,.0f}/s")
+            time.sleep(0.5)
+        peak = max(peak_rss_mib(p.proc.pid) or 0.0 for p in procs)
+    finally:
+        for p in procs:
+            p.stop()
+    return rates, peak
+
+
+@dataclass
+class QueueFigures:
+    #: side -> one list of latencies (ms) per run
+    wakeup: dict[str, list[list[float]]]
+    #: side -> worker processes -> jobs/s per run
+    throughput: dict[str, dict[int, list[float]]]
+    #: side -> peak RSS (MiB) of the busiest worker process under the throughput load
+    peak_rss: dict[str, float]
+
+
+def run(*, kiln_url: str, procrastinate_url: str, logs: Path, samples: int, repeats: int,
+        jobs: int, worker_counts: tuple[int, ...],
+        progress: Callable[[str], None]) -> QueueFigures:
+    """Run both benchmarks on both sides; return raw figures."""
+    sides: list[Side] = [KilnSide(kiln_url, logs), ProcrastinateSide(procrastinate_url, logs)]
+    wakeup: dict[str, list[list[float]]] = {s.name: [] for s in sides}
+    throughput: dict[str, dict[int, list[float]]] = {s.name: {} for s in sides}
+    peak_rss: dict[str, float] = {s.name: 0.0 for s in sides}
+    try:
+        for r in range(repeats):
+            # alternate the order so that neither side always runs on a warmer machine
+            for side in sides if r % 2 == 0 else sides[::-1]:
+                lat = wakeup_run(side, samples=samples, tag=f"wake-{r}", progress=progress)
+                wakeup[side.name].append(lat)
+                progress(f"{side.name} wake-up run {r + 1}: p50 {percentile(lat, 50):.2f} ms, "
+                         f"p99 {percentile(lat, 99):.2f} ms")
+        for count in worker_counts:
+            for side in sides:
+                rates, peak = throughput_runs(side, workers=count, jobs=jobs,
+                                              repeats=repeats, tag="tput", progress=progress)
+                throughput[side.name][count] = rates
+                peak_rss[side.name] = max(peak_rss[side.name], peak)
+    finally:
+        for s in sides:
+            s.close()
+    return QueueFigures(wakeup=wakeup, throughput=throughput, peak_rss=peak_rss)
