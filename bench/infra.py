@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,33 @@ REPO = Path(__file__).resolve().parents[1]
 
 # -- PostgreSQL --------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Postgres:
+    """A PostgreSQL server: its URL and, when it runs here, its data directory."""
+
+    url: str
+    data_dir: Path | None = None
+
+    def cpu_seconds(self) -> float | None:
+        """Return the CPU time the server's processes used so far (None: not measurable)."""
+        if self.data_dir is None:
+            return None
+        try:
+            postmaster = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        # exited backends are in the postmaster's children's times
+        total = cpu_seconds(postmaster, children=True) or 0.0
+        for pid in descendants(postmaster):
+            total += cpu_seconds(pid) or 0.0
+        return total
+
+
 @contextlib.contextmanager
-def postgres(url: str | None = None) -> Iterator[str]:
-    """Yield a server URL: ``url`` if given, else an embedded server (pgserver) for the run."""
+def postgres(url: str | None = None) -> Iterator[Postgres]:
+    """Yield a server: ``url`` if given, else an embedded server (pgserver) for the run."""
     if url:
-        yield url
+        yield Postgres(url)
         return
     import pgserver
 
@@ -40,7 +63,7 @@ def postgres(url: str | None = None) -> Iterator[str]:
     root.chmod(0o755)
     server = pgserver.get_server(root / "data", cleanup_mode="stop")
     try:
-        yield server.get_uri()
+        yield Postgres(server.get_uri(), root / "data")
     finally:
         server.cleanup()
         shutil.rmtree(root, ignore_errors=True)
@@ -185,6 +208,18 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def cpu_seconds(pid: int, *, children: bool = False) -> float | None:
+    """Return the user + system CPU time of a live process (and its reaped children)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mib(pid: int) -> float | None:
     """Return a live process's peak resident set size (VmHWM) in MiB."""
     try:
@@ -270,3 +305,36 @@ def bench_queries() -> dict[str, str]:
         name, _, body = block.partition("\n")
         found[name.strip()] = body.strip().rstrip(";")
     return found
+
+
+def latencies(url: str, *, method: str, seconds: float) -> dict[str, Any]:
+    """Send requests one at a time on one keep-alive connection for ``seconds``.
+
+    For HEAD, which wrk cannot time (it waits for a body a HEAD answer never has). The
+    figures include this Python client's own time (about 0.1 ms a request).
+    """
+    import http.client
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
+    times: list[float] = []
+    errors = 0
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            conn.request(method, target)
+            resp = conn.getresponse()
+            resp.read()
+            times.append((time.perf_counter() - started) * 1000)
+            if resp.status >= 400:
+                errors += 1
+    finally:
+        conn.close()
+    from bench.report import percentile
+
+    return {"requests": len(times), "non_2xx": errors, "socket_errors": 0,
+            "p50_ms": percentile(times, 50), "p90_ms": percentile(times, 90),
+            "p99_ms": percentile(times, 99), "rps": len(times) / seconds}

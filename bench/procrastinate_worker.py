@@ -77,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("url")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--events", action="store_true")
+    parser.add_argument("--async-commit", action="store_true",
+                        help="synchronous_commit=off on its connections, as Kiln's worker")
     args = parser.parse_args(argv)
-    app = make_app(procrastinate.PsycopgConnector(conninfo=args.url))
+    connection = {"options": "-c synchronous_commit=off"} if args.async_commit else {}
+    app = make_app(procrastinate.PsycopgConnector(conninfo=args.url, kwargs=connection))
     instrument(app, events=args.events)
     emit("ready", pid=os.getpid())
     # procrastinate's defaults: LISTEN/NOTIFY, a 5 s polling fallback (like Kiln's)

@@ -18,14 +18,14 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import psycopg
 from psycopg.types.json import Jsonb
 
-from bench.infra import Child, base_env, bench_queries, peak_rss_mib
+from bench.infra import Child, Postgres, base_env, bench_queries, cpu_seconds, peak_rss_mib
 from bench.report import percentile
 from kiln.config import DatabaseConfig
 from kiln.db import Migrator, make_pool
@@ -36,6 +36,8 @@ from kiln.spec import BuildSpec, ResolvedPlugin
 START_TIMEOUT = 60.0
 #: concurrency of every worker process in the throughput runs, Kiln's and procrastinate's
 THROUGHPUT_CONCURRENCY = 4
+#: procrastinate with asynchronous commit, as Kiln's worker commits (throughput only)
+ASYNC_PEER = "procrastinate (synchronous_commit=off)"
 #: concurrency in the wake-up runs (one job at a time anyway)
 WAKEUP_CONCURRENCY = 1
 
@@ -123,21 +125,26 @@ class ProcrastinateSide:
 
     name = "procrastinate"
 
-    def __init__(self, url: str, logs: Path) -> None:
+    def __init__(self, url: str, logs: Path, *, async_commit: bool = False) -> None:
         import procrastinate
 
         from bench.procrastinate_worker import TASK, make_app
 
         self.url = url
         self.logs = logs
+        self.async_commit = async_commit
+        if async_commit:
+            self.name = ASYNC_PEER
         self.app = make_app(procrastinate.SyncPsycopgConnector(conninfo=url))
         self.app.open()
-        self.app.schema_manager.apply_schema()
+        if not async_commit:  # the async-commit peer shares the first one's database
+            self.app.schema_manager.apply_schema()
         self.task = self.app.tasks[TASK]
 
     def worker(self, name: str, *, concurrency: int, events: bool) -> Child:
         argv = [sys.executable, "-m", "bench.procrastinate_worker", self.url,
-                "--concurrency", str(concurrency)] + (["--events"] if events else [])
+                "--concurrency", str(concurrency)] + (["--events"] if events else []) + (
+                    ["--async-commit"] if self.async_commit else [])
         return Child(name, argv, env=base_env(), logs=self.logs, events=True)
 
     def enqueue_one(self, tag: str) -> str:
@@ -197,18 +204,29 @@ def wakeup_run(side: Side, *, samples: int, tag: str,
         worker.stop()
 
 
+@dataclass
+class ThroughputRuns:
+    """Jobs/s per run, CPU milliseconds per job per run, peak RSS of the busiest worker."""
+
+    rates: list[float] = field(default_factory=list)
+    worker_cpu_ms: list[float] = field(default_factory=list)
+    #: the server's CPU per job, queueing the jobs included (empty: not measurable)
+    server_cpu_ms: list[float] = field(default_factory=list)
+    peak_rss_mib: float = 0.0
+
+
 def throughput_runs(side: Side, *, workers: int, jobs: int, repeats: int, tag: str,
-                    progress: Callable[[str], None]) -> tuple[list[float], float]:
-    """Return jobs/s of ``repeats`` runs with ``workers`` idle worker processes, and the
-    peak RSS (MiB) of the busiest of them."""
+                    progress: Callable[[str], None], pg: Postgres) -> ThroughputRuns:
+    """Measure ``repeats`` runs with ``workers`` idle worker processes."""
     procs = [side.worker(f"{side.name}-tput-{tag}-{workers}w-{n}",
                          concurrency=THROUGHPUT_CONCURRENCY, events=False)
              for n in range(workers)]
-    rates = []
-    peak = 0.0
+    out = ThroughputRuns()
     try:
         _wait_listening(procs)
         for r in range(repeats):
+            worker_cpu = sum(cpu_seconds(p.proc.pid) or 0.0 for p in procs)
+            server_cpu = pg.cpu_seconds()
             ids, committed = side.fill(f"{tag}-{workers}-{r}", jobs)
             deadline = time.monotonic() + max(120.0, jobs / 50)
             while True:
@@ -219,34 +237,40 @@ def throughput_runs(side: Side, *, workers: int, jobs: int, repeats: int, tag: s
                     raise RuntimeError(f"{side.name}: only {done}/{len(ids)} jobs done")
                 time.sleep(0.1)
             assert last is not None
-            rates.append(jobs / max(last - committed, 1e-6))
-            progress(f"{side.name} throughput, {workers} worker(s): {rates[-1]:,.0f}/s")
+            out.worker_cpu_ms.append(
+                (sum(cpu_seconds(p.proc.pid) or 0.0 for p in procs) - worker_cpu) * 1000 / jobs)
+            server_after = pg.cpu_seconds()
+            if server_cpu is not None and server_after is not None:
+                out.server_cpu_ms.append((server_after - server_cpu) * 1000 / jobs)
+            out.rates.append(jobs / max(last - committed, 1e-6))
+            progress(f"{side.name} throughput, {workers} worker(s): {out.rates[-1]:,.0f}/s, "
+                     f"CPU per job: workers {out.worker_cpu_ms[-1]:.2f} ms"
+                     + (f", server {out.server_cpu_ms[-1]:.2f} ms" if out.server_cpu_ms else ""))
             time.sleep(0.5)
-        peak = max(peak_rss_mib(p.proc.pid) or 0.0 for p in procs)
+        out.peak_rss_mib = max(peak_rss_mib(p.proc.pid) or 0.0 for p in procs)
     finally:
         for p in procs:
             p.stop()
-    return rates, peak
+    return out
 
 
 @dataclass
 class QueueFigures:
     #: side -> one list of latencies (ms) per run
     wakeup: dict[str, list[list[float]]]
-    #: side -> worker processes -> jobs/s per run
-    throughput: dict[str, dict[int, list[float]]]
-    #: side -> peak RSS (MiB) of the busiest worker process under the throughput load
-    peak_rss: dict[str, float]
+    #: side -> worker processes -> runs
+    throughput: dict[str, dict[int, ThroughputRuns]]
 
 
 def run(*, kiln_url: str, procrastinate_url: str, logs: Path, samples: int, repeats: int,
-        jobs: int, worker_counts: tuple[int, ...],
-        progress: Callable[[str], None]) -> QueueFigures:
+        jobs: int, worker_counts: tuple[int, ...], progress: Callable[[str], None],
+        pg: Postgres) -> QueueFigures:
     """Run both benchmarks on both sides; return raw figures."""
     sides: list[Side] = [KilnSide(kiln_url, logs), ProcrastinateSide(procrastinate_url, logs)]
+    async_peer = ProcrastinateSide(procrastinate_url, logs, async_commit=True)
     wakeup: dict[str, list[list[float]]] = {s.name: [] for s in sides}
-    throughput: dict[str, dict[int, list[float]]] = {s.name: {} for s in sides}
-    peak_rss: dict[str, float] = {s.name: 0.0 for s in sides}
+    throughput: dict[str, dict[int, ThroughputRuns]] = {
+        s.name: {} for s in [*sides, async_peer]}
     try:
         for r in range(repeats):
             # alternate the order so that neither side always runs on a warmer machine
@@ -257,11 +281,15 @@ def run(*, kiln_url: str, procrastinate_url: str, logs: Path, samples: int, repe
                          f"p99 {percentile(lat, 99):.2f} ms")
         for count in worker_counts:
             for side in sides:
-                rates, peak = throughput_runs(side, workers=count, jobs=jobs,
-                                              repeats=repeats, tag="tput", progress=progress)
-                throughput[side.name][count] = rates
-                peak_rss[side.name] = max(peak_rss[side.name], peak)
+                throughput[side.name][count] = throughput_runs(
+                    side, workers=count, jobs=jobs, repeats=repeats, tag="tput",
+                    progress=progress, pg=pg)
+        # the same durability trade-off as Kiln's worker, for reference, at the top count
+        top = max(worker_counts)
+        throughput[async_peer.name][top] = throughput_runs(
+            async_peer, workers=top, jobs=jobs, repeats=repeats, tag="tput-async",
+            progress=progress, pg=pg)
     finally:
-        for s in sides:
+        for s in [*sides, async_peer]:
             s.close()
-    return QueueFigures(wakeup=wakeup, throughput=throughput, peak_rss=peak_rss)
+    return QueueFigures(wakeup=wakeup, throughput=throughput)
