@@ -174,33 +174,42 @@ class AttemptLog:
     def due(self, now: float) -> bool:
         """Return whether buffered lines should be written now."""
         with self._lock:
-            if not self._buffer:
-                return False
-            return (len(self._buffer) >= self.writer.batch_lines
-                    or now - self.first_at >= self.writer.flush_seconds)
+            return self._due(now)
 
-    def flush(self) -> None:
-        """Write the buffered lines; on failure keep them for the next flush (a few times)."""
+    def _due(self, now: float) -> bool:
+        return bool(self._buffer) and (len(self._buffer) >= self.writer.batch_lines
+                                       or now - self.first_at >= self.writer.flush_seconds)
+
+    def flush(self, *, whole: bool = True) -> None:
+        """Write buffered lines in batches: all of them, or (not ``whole``) the due ones.
+
+        A batch that cannot be written stays buffered for the next flush, a few times.
+        """
+        w = self.writer
         with self._flush_lock:
-            with self._lock:
-                batch, self._buffer = self._buffer, []
-            if not batch:
-                return
-            try:
-                self.writer.logs.append(self.key, self.attempt, batch)
-            except Exception as exc:  # the build must not fail because its log cannot be stored
-                self.failures += 1
-                if self.failures >= MAX_WRITE_FAILURES:
-                    log.warning("dropping %d log lines of build %s: %s", len(batch), self.key,
-                                exc, extra={"build_key": self.key})
-                    self.failures = 0
-                    return
-                log.info("could not store log lines of build %s, will retry: %s", self.key,
-                         exc, extra={"build_key": self.key})
+            while True:
                 with self._lock:
-                    self._buffer[:0] = batch
-                    self.first_at = self.writer.clock()
-            else:
+                    if not self._buffer or not (whole or self._due(w.clock())):
+                        return
+                    batch = self._buffer[: w.batch_lines]
+                    del self._buffer[: w.batch_lines]
+                    if self._buffer:  # the rest waits at most another flush_seconds
+                        self.first_at = w.clock()
+                try:
+                    w.logs.append(self.key, self.attempt, batch)
+                except Exception as exc:  # the build must not fail because its log can't be stored
+                    self.failures += 1
+                    if self.failures >= MAX_WRITE_FAILURES:
+                        log.warning("dropping %d log lines of build %s: %s", len(batch),
+                                    self.key, exc, extra={"build_key": self.key})
+                        self.failures = 0
+                        continue
+                    log.info("could not store log lines of build %s, will retry: %s",
+                             self.key, exc, extra={"build_key": self.key})
+                    with self._lock:
+                        self._buffer[:0] = batch
+                        self.first_at = w.clock()
+                    return
                 self.failures = 0
 
 
@@ -247,7 +256,7 @@ class LogWriter:
             sinks = list(self._sinks.items())
         for name, sink in sinks:
             if force or sink.due(now):
-                sink.flush()
+                sink.flush(whole=force)
             if sink.pending() == 0 and (
                     sink.finished or now - sink.last_at >= IDLE_FORGET_SECONDS):
                 with self._lock:

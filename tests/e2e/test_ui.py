@@ -7,6 +7,7 @@ Chromium is Debian's (/usr/bin/chromium), driven by Playwright's Python package.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -17,6 +18,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from playwright.sync_api import expect
 
 from tests.fixtures import goproxy as gp
 from tests.service import REPO, KilnProcesses
@@ -41,8 +43,17 @@ def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_templa
     info = psycopg.conninfo.conninfo_to_dict(pg_server_url)
     info["dbname"] = name
     url = psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+    # the operator's plugin catalog, which the form searches
+    catalog = root / "catalog.json"
+    catalog.write_text(json.dumps({"result": [
+        {"path": gp.HELLO, "downloads": 7,
+         "modules": [{"name": gp.HELLO_ID, "docs": "Says hello."}]},
+        {"path": gp.DNS_PACKAGE, "downloads": 3,
+         "modules": [{"name": gp.DNS_ID, "docs": "An example DNS provider."}]},
+    ]}))
     service = KilnProcesses(db_url=url, root=root, goproxy=f"file://{proxy_dir}",
-                            cache_dir=go_cache_dir)
+                            cache_dir=go_cache_dir,
+                            env={"KILN_PLUGINS__CATALOG_FILE": str(catalog)})
     try:
         service.start_worker()
         service.wait_for_worker()
@@ -78,16 +89,26 @@ def test_pick_two_plugins_build_watch_download_and_run(kiln: KilnProcesses, brow
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(kiln.url + "/")
 
-    # every control is reachable by its label; plugins are added with the keyboard
+    # every control is reachable by its label
     page.get_by_label("Platform").select_option("linux/amd64")
     page.get_by_label("Caddy version").fill("v2.8.0")
     search = page.get_by_label("Search the catalog, or type a Go module path")
-    for plugin in (f"{gp.HELLO}@v0.1.0", gp.DNS_PACKAGE):
-        search.fill(plugin)
-        search.press("Enter")
-    selected = page.locator("#selected-plugins li")
-    assert selected.count() == 2
-    assert page.get_by_label(f"Version of {gp.HELLO}").input_value() == "v0.1.0"
+    expect(page.locator("#catalog-status")).to_contain_text("2 plugins in the catalog")
+    # search by a module name, pick with the keyboard
+    search.fill("hello")
+    matches = page.get_by_role("listbox", name="Matching plugins")
+    expect(matches.get_by_role("option")).to_have_count(1)
+    search.press("ArrowDown")
+    search.press("Enter")
+    # search by path, pick with the mouse
+    search.fill("dns")
+    matches.get_by_role("option", name=gp.DNS_PACKAGE).click()
+    expect(page.locator("#selected-plugins li")).to_have_count(2)
+    # a version for each plugin, offered from the module proxy
+    hello_version = page.get_by_label(f"Version of {gp.HELLO}")
+    expect(page.locator(f"#{hello_version.get_attribute('list')} option")).to_have_count(
+        len(gp.HELLO_VERSIONS))
+    hello_version.fill("v0.1.0")
     page.get_by_role("button", name="Build").click()
 
     page.wait_for_url("**/builds/*", timeout=60_000)
