@@ -383,14 +383,14 @@ async function showResult(doc) {
 async function showSignature(url) {
   try {
     const resp = await fetch(url);
-    if (!resp.ok) return;
-    const text = (await resp.text()).trim();
-    if (!text || text.length > 400) return;
-    $("signature").textContent = text;
+    if (!resp.ok) return;  // unsigned: the worker had no signing key
+    const raw = new Uint8Array(await resp.arrayBuffer());
+    if (raw.length !== 64) return;
+    $("signature").textContent = btoa(String.fromCharCode(...raw));
     $("signature-link").href = url;
     $("signature-label").hidden = false;
     $("signature-value").hidden = false;
-  } catch (e) { /* unsigned build */ }
+  } catch (e) { /* no signature to show */ }
 }
 
 async function showBuild(key) {

@@ -6,6 +6,7 @@ Chromium is Debian's (/usr/bin/chromium), driven by Playwright's Python package.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -18,6 +19,9 @@ from typing import Any
 
 import psycopg
 import pytest
+import requests
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from playwright.sync_api import expect
 
 from tests.fixtures import goproxy as gp
@@ -51,9 +55,14 @@ def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_templa
         {"path": gp.DNS_PACKAGE, "downloads": 3,
          "modules": [{"name": gp.DNS_ID, "docs": "An example DNS provider."}]},
     ]}))
+    # a signing key, so the page has a signature to show
+    key_file = root / "signing.pem"
+    key_file.write_bytes(Ed25519PrivateKey.generate().private_bytes(
+        Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
     service = KilnProcesses(db_url=url, root=root, goproxy=f"file://{proxy_dir}",
                             cache_dir=go_cache_dir,
-                            env={"KILN_PLUGINS__CATALOG_FILE": str(catalog)})
+                            env={"KILN_PLUGINS__CATALOG_FILE": str(catalog),
+                                 "KILN_SIGNING__KEY_FILE": str(key_file)})
     try:
         service.start_worker()
         service.wait_for_worker()
@@ -125,6 +134,8 @@ def test_pick_two_plugins_build_watch_download_and_run(kiln: KilnProcesses, brow
     assert page.locator("#log").inner_text().splitlines()[-1].startswith("succeeded: ")
     sha256 = page.locator("#sha256").inner_text()
     assert len(sha256) == 64
+    signature = requests.get(f"{kiln.url}/api/builds/{key}/artifact.sig", timeout=30).content
+    expect(page.locator("#signature")).to_have_text(base64.b64encode(signature).decode())
     assert [s.get_attribute("class") for s in page.locator("#steps li").all()][0] == "step done"
 
     with page.expect_download() as info:
