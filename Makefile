@@ -58,6 +58,8 @@ test-unit: install ## Run the fast unit tests only
 
 .PHONY: bench
 bench: install ## Run the benchmarks; writes bench/results.json and bench/results.md
+	$(PY) -m pip install -q -e '.[bench]'
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || echo "wrk and nginx are needed for the download figures: apt-get install -y wrk nginx"
 	$(PY) -m bench
 
 .PHONY: clean
