@@ -175,6 +175,15 @@ class Builder:
               cancel: threading.Event | None = None) -> BuildOutput:
         """Fetch modules and compile; raise BuildFailure or Cancelled."""
         timings: dict[str, float] = {}
+        self.fetch(spec, key=key, workdir=workdir, log=log, cancel=cancel, timings=timings)
+        return self.compile(spec, key=key, workdir=workdir, log=log, cancel=cancel,
+                            timings=timings)
+
+    def fetch(self, spec: BuildSpec, *, key: str, workdir: Path, log: LogSink,
+              cancel: threading.Event | None = None,
+              timings: dict[str, float] | None = None) -> str:
+        """Write main.go and go.mod, fetch and pin the modules; return the final go.mod."""
+        timings = {} if timings is None else timings
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "main.go").write_text(main_go(spec))
         (workdir / "go.mod").write_text(go_mod(spec))
@@ -203,6 +212,14 @@ class Builder:
                     "requirements: ask for compatible versions",
                     retryable=False, step=FETCH,
                 )
+        return mod_text
+
+    def compile(self, spec: BuildSpec, *, key: str, workdir: Path, log: LogSink,
+                cancel: threading.Event | None = None,
+                timings: dict[str, float] | None = None) -> BuildOutput:
+        """Compile ``spec`` in a work directory ``fetch`` prepared (for any platform)."""
+        timings = {} if timings is None else timings
+        mod_text = (workdir / "go.mod").read_text()
         output = spec.filename
         env = {
             "GOPROXY": "off",
