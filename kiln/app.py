@@ -85,7 +85,8 @@ def make_worker(config: Config, *, max_jobs: int = 0, idle_exit: float = 0.0) ->
     pool = make_pool(url, config.database, application="kiln-worker", min_size=1,
                      max_size=max(2, config.worker.concurrency + 2), synchronous_commit=False)
     # step durations go to /metrics through the shared table
-    sandbox = MeteredSandbox(make_sandbox(config.build), MetricsRecorder(
+    # a configured worker id labels its sandbox containers: a restart removes its own leftovers
+    sandbox = MeteredSandbox(make_sandbox(config.build, worker_id=config.worker.id), MetricsRecorder(
         pool, flush_seconds=config.metrics.flush_seconds).start())
     builder = Builder(
         sandbox=sandbox, goproxy=config.build.goproxy, gosumdb=config.build.gosumdb,

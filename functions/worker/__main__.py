@@ -11,6 +11,7 @@ from kiln.app import make_worker
 from kiln.config import ConfigError, load_config
 from kiln.logconfig import setup_logging
 from kiln.preemption import PreemptionMonitor, detectors_from_config
+from kiln.sandbox import SandboxError
 
 log = logging.getLogger("kiln.worker")
 
@@ -29,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     setup_logging(config.logging, process="worker")
-    worker: Any = make_worker(config, max_jobs=args.max_jobs, idle_exit=args.idle_exit)
+    try:
+        worker: Any = make_worker(config, max_jobs=args.max_jobs, idle_exit=args.idle_exit)
+    except SandboxError as exc:  # no engine, no image, a bad sandbox setting: say which
+        log.error("cannot start the worker: %s", exc)
+        return 2
     # a preemption notice or a drain signal stops claiming and hands running builds back
     preemption = config.worker.preemption
     monitor = PreemptionMonitor(detectors_from_config(preemption),

@@ -188,6 +188,13 @@ class DockerSandbox:
         self.uid, self.gid = _numeric_user(user)
         if self.uid == 0 or user.partition(":")[0] == "root":
             raise SandboxError(f"build.docker.user: {user!r} is root; steps must run unprivileged")
+        if self.uid is not None and os.geteuid() not in (0, self.uid):
+            # only a root worker can hand its directories to another user (see _give)
+            raise SandboxError(
+                f"build.docker.user: steps running as {user} could not write the work "
+                f"directories of a worker running as uid {os.geteuid()}: run the worker as "
+                f"root, or set build.docker.user to {os.geteuid()}:{os.getegid()}"
+            )
         root = cache_dir.resolve() / "docker"
         self.modcache = root / "mod"
         self.buildcache = root / "build"
