@@ -200,14 +200,25 @@ class KeyManager:
 # -- kiln keys ----------------------------------------------------------------------------
 
 
-def _manager(config: Config) -> KeyManager:
-    from kiln.app import database_url
+@contextmanager
+def _manager(config: Config) -> Iterator[KeyManager]:
+    """Yield a KeyManager on database.url, or on `kiln serve`'s embedded PostgreSQL."""
     from kiln.db import make_pool
 
-    pool = make_pool(database_url(config), config.database, application="kiln-keys",
-                     min_size=1, max_size=1)
-    pool.wait(timeout=config.database.connect_timeout * 2)
-    return KeyManager(pool)
+    url, server = config.database.url, None
+    if not url:
+        from kiln.standalone import start_embedded_postgres
+
+        # the server is shared: it stops only when its last user (kiln serve) lets go
+        server, url = start_embedded_postgres(config.database.embedded_dir)
+    pool = make_pool(url, config.database, application="kiln-keys", min_size=1, max_size=1)
+    try:
+        pool.wait(timeout=config.database.connect_timeout * 2)
+        yield KeyManager(pool)
+    finally:
+        pool.close()
+        if server is not None:
+            server.cleanup()
 
 
 def _when(value: dt.datetime | None) -> str:
@@ -216,49 +227,55 @@ def _when(value: dt.datetime | None) -> str:
 
 def cmd_keys(args: argparse.Namespace, config: Config) -> int:
     """Run one ``kiln keys`` action against the database."""
-    manager = _manager(config)
     try:
-        if args.action == "create":
-            try:
-                key, token = manager.create(args.name, scope=args.scope,
-                                            priority=args.priority,
-                                            builds_per_window=args.builds_per_window)
-            except ApiKeyError as exc:
-                print(f"kiln keys: {exc}", file=sys.stderr)
-                return 1
-            if args.json:
-                print(json.dumps({**key.to_json(), "token": token}))
-            else:
-                print(f"created key {key.name} ({key.id}), scope {key.scope}, "
-                      f"priority {key.priority}")
-                print("token (shown only now; send it as 'Authorization: Bearer <token>'):")
-                print(token)
-            return 0
-        if args.action == "revoke":
-            revoked = manager.revoke(args.which)
-            if revoked is None:
-                print(f"kiln keys: no live key has the id or name {args.which!r} "
-                      "(`kiln keys list` shows them)", file=sys.stderr)
-                return 1
-            print(json.dumps(revoked.to_json()) if args.json
-                  else f"revoked key {revoked.name} ({revoked.id})")
-            return 0
-        keys = manager.list(include_revoked=args.all)
+        with _manager(config) as manager:
+            return _run_keys(args, manager)
+    except psycopg.errors.UndefinedTable:
+        print("kiln keys: the database has no kiln_api_keys table yet: run `kiln migrate` "
+              "(or start kiln serve or the janitor, which migrate)", file=sys.stderr)
+        return 1
+
+
+def _run_keys(args: argparse.Namespace, manager: KeyManager) -> int:
+    if args.action == "create":
+        try:
+            key, token = manager.create(args.name, scope=args.scope,
+                                        priority=args.priority,
+                                        builds_per_window=args.builds_per_window)
+        except ApiKeyError as exc:
+            print(f"kiln keys: {exc}", file=sys.stderr)
+            return 1
         if args.json:
-            print(json.dumps([k.to_json() for k in keys]))
-            return 0
-        rows = [("ID", "NAME", "SCOPE", "PRIORITY", "BUILDS/WINDOW", "CREATED", "LAST USED",
-                 "REVOKED")]
-        for k in keys:
-            quota = "default" if k.builds_per_window is None else str(k.builds_per_window)
-            rows.append((k.id, k.name, k.scope, str(k.priority), quota, _when(k.created_at),
-                         _when(k.last_used_at), _when(k.revoked_at)))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+            print(json.dumps({**key.to_json(), "token": token}))
+        else:
+            print(f"created key {key.name} ({key.id}), scope {key.scope}, "
+                  f"priority {key.priority}")
+            print("token (shown only now; send it as 'Authorization: Bearer <token>'):")
+            print(token)
         return 0
-    finally:
-        manager.pool.close()
+    if args.action == "revoke":
+        revoked = manager.revoke(args.which)
+        if revoked is None:
+            print(f"kiln keys: no live key has the id or name {args.which!r} "
+                  "(`kiln keys list` shows them)", file=sys.stderr)
+            return 1
+        print(json.dumps(revoked.to_json()) if args.json
+              else f"revoked key {revoked.name} ({revoked.id})")
+        return 0
+    keys = manager.list(include_revoked=args.all)
+    if args.json:
+        print(json.dumps([k.to_json() for k in keys]))
+        return 0
+    rows = [("ID", "NAME", "SCOPE", "PRIORITY", "BUILDS/WINDOW", "CREATED", "LAST USED",
+             "REVOKED")]
+    for k in keys:
+        quota = "default" if k.builds_per_window is None else str(k.builds_per_window)
+        rows.append((k.id, k.name, k.scope, str(k.priority), quota, _when(k.created_at),
+                     _when(k.last_used_at), _when(k.revoked_at)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    return 0
 
 
 def add_commands(sub: Any, *, load_config: Callable[[argparse.Namespace], Config]) -> None:

@@ -14,7 +14,9 @@ import logging
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
+from gunicorn.glogging import Logger as GunicornBaseLogger
 from pythonjsonlogger.json import JsonFormatter
 
 from kiln.config import LoggingConfig
@@ -23,6 +25,8 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(process_name)s %(name)s: %(message)s"
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(process_name)s %(message)s"
 
 
+#: gunicorn's loggers: taken over inside the API's processes
+GUNICORN_LOGGERS = ("gunicorn.error", "gunicorn.access")
 #: the fields text lines show, in this order, when a line has them
 CONTEXT_FIELDS = ("request_id", "build_key", "step", "worker_id")
 
@@ -83,17 +87,69 @@ class _ProcessName(logging.Filter):
         return True
 
 
-def setup_logging(config: LoggingConfig, *, process: str) -> None:
-    """Send this process's logs to stderr in the configured format."""
+class _GunicornAccess(logging.Filter):
+    """Give gunicorn's access lines the request id the response carried."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "gunicorn.access" and isinstance(record.args, Mapping) \
+                and not hasattr(record, "request_id"):
+            try:
+                rid = record.args["{x-request-id}o"]
+            except KeyError:
+                rid = None
+            if rid and rid != "-":
+                record.request_id = rid
+        return True
+
+
+def make_handler(config: LoggingConfig, *, process: str) -> logging.Handler:
+    """Return a stderr handler writing lines in the configured format, with context."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ProcessName(process))
     handler.addFilter(_Context())
+    handler.addFilter(_GunicornAccess())
     if config.format == "json":
         handler.setFormatter(JsonFormatter(JSON_FIELDS, rename_fields={"levelname": "level"}))
     else:
         handler.setFormatter(TextFormatter(TEXT_FORMAT))
+    return handler
+
+
+def _adopt_gunicorn(handler: logging.Handler) -> None:
+    """Send gunicorn's own lines (when it logs them at all) through ``handler`` too."""
+    for name in GUNICORN_LOGGERS:
+        if name not in logging.Logger.manager.loggerDict:
+            continue  # not inside gunicorn
+        gunicorn_log = logging.getLogger(name)
+        if gunicorn_log.handlers:  # a disabled access log stays disabled
+            gunicorn_log.handlers[:] = [handler]
+            gunicorn_log.propagate = False
+
+
+def setup_logging(config: LoggingConfig, *, process: str) -> None:
+    """Send this process's logs to stderr in the configured format."""
+    handler = make_handler(config, process=process)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level)
     for noisy in ("urllib3", "docker", "botocore", "boto3", "s3transfer"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
+    _adopt_gunicorn(handler)
+
+
+class GunicornLogger(GunicornBaseLogger):
+    """gunicorn's logger writing Kiln's format, in the master process too.
+
+    ``gunicorn --logger-class kiln.logconfig.GunicornLogger``: gunicorn's error and access
+    lines become JSON with ``logging.format: json``, access lines with their request id.
+    """
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        from kiln.config import ConfigError, load_config
+
+        try:
+            config = load_config().logging
+        except ConfigError:
+            config = LoggingConfig()  # the app itself reports the bad config
+        _adopt_gunicorn(make_handler(config, process="api"))

@@ -154,8 +154,10 @@ class MetricsRecorder:
         return self
 
     def stop(self) -> None:
-        """Stop the flusher and flush what is left."""
+        """Stop the flusher and flush what is left (unless the pool was closed first)."""
         self._stop.set()
+        if self.pool.closed:
+            return
         try:
             self.flush()
         except Exception:  # at exit the pool may already be closed

@@ -55,6 +55,7 @@ def gunicorn_command(config: Config) -> list[str]:
         "--graceful-timeout", "10",
         "--keep-alive", "75",
         "--access-logfile", "-",
+        "--logger-class", "kiln.logconfig.GunicornLogger",
     ]
 
 

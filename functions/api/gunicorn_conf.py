@@ -28,3 +28,5 @@ timeout = 0
 graceful_timeout = 10
 keepalive = KEEPALIVE_SECONDS
 accesslog = "-"
+# gunicorn's own lines in Kiln's log format (JSON with logging.format: json)
+logger_class = "kiln.logconfig.GunicornLogger"

@@ -47,9 +47,9 @@ def app_routes(db_url: str) -> set[tuple[str, str, str]]:
                 for route in inspect.inspect_routes(app)
                 for m in route.methods if not m.internal}
     finally:
-        services.queue.pool.close()
         if services.metrics is not None:
             services.metrics.stop()
+        services.queue.pool.close()
 
 
 def test_every_route_is_described(db_url: str) -> None:

@@ -77,3 +77,28 @@ def test_log_lines_carry_the_bound_context(fmt: str, monkeypatch: pytest.MonkeyP
         assert lines[0].endswith("inside [request_id=req-1]")
         assert lines[1].endswith(f"explicit [request_id=req-1 build_key={'b' * 64}]")
         assert lines[2].endswith("outside")
+
+
+def test_gunicorn_lines_take_kiln_format(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gunicorn.config import Config as GunicornConfig
+
+    from kiln.logconfig import GunicornLogger
+
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    monkeypatch.setenv("CONFIG_PATH", "/dev/null")
+    monkeypatch.setenv("KILN_LOGGING__FORMAT", "json")
+    cfg = GunicornConfig()
+    cfg.set("accesslog", "-")
+    logger = GunicornLogger(cfg)
+    try:
+        logger.info("Booting worker with pid: %s", 42)
+        atoms = logger.atoms_wrapper_class({"h": "203.0.113.9", "r": "GET /healthz HTTP/1.1",
+                                            "s": "200", "{x-request-id}o": "rid-9"})
+        logger.access_log.info(cfg.access_log_format, atoms)
+    finally:
+        for log in (logger.error_log, logger.access_log):
+            log.handlers.clear()
+    boot, access = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert boot["message"] == "Booting worker with pid: 42" and boot["process_name"] == "api"
+    assert access["request_id"] == "rid-9" and "GET /healthz" in access["message"]
