@@ -28,7 +28,6 @@ PUBLIC = "public"
 BUILD = "build"
 KEY = "key"
 ADMIN = "admin"
-REQUIREMENTS = (PUBLIC, BUILD, KEY, ADMIN)
 
 ADMIN_PREFIX = "/api/admin/"
 
@@ -69,20 +68,18 @@ class AuthMiddleware:
     """Find who is asking, and refuse what they may not do."""
 
     def __init__(self, *, keys: KeyManager, mode: str = "open",
-                 trusted_proxies: Sequence[Network] = (),
-                 overrides: Mapping[tuple[str, str], str] | None = None) -> None:
+                 trusted_proxies: Sequence[Network] = ()) -> None:
         self.keys = keys
         self.mode = mode
         self.trusted_proxies = tuple(trusted_proxies)
-        self.policy = {**POLICY, **(overrides or {})}
 
     def requirement(self, method: str, template: str, resource: object) -> str:
         """Return what ``method`` on ``template`` needs."""
         declared = getattr(resource, "auth", None)
         if isinstance(declared, Mapping) and method in declared:
             return str(declared[method])
-        if (method, template) in self.policy:
-            return self.policy[(method, template)]
+        if (method, template) in POLICY:
+            return POLICY[(method, template)]
         if template.startswith(ADMIN_PREFIX) or template == ADMIN_PREFIX.rstrip("/"):
             return ADMIN
         return PUBLIC

@@ -329,3 +329,28 @@ def test_admin_deletes_an_artifact_and_the_next_request_rebuilds(kiln: Kiln) -> 
     # asked for again, it is built again
     again = post_build(service.url, body, kiln.tokens["ci"])
     assert again.status_code == 202 and again.json()["state"] == "queued"
+
+
+def test_private_metrics_need_an_admin_key(kiln: Kiln) -> None:
+    from falcon import testing
+
+    from kiln.api import create_app
+    from kiln.app import make_services
+    from kiln.config import load_config
+
+    config = load_config("/dev/null", env={"KILN_DATABASE__URL": kiln.db_url,
+                                           "KILN_METRICS__PUBLIC": "false"})
+    services = make_services(config)
+    try:
+        client = testing.TestClient(create_app(services))
+        assert client.simulate_get("/metrics").status_code == 401
+        as_builder = client.simulate_get("/metrics", headers=bearer(kiln.tokens["ci"]))
+        assert as_builder.status_code == 403
+        as_admin = client.simulate_get("/metrics", headers=bearer(kiln.tokens["ops"]))
+        assert as_admin.status_code == 200 and "kiln_builds" in as_admin.text
+        spec = client.simulate_get("/openapi.json").json
+        assert spec["paths"]["/metrics"]["get"]["security"] == [{"bearer": []}]
+    finally:
+        assert services.metrics is not None
+        services.metrics.stop()
+        services.queue.pool.close()
