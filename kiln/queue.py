@@ -85,6 +85,12 @@ class QueueManager:
         ``admit`` runs in that transaction when the call would queue the build; raising
         from it undoes the insert (quotas are enforced this way).
         """
+        existing = self.get(key)
+        if existing is not None and _enqueue_keeps(existing):
+            # a cached, queued or running build (the common case) is answered by one read:
+            # the insert would lock the row, wait for whoever holds it (a download being
+            # counted) and make its commit wait for a WAL flush (bench/: download lookup)
+            return EnqueueResult(build=existing, queued=False)
         with self._conn() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
             cur.execute(queries()["enqueue"], {
                 "key": key, "spec": Jsonb(spec), "priority": priority,
@@ -250,6 +256,16 @@ class QueueManager:
     def expire_resolutions(self) -> None:
         """Delete expired resolutions."""
         self._one_exec("expire_resolutions", {})
+
+
+def _enqueue_keeps(build: dict[str, Any]) -> bool:
+    """Tell whether enqueueing this build again leaves it as it is (see the enqueue query)."""
+    state = build["state"]
+    if state == "succeeded":
+        return build["artifact_path"] is not None
+    if state == "failed":
+        return build["error_kind"] != "retryable"
+    return state in ("queued", "running")
 
 
 def parse_event(payload: str) -> tuple[str, str]:
