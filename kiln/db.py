@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from kiln.config import DatabaseConfig
 
@@ -73,10 +73,10 @@ def _check_if_idle(conn: psycopg.Connection) -> None:
 #: while no connection can be made, a caller waits this long for one (then gets an error:
 #: the API answers 503) instead of the pool's whole timeout, for each of its queries
 UNREACHABLE_WAIT_SECONDS = 1.0
-#: a failing reconnection is retried with backoff (1, 2, 4 s) for this long, then given up:
-#: the next caller starts a new attempt at once (psycopg_pool's default, 5 minutes of
-#: doubling delays, kept a pool away from a restarted database for up to a minute)
-RECONNECT_SECONDS = 10.0
+#: a failing reconnection is retried with backoff (after 1, then 2 s) for this long, then
+#: given up: the next caller starts a new attempt at once (psycopg_pool's default, 5 minutes
+#: of doubling delays, kept a pool away from a restarted database for up to a minute)
+RECONNECT_SECONDS = 5.0
 
 
 class ResilientPool(ConnectionPool):
@@ -101,12 +101,25 @@ class ResilientPool(ConnectionPool):
 
         super().__init__(*args, connection_class=Connection, **kwargs)
 
+    def _unreachable(self) -> bool:
+        return self.unreachable_since is not None and not self.get_stats().get("pool_available")
+
     def getconn(self, timeout: float | None = None) -> Any:
         """Return a connection; wait only briefly while the database is unreachable."""
-        if self.unreachable_since is not None and not self.get_stats().get("pool_available"):
-            timeout = min(self.timeout if timeout is None else timeout,
-                          UNREACHABLE_WAIT_SECONDS)
-        return super().getconn(timeout)
+        timeout = self.timeout if timeout is None else timeout
+        first = min(timeout, UNREACHABLE_WAIT_SECONDS)
+        if self._unreachable():
+            return super().getconn(first)
+        # wait in two steps: the first caller after the database went away learns it
+        # (from the replacement connection that failed) within the first step
+        started = time.monotonic()
+        try:
+            return super().getconn(first)
+        except PoolTimeout:
+            left = timeout - (time.monotonic() - started)
+            if left <= 0 or self._unreachable():
+                raise
+        return super().getconn(left)
 
 
 def make_pool(url: str, config: DatabaseConfig, *, application: str = "kiln",

@@ -52,8 +52,9 @@ log = logging.getLogger(__name__)
 #: first argument of the two-key advisory locks that guard janitor jobs ("jnt" in ASCII)
 LOCK_CLASS = 0x6A6E74
 #: a job's turn is free again after this fraction of its interval, so that one janitor's
-#: schedule (which fires a little early or late) never skips a turn
-TURN_GAP_FRACTION = 0.5
+#: schedule (which fires a little early or late) never skips a turn, while several janitors
+#: (or one-shot runs more frequent than the interval) run the job about once per interval
+TURN_GAP_FRACTION = 0.8
 #: delay between attempts to apply migrations at start while the database is unreachable
 MIGRATE_RETRY_SECONDS = 2.0
 #: longest a job's result is kept in kiln_janitor_runs
@@ -249,7 +250,7 @@ class Janitor:
 
         # each running job holds one connection for its lock and uses at most one more
         pool = make_pool(url, config.database, application="kiln-janitor",
-                         min_size=1, max_size=8)
+                         min_size=1, max_size=16)
         queue = QueueManager(pool)
         maintenance = Maintenance(pool)
         jc = config.janitor

@@ -175,14 +175,16 @@ class Worker:
             now = self.clock()
             if free > 0 and (self._wake.is_set() or now >= next_poll):
                 self._wake.clear()
+                next_poll = now + self.poll_seconds
                 try:
                     claimed = self.queue.claim(self.id, limit=free,
                                                lease_seconds=self.lease_seconds)
                 except psycopg.Error as exc:
                     log.warning("claim failed, retrying: %s", exc)
                     claimed = []
-                    self.stopping.wait(RECONNECT_SECONDS)
-                next_poll = now + self.poll_seconds
+                    # retry soon, not after a whole poll: the wake-up that a reconnected
+                    # listener gives may have been spent on this failed claim
+                    next_poll = self.clock() + RECONNECT_SECONDS
                 for job in claimed:
                     self._start(pool, job)
                 if len(claimed) == free and free > 0:

@@ -229,7 +229,7 @@ def test_a_job_runs_once_per_turn_between_janitors(queue: QueueManager,
     gate.set()
     thread.join()
     assert outcome == {"slow": "done"}
-    # its turn is taken for half an interval, unless an operator forces it
+    # its turn stays taken for most of an interval, unless an operator forces it
     assert second.run_once() == {"slow": "not due"}
     assert second.run_once(only=["slow"]) == {"slow": "done"}
     assert calls["slow"] == 2
