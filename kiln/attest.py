@@ -421,8 +421,12 @@ class Attestor:
     def inspect(self, sandbox: Sandbox, binary: Path, *, key: str,
                 log: LogSink) -> BuildInfo:
         """Read the binary's build information with ``go version -m`` in a network-less step."""
+        # GO_TELEMETRY_CHILD=2: no telemetry sidecar. The go command otherwise starts a
+        # detached child that outlives this quick step and writes into its scratch HOME
+        # while the process sandbox removes it.
         step = Step(INSPECT, ("go", "version", "-m", binary.name),
-                    env={"GOTOOLCHAIN": "local", "GOFLAGS": ""}, network=False,
+                    env={"GOTOOLCHAIN": "local", "GOFLAGS": "", "GO_TELEMETRY_CHILD": "2"},
+                    network=False,
                     timeout=INSPECT_TIMEOUT_SECONDS, build_key=key)
         result = sandbox.run(step, workdir=binary.parent)
         if not result.ok:
