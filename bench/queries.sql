@@ -28,3 +28,6 @@ ON CONFLICT (key) DO UPDATE
 
 -- name: kiln_builds_count
 SELECT count(*) FROM kiln_builds;
+
+-- name: floor_notify
+SELECT pg_notify('kiln_bench_floor', %(payload)s);

@@ -178,6 +178,10 @@ def _claimed(key: str) -> Callable[[dict[str, Any]], bool]:
     return lambda e: e["event"] == "claim" and key in e["keys"]
 
 
+def _notified(payload: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: e["event"] == "notify" and e["key"] == payload
+
+
 def _completed(key: str) -> Callable[[dict[str, Any]], bool]:
     return lambda e: e["event"] == "complete" and e["key"] == key
 
@@ -213,6 +217,25 @@ class ThroughputRuns:
     #: the server's CPU per job, queueing the jobs included (empty: not measurable)
     server_cpu_ms: list[float] = field(default_factory=list)
     peak_rss_mib: float = 0.0
+
+
+def floor_run(url: str, *, samples: int, logs: Path) -> list[float]:
+    """Return ``samples`` latencies (ms) from a committed NOTIFY to a bare LISTEN client."""
+    listener = Child("notify-floor", [sys.executable, "-m", "bench.notify_floor", url],
+                     env=base_env(), logs=logs, events=True)
+    try:
+        listener.wait_event(lambda e: e["event"] == "listening", START_TIMEOUT)
+        latencies = []
+        with psycopg.connect(url, autocommit=True) as conn:
+            for i in range(samples):
+                time.sleep(random.uniform(0.002, 0.006))
+                conn.execute(bench_queries()["floor_notify"], {"payload": str(i)})
+                committed = time.monotonic()
+                event = listener.wait_event(_notified(str(i)), 10)
+                latencies.append((event["t"] - committed) * 1000)
+        return latencies
+    finally:
+        listener.stop()
 
 
 def throughput_runs(side: Side, *, workers: int, jobs: int, repeats: int, tag: str,
@@ -258,6 +281,8 @@ def throughput_runs(side: Side, *, workers: int, jobs: int, repeats: int, tag: s
 class QueueFigures:
     #: side -> one list of latencies (ms) per run
     wakeup: dict[str, list[list[float]]]
+    #: a bare LISTEN client's latencies (ms) per run, in the same minutes (the floor)
+    floor: list[list[float]]
     #: side -> worker processes -> runs
     throughput: dict[str, dict[int, ThroughputRuns]]
 
@@ -271,8 +296,12 @@ def run(*, kiln_url: str, procrastinate_url: str, logs: Path, samples: int, repe
     wakeup: dict[str, list[list[float]]] = {s.name: [] for s in sides}
     throughput: dict[str, dict[int, ThroughputRuns]] = {
         s.name: {} for s in [*sides, async_peer]}
+    floor: list[list[float]] = []
     try:
         for r in range(repeats):
+            floor.append(floor_run(kiln_url, samples=samples, logs=logs))
+            progress(f"bare LISTEN client run {r + 1}: p50 {percentile(floor[-1], 50):.2f} "
+                     f"ms, p99 {percentile(floor[-1], 99):.2f} ms")
             # alternate the order so that neither side always runs on a warmer machine
             for side in sides if r % 2 == 0 else sides[::-1]:
                 lat = wakeup_run(side, samples=samples, tag=f"wake-{r}", progress=progress)
@@ -292,4 +321,4 @@ def run(*, kiln_url: str, procrastinate_url: str, logs: Path, samples: int, repe
     finally:
         for s in [*sides, async_peer]:
             s.close()
-    return QueueFigures(wakeup=wakeup, throughput=throughput)
+    return QueueFigures(wakeup=wakeup, floor=floor, throughput=throughput)
