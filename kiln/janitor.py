@@ -108,11 +108,13 @@ class Maintenance:
                 yield locked
             finally:
                 if locked:
-                    # a broken connection has lost the lock already: the session ended
                     try:
                         conn.execute(queries()["unlock"], params)
                     except psycopg.Error as exc:
+                        # closing ends the session, which releases the lock; the pool then
+                        # drops the connection instead of lending it out still locked
                         log.warning("could not release the lock of %s: %s", job, exc)
+                        conn.close()
 
     def take_turn(self, job: str, *, min_gap: float) -> bool:
         """Record that ``job`` starts now, unless it started within ``min_gap`` seconds."""

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
+from kiln.preemption import AwsSpotDetector, AzureDetector, GceDetector, Notice
 from tests.fixtures import goproxy as gp
 from tests.processes import sandbox_processes
 from tests.service import KilnProcesses
@@ -101,6 +102,8 @@ class MetadataHandler(BaseHTTPRequestHandler):
                 self._send(200, json.dumps(AWS_ACTION).encode(), "text/plain")
             else:
                 self._send(404, b"Not Found")
+        elif url.path.startswith("/impostor/"):
+            self._send(200, b"TRUE")  # any web server, not a metadata server
         elif url.path.startswith("/computeMetadata/v1/"):
             if self.headers.get("Metadata-Flavor") != "Google":
                 self._send(403, b"Missing required header: Metadata-Flavor")
@@ -278,6 +281,28 @@ def test_preempted_worker_drains_and_its_build_completes_elsewhere(
     assert final["attempt_history"][0]["worker_id"] == victim
     assert rescuer.wait(30) == 0
     shutil.rmtree(cold_cache, ignore_errors=True)
+
+
+def test_detectors_follow_each_protocol(metadata: tuple[str, MetadataState]) -> None:
+    url, state = metadata
+    state.reset()
+    aws = AwsSpotDetector(url)
+    gce, azure = GceDetector(url), AzureDetector(url)
+    assert (aws.poll(), gce.poll(), azure.poll()) == (None, None, None)
+    with state.lock:
+        state.tokens.clear()  # the metadata service restarted: old session tokens are void
+        state.preempted = True
+    notice = aws.poll()
+    assert notice is not None and "terminate" in notice.detail
+    assert [r for r in state.requests if r.startswith("PUT")] == ["PUT /latest/api/token"] * 2
+    assert gce.poll() == Notice("gce", "instance preempted")
+    notice = azure.poll()
+    assert notice is not None and notice.event_id == EVENT_ID  # not the neighbour's event
+    azure.acknowledge(notice)
+    assert state.acks == [{"StartRequests": [{"EventId": EVENT_ID}]}]
+    # a server that is not GCE's metadata server (no Metadata-Flavor answer) is not believed
+    with pytest.raises(OSError, match="not come from a GCE metadata server"):
+        GceDetector(url + "/impostor").poll()
 
 
 def test_a_worker_started_on_a_reclaimed_instance_takes_nothing(

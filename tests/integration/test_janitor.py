@@ -19,11 +19,13 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from kiln.gc import Pruner, StorageCollector
 from kiln.janitor import Janitor, Job, Maintenance
 from kiln.queue import QUEUE_CHANNEL, QueueManager
+from kiln.queue import queries as queue_queries
 from kiln.storage import LocalStore, file_sha256
 
 REPO = Path(__file__).resolve().parents[2]
@@ -363,23 +365,32 @@ def test_gc_repairs_orphans_and_missing_artifacts(
     assert [o.path for o in store.objects() if running in o.path] != []
 
 
-def test_a_request_during_collection_waits_and_then_rebuilds(
-        queue: QueueManager, store: LocalStore, pool: ConnectionPool, tmp_path: Path) -> None:
+def test_a_rebuild_never_races_the_delete_of_a_collected_artifact(
+        queue: QueueManager, store: LocalStore, pool: ConnectionPool, db_url: str,
+        tmp_path: Path) -> None:
     key = build(queue, store, tmp_path, 0)
     age(pool, key, built_days=40)
     maintenance = Maintenance(pool)
-    result: dict[str, Any] = {}
+    requeued: list[Any] = []
+
+    def requeue() -> None:  # the statement every request that queues a build runs
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            requeued.extend(conn.execute(queue_queries()["enqueue"], {
+                "key": key, "spec": Jsonb(SPEC), "priority": 0, "max_attempts": 3,
+                "requested_by": None}).fetchall())
+
     with maintenance.locked_artifact(key, older_than=30 * DAY) as ok:
         assert ok
-        # the request blocks on the row lock instead of racing a rebuild against the delete
-        thread = threading.Thread(target=lambda: result.update(
-            r=queue.enqueue(key, SPEC)))
+        thread = threading.Thread(target=requeue)
         thread.start()
         time.sleep(0.3)
-        assert thread.is_alive()
+        # it waits for the collection: no worker can upload while the objects are deleted
+        assert thread.is_alive() and requeued == []
         store.delete(key)
     thread.join(10)
-    assert result["r"].queued
+    assert requeued == [(key,)]  # then it queues the rebuild
+    assert queue.get(key)["state"] == "queued"  # type: ignore[index]
+    assert [o for o in store.objects() if key in o.path] == []
 
 
 # pruning ------------------------------------------------------------------------------
