@@ -87,6 +87,9 @@ class ProcessSandbox:
             "GOENV": "off",
             "GOTOOLCHAIN": "local",
             "GOTELEMETRY": "off",
+            # go starts a detached telemetry helper that may outlive a quick step and
+            # still be writing into the scratch HOME while it is removed
+            "GO_TELEMETRY_CHILD": "2",
             "CGO_ENABLED": "0",
             SANDBOX_LABEL.upper().replace(".", "_"): step.build_key or "1",
         }
@@ -108,7 +111,7 @@ class ProcessSandbox:
         if argv and argv[0] == "go":
             argv[0] = str(self.go)
         started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="kiln-step-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="kiln-step-", ignore_cleanup_errors=True) as tmp:
             scratch = Path(tmp)
             try:
                 proc = subprocess.Popen(
