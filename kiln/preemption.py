@@ -265,7 +265,7 @@ class PreemptionMonitor:
         for detector in self.detectors:
             try:
                 notice = detector.poll()
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 log.warning("%s metadata service unreachable: %s", detector.name, exc)
                 continue
             if notice is not None:
@@ -278,7 +278,7 @@ class PreemptionMonitor:
         while not self._stop.is_set() and self.notice is None:
             try:
                 notice = detector.poll()
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # unreachable, or answering nonsense
                 if not failing:  # once per outage, not once a second
                     log.warning("%s metadata service unreachable: %s", detector.name, exc)
                 failing = True
