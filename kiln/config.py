@@ -266,6 +266,21 @@ class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "text"
 
+
+class BuildLogsConfig(_Section):
+    #: a worker writes a build's output in batches of at most this many lines...
+    batch_lines: int = Field(100, ge=1, le=10000)
+    #: ...or after this many seconds, whichever comes first (the live log's delay)
+    flush_seconds: float = Field(0.2, gt=0, le=10)
+    #: longer output lines are cut to this many characters
+    max_line_length: int = Field(4096, ge=80)
+    #: lines stored per attempt; later output is dropped (a note says so)
+    max_lines: int = Field(20000, ge=100)
+    #: seconds between keep-alive comments on idle live-log streams (below any proxy's
+    #: idle timeout)
+    keepalive_seconds: float = Field(15.0, gt=0)
+
+
 class SigningConfig(_Section):
     #: the ed25519 private key itself (PKCS#8 PEM, or base64 of the raw 32 bytes), usually
     #: "${KILN_SIGNING_KEY}"; wins over key_file. Read by workers only, never shown to steps
@@ -304,21 +319,6 @@ class WebhooksConfig(_Section):
     max_retry_seconds: float = Field(3600.0, gt=0)
     #: seconds between the janitor's delivery sweeps
     interval: float = Field(2.0, gt=0)
-
-
-
-class BuildLogsConfig(_Section):
-    #: a worker writes a build's output in batches of at most this many lines...
-    batch_lines: int = Field(100, ge=1, le=10000)
-    #: ...or after this many seconds, whichever comes first (the live log's delay)
-    flush_seconds: float = Field(0.2, gt=0, le=10)
-    #: longer output lines are cut to this many characters
-    max_line_length: int = Field(4096, ge=80)
-    #: lines stored per attempt; later output is dropped (a note says so)
-    max_lines: int = Field(20000, ge=100)
-    #: seconds between keep-alive comments on idle live-log streams (below any proxy's
-    #: idle timeout)
-    keepalive_seconds: float = Field(15.0, gt=0)
 
 
 class AuthConfig(_Section):
@@ -360,12 +360,12 @@ class Config(_Section):
     quota: QuotaConfig = QuotaConfig()
     #: the Prometheus endpoint
     metrics: MetricsConfig = MetricsConfig()
+    #: build output: batching by workers, streaming to watchers
+    build_logs: BuildLogsConfig = BuildLogsConfig()
     #: artifact signatures and provenance
     signing: SigningConfig = SigningConfig()
     #: callbacks POSTed when a build finishes
     webhooks: WebhooksConfig = WebhooksConfig()
-    #: build output: batching by workers, streaming to watchers
-    build_logs: BuildLogsConfig = BuildLogsConfig()
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
