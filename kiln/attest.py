@@ -24,8 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cache
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from psycopg_pool import ConnectionPool
 
 from kiln.builder import BuildFailure, BuildOutput, LogSink
 from kiln.config import Config
+from kiln.queue import queries as named_queries
 from kiln.sandbox import Sandbox, Step
 from kiln.signing import (
     Signer,
@@ -325,17 +325,6 @@ def cyclonedx_sbom(*, info: BuildInfo, filename: str, sha256: str, spec: BuildSp
 
 
 # -- the database side ---------------------------------------------------------------------
-
-
-@cache
-def named_queries(filename: str) -> dict[str, str]:
-    """Return the named queries of ``kiln/sql/<filename>``."""
-    text = resources.files("kiln").joinpath(f"sql/{filename}").read_text()
-    found: dict[str, str] = {}
-    for block in text.split("\n-- name: ")[1:]:
-        name, _, body = block.partition("\n")
-        found[name.strip()] = body.strip().rstrip(";")
-    return found
 
 
 class AttestManager:

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 from typing import Any
 
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
+
+from kiln.queue import queries as named_queries
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +40,9 @@ IDLE_FORGET_SECONDS = 600.0
 PAGE_LINES = 500
 
 
-@cache
 def queries() -> dict[str, str]:
     """Return the named queries of ``kiln/sql/buildlog.sql``."""
-    text = resources.files("kiln").joinpath("sql/buildlog.sql").read_text()
-    found: dict[str, str] = {}
-    for block in re.split(r"^-- name: ", text, flags=re.M)[1:]:
-        name, _, body = block.partition("\n")
-        found[name.strip()] = body.strip().rstrip(";")
-    return found
+    return named_queries("buildlog.sql")
 
 
 @dataclass(frozen=True)

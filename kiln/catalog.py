@@ -30,8 +30,6 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
+from kiln.queue import queries as named_queries
 from kiln.service import BuildService, NoToolchain
 from kiln.spec import (
     BuildRequest,
@@ -81,15 +80,9 @@ class PackageNotRegistered(SpecError):
     """A plugin is not in the catalog while ``plugins.allow`` is ``registered``."""
 
 
-@cache
 def queries() -> dict[str, str]:
     """Return the named queries of ``kiln/sql/catalog.sql``."""
-    text = resources.files("kiln").joinpath("sql/catalog.sql").read_text()
-    found: dict[str, str] = {}
-    for block in re.split(r"^-- name: ", text, flags=re.M)[1:]:
-        name, _, body = block.partition("\n")
-        found[name.strip()] = body.strip().rstrip(";")
-    return found
+    return named_queries("catalog.sql")
 
 
 # ---------------------------------------------------------------------------

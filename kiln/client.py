@@ -257,6 +257,8 @@ class Progress:
         self.tail: collections.deque[str] = collections.deque(maxlen=tail)
         self._drawn = 0
         self._last_draw = 0.0
+        #: events arrived since the last redraw (skipped as too soon after it)
+        self._pending = False
 
     def handle(self, event: Event) -> None:
         """Show one event."""
@@ -282,8 +284,10 @@ class Progress:
             return
         now = self.clock()
         if not force and now - self._last_draw < REDRAW_SECONDS:
+            self._pending = True
             return
         self._last_draw = now
+        self._pending = False
         width = max(shutil.get_terminal_size((100, 24)).columns - 1, 20)
         status = f"{self.status}" + (f" · {self.step}" if self.step else "")
         lines = [f"\x1b[1m{status}\x1b[0m  {now - self.started:.0f}s"[: width + 8]]
@@ -300,6 +304,8 @@ class Progress:
 
     def finish(self, text: str) -> None:
         """Replace the live display with a final message."""
+        if self._pending:  # the last burst of events was never shown
+            self._draw(force=True)
         self._clear()
         print(text, file=self.out, flush=True)
 

@@ -11,7 +11,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from kiln.attest import named_queries
+from kiln.queue import queries as named_queries
 
 #: platforms one request may ask for (Kiln offers about thirty)
 MAX_PLATFORMS = 32

@@ -26,15 +26,12 @@ safe to run concurrently as well (``FOR UPDATE SKIP LOCKED``, row locks).
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 from typing import Any
 
 import psycopg
@@ -45,6 +42,7 @@ from psycopg_pool import ConnectionPool
 from kiln.config import Config
 from kiln.db import make_pool, migrate
 from kiln.queue import QueueManager
+from kiln.queue import queries as named_queries
 from kiln.webhooks import make_deliverer
 
 log = logging.getLogger(__name__)
@@ -63,15 +61,9 @@ RESULT_CHARS = 1000
 PRUNE_BATCH = 5000
 
 
-@cache
 def queries() -> dict[str, str]:
     """Return the named queries of ``kiln/sql/janitor.sql``."""
-    text = resources.files("kiln").joinpath("sql/janitor.sql").read_text()
-    found: dict[str, str] = {}
-    for block in re.split(r"^-- name: ", text, flags=re.M)[1:]:
-        name, _, body = block.partition("\n")
-        found[name.strip()] = body.strip().rstrip(";")
-    return found
+    return named_queries("janitor.sql")
 
 
 def lock_id(job: str) -> int:

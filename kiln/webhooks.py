@@ -34,8 +34,9 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from kiln.attest import kiln_version, named_queries
+from kiln.attest import kiln_version
 from kiln.config import Config
+from kiln.queue import queries as named_queries
 from kiln.spec import BuildSpec, SpecError
 
 log = logging.getLogger(__name__)

@@ -19,14 +19,9 @@ import pytest
 
 from kiln.db import Migrator
 from tests.fixtures import goproxy
+from tests.service import database_url
 
 TEMPLATE_DB = "kiln_template"
-
-
-def _admin_url(url: str, dbname: str) -> str:
-    info = psycopg.conninfo.conninfo_to_dict(url)
-    info["dbname"] = dbname
-    return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +50,7 @@ def pg_template(pg_server_url: str) -> str:
     with psycopg.connect(pg_server_url, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB}")
         conn.execute(f"CREATE DATABASE {TEMPLATE_DB}")
-    with psycopg.connect(_admin_url(pg_server_url, TEMPLATE_DB), autocommit=True) as conn:
+    with psycopg.connect(database_url(pg_server_url, TEMPLATE_DB), autocommit=True) as conn:
         Migrator(conn).migrate()
     return TEMPLATE_DB
 
@@ -66,7 +61,7 @@ def db_url(pg_server_url: str, pg_template: str) -> Iterator[str]:
     name = f"kiln_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_server_url, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
-    yield _admin_url(pg_server_url, name)
+    yield database_url(pg_server_url, name)
     with psycopg.connect(pg_server_url, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
@@ -77,7 +72,7 @@ def empty_db_url(pg_server_url: str) -> Iterator[str]:
     name = f"kiln_empty_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_server_url, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
-    yield _admin_url(pg_server_url, name)
+    yield database_url(pg_server_url, name)
     with psycopg.connect(pg_server_url, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 

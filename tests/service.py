@@ -19,6 +19,25 @@ REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 30.0
 
 
+def database_url(server_url: str, dbname: str) -> str:
+    """Return ``server_url`` pointing at database ``dbname``."""
+    import psycopg
+
+    info = psycopg.conninfo.conninfo_to_dict(server_url)
+    info["dbname"] = dbname
+    return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+
+
+def template_database(server_url: str, template: str, name: str) -> str:
+    """(Re)create database ``name`` as a copy of ``template``; return its URL."""
+    import psycopg
+
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
+    return database_url(server_url, name)
+
+
 def free_port() -> int:
     """Return a TCP port nobody listens on now."""
     with socket.socket() as s:

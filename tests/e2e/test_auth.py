@@ -24,6 +24,7 @@ from psycopg_pool import ConnectionPool
 from kiln.queue import QueueManager
 from tests.fixtures import goproxy as gp
 from tests.service import REPO, KilnProcesses
+from tests.service import template_database as _database
 
 pytestmark = pytest.mark.slow
 
@@ -42,15 +43,6 @@ class Kiln:
         return subprocess.run([sys.executable, "-m", "kiln.cli", *args], cwd=REPO,
                               env=self.keys_mode.env, capture_output=True, text=True,
                               timeout=60, check=False)
-
-
-def _database(pg_server_url: str, template: str, name: str) -> str:
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
-    info = psycopg.conninfo.conninfo_to_dict(pg_server_url)
-    info["dbname"] = name
-    return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import requests
 
 from kiln.sandbox import SANDBOX_LABEL
 from tests.dockerutil import ensure_sandbox_image
 from tests.fixtures import goproxy as gp
-from tests.service import REPO, KilnProcesses
+from tests.service import REPO, KilnProcesses, template_database
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
@@ -48,12 +47,7 @@ def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_templa
          proxy_dir: Path, silent_proxy: str) -> Iterator[tuple[KilnProcesses, str]]:
     image = ensure_sandbox_image()
     name = "kiln_cancel"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
-    info = psycopg.conninfo.conninfo_to_dict(pg_server_url)
-    info["dbname"] = name
-    url = psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+    url = template_database(pg_server_url, pg_template, name)
     root = tmp_path_factory.mktemp("cancel")
     # the API resolves versions from the synthetic proxy; the worker fetches from the
     # silent one, into an empty module cache so that it must fetch

@@ -28,6 +28,7 @@ import requests
 
 from tests.fixtures import goproxy as gp
 from tests.service import KilnProcesses
+from tests.service import template_database as _database
 
 pytestmark = pytest.mark.slow
 
@@ -97,15 +98,6 @@ def catalog() -> dict[str, object]:
         entry(gp.BROKEN, gp.BROKEN_ID),
         entry(gp.NEEDSNEW, gp.NEEDSNEW_ID),
     ]}
-
-
-def _database(pg_server_url: str, template: str, name: str) -> str:
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
-    info = psycopg.conninfo.conninfo_to_dict(pg_server_url)
-    info["dbname"] = name
-    return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

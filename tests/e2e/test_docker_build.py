@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import requests
 
@@ -33,6 +32,7 @@ from kiln.sandbox.process import ProcessSandbox
 from tests.dockerutil import ensure_sandbox_image
 from tests.fixtures import goproxy as gp
 from tests.service import KilnProcesses
+from tests.service import template_database as database
 
 #: labels the worker puts on its containers (kiln/sandbox/docker.py's WORKER_LABEL)
 WORKER_LABEL = "dev.kiln.worker"
@@ -87,15 +87,6 @@ def slow_plugin_source() -> str:
     lines.append("\treturn " + " ^ ".join(f"v{k}" for k in range(v)))
     lines.append("}")
     return "\n".join(lines) + "\n"
-
-
-def database(pg_server_url: str, pg_template: str, name: str) -> str:
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
-    info = psycopg.conninfo.conninfo_to_dict(pg_server_url)
-    info["dbname"] = name
-    return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from tests.fixtures import goproxy as gp
-from tests.service import KilnProcesses
+from tests.service import KilnProcesses, template_database
 
 pytestmark = pytest.mark.slow
 
@@ -66,12 +66,6 @@ class Watched:
     db_connections_while_idle: int = -1
     transactions_during_build: int = -1
     errors: list[str] = field(default_factory=list)
-
-
-def _db_url(pg_server_url: str, name: str) -> str:
-    info = psycopg.conninfo.conninfo_to_dict(pg_server_url)
-    info["dbname"] = name
-    return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
 
 
 def api_connections(db_url: str) -> int:
@@ -136,10 +130,7 @@ def watched(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_tem
     """Run one build watched from before it starts; return what every watcher saw."""
     root = tmp_path_factory.mktemp("logs")
     name = "kiln_logs_e2e"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
-    db_url = _db_url(pg_server_url, name)
+    db_url = template_database(pg_server_url, pg_template, name)
     kiln = KilnProcesses(db_url=db_url, root=root, goproxy=f"file://{proxy_dir}",
                          cache_dir=go_cache_dir,
                          env={"KILN_DATABASE__POOL_MAX": str(POOL_MAX),

@@ -12,13 +12,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures import goproxy as gp
-from tests.service import KilnProcesses
+from tests.service import KilnProcesses, template_database
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +28,7 @@ FLUSH_SECONDS = 0.3
 def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
          proxy_dir: Path, go_cache_dir: Path) -> Iterator[KilnProcesses]:
     name = "kiln_observability"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
-    info = psycopg.conninfo.conninfo_to_dict(pg_server_url)
-    info["dbname"] = name
-    url = psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+    url = template_database(pg_server_url, pg_template, name)
     service = KilnProcesses(db_url=url, root=tmp_path_factory.mktemp("observability"),
                             goproxy=f"file://{proxy_dir}", cache_dir=go_cache_dir,
                             env={"KILN_METRICS__FLUSH_SECONDS": str(FLUSH_SECONDS),

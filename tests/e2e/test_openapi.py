@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import psycopg
 import pytest
 import requests
 from falcon import inspect
@@ -27,7 +26,7 @@ from kiln.api.openapi import openapi_spec
 from kiln.app import make_services
 from kiln.config import load_config
 from tests.fixtures import goproxy as gp
-from tests.service import REPO, KilnProcesses
+from tests.service import REPO, KilnProcesses, template_database
 
 #: operations Schemathesis leaves out: they hold requests for builds, and answer 502/504
 #: by design (caddyserver.com's clients expect those); tests/e2e/test_compat.py covers them
@@ -86,12 +85,7 @@ def test_security_follows_the_auth_mode() -> None:
 def served(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
            proxy_dir: Path, go_cache_dir: Path) -> Iterator[tuple[KilnProcesses, str]]:
     name = "kiln_openapi"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
-    info = psycopg.conninfo.conninfo_to_dict(pg_server_url)
-    info["dbname"] = name
-    url = psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+    url = template_database(pg_server_url, pg_template, name)
     service = KilnProcesses(db_url=url, root=tmp_path_factory.mktemp("openapi"),
                             goproxy=f"file://{proxy_dir}", cache_dir=go_cache_dir,
                             env={"KILN_AUTH__MODE": "keys", "KILN_API__MAX_WAIT": "2"})

@@ -31,20 +31,12 @@ from kiln.db import Migrator
 from tests.fixtures import goproxy as gp
 from tests.processes import kill_sandbox_processes
 from tests.service import REPO, KilnProcesses, free_port
+from tests.service import template_database as database
 
 pytestmark = pytest.mark.slow
 
 LEASE_SECONDS = 5  # tests/service.py's worker lease
 JANITOR_ENV = {"KILN_JANITOR__REQUEUE_INTERVAL": "1"}
-
-
-def database(pg_server_url: str, pg_template: str, name: str) -> str:
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
-    info = psycopg.conninfo.conninfo_to_dict(pg_server_url)
-    info["dbname"] = name
-    return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import psycopg
 import pytest
 import requests
 
 from tests.fixtures import goproxy as gp
-from tests.service import KilnProcesses
+from tests.service import KilnProcesses, template_database
 
 pytestmark = pytest.mark.slow
 
@@ -43,12 +42,7 @@ def bucket(s3: Any) -> str:
 @pytest.fixture(scope="module")
 def db(pg_server_url: str, pg_template: str) -> str:
     name = "kiln_s3_e2e"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
-    info = psycopg.conninfo.conninfo_to_dict(pg_server_url)
-    info["dbname"] = name
-    return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+    return template_database(pg_server_url, pg_template, name)
 
 
 def s3_env(endpoint: str, bucket: str, serve: str) -> dict[str, str]:

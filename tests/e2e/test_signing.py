@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import requests
 from cyclonedx.schema import SchemaVersion
@@ -29,7 +28,7 @@ from kiln.sandbox.base import COMPILE, Step
 from kiln.sandbox.process import ProcessSandbox, find_go
 from kiln.spec import BuildSpec
 from tests.fixtures import goproxy as gp
-from tests.service import REPO, KilnProcesses
+from tests.service import REPO, KilnProcesses, template_database
 
 pytestmark = pytest.mark.slow
 
@@ -62,12 +61,7 @@ def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_templa
          proxy_dir: Path, go_cache_dir: Path, keys: dict[str, Path]) -> Iterator[KilnProcesses]:
     root = tmp_path_factory.mktemp("signing")
     name = "kiln_signing"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
-    info = psycopg.conninfo.conninfo_to_dict(pg_server_url)
-    info["dbname"] = name
-    url = psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+    url = template_database(pg_server_url, pg_template, name)
     service = KilnProcesses(db_url=url, root=root, goproxy=f"file://{proxy_dir}",
                             cache_dir=go_cache_dir,
                             env={"KILN_SIGNING__KEY_FILE": str(keys["private"]),

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from tests.fixtures import goproxy as gp
-from tests.service import KilnProcesses
+from tests.service import KilnProcesses, template_database
 
 pytestmark = pytest.mark.slow
 
@@ -27,12 +27,7 @@ def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_templa
          proxy_dir: Path, go_cache_dir: Path) -> Iterator[KilnProcesses]:
     root = tmp_path_factory.mktemp("spine")
     name = "kiln_spine"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
-    info = psycopg.conninfo.conninfo_to_dict(pg_server_url)
-    info["dbname"] = name
-    url = psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+    url = template_database(pg_server_url, pg_template, name)
     service = KilnProcesses(db_url=url, root=root, goproxy=f"file://{proxy_dir}",
                             cache_dir=go_cache_dir)
     try:

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -25,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from playwright.sync_api import expect
 
 from tests.fixtures import goproxy as gp
-from tests.service import REPO, KilnProcesses
+from tests.service import REPO, KilnProcesses, template_database
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +40,7 @@ def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_templa
          proxy_dir: Path, go_cache_dir: Path) -> Iterator[KilnProcesses]:
     root = tmp_path_factory.mktemp("ui")
     name = "kiln_ui_e2e"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
-    info = psycopg.conninfo.conninfo_to_dict(pg_server_url)
-    info["dbname"] = name
-    url = psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+    url = template_database(pg_server_url, pg_template, name)
     # the operator's plugin catalog, which the form searches
     catalog = root / "catalog.json"
     catalog.write_text(json.dumps({"result": [

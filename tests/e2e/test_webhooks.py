@@ -23,6 +23,7 @@ import requests
 
 from tests.fixtures import goproxy as gp
 from tests.service import KilnProcesses
+from tests.service import template_database as _database
 
 pytestmark = pytest.mark.slow
 
@@ -98,15 +99,6 @@ def receiver() -> Iterator[Receiver]:
     yield holder["r"]
     server.shutdown()
     server.server_close()
-
-
-def _database(pg_server_url: str, pg_template: str, name: str) -> str:
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
-    info = psycopg.conninfo.conninfo_to_dict(pg_server_url)
-    info["dbname"] = name
-    return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
