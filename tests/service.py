@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,17 @@ class KilnProcesses:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
         return proc.returncode
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[KilnProcesses]:
+        """Start a worker and the API (once the worker is claiming); stop all on exit."""
+        try:
+            self.start_worker()
+            self.wait_for_worker()
+            self.start_api()
+            yield self
+        finally:
+            self.close()
 
     def close(self) -> None:
         """Stop everything."""

@@ -28,13 +28,8 @@ def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_templa
     url = template_database(pg_server_url, pg_template, name)
     service = KilnProcesses(db_url=url, root=root, goproxy=f"file://{proxy_dir}",
                             cache_dir=go_cache_dir)
-    try:
-        service.start_worker()
-        service.wait_for_worker()
-        service.start_api()
+    with service.running():
         yield service
-    finally:
-        service.close()
 
 
 def kiln_cmd(kiln: KilnProcesses | None, *args: str, cwd: Path | None = None,

@@ -67,13 +67,8 @@ def kiln(tmp_path_factory: pytest.TempPathFactory, db: str, proxy_dir: Path,
         env={**s3_env(s3_endpoint, bucket, "redirect"),
              "KILN_WORKER__RETRY_BASE_SECONDS": str(RETRY_BASE_SECONDS),
              "KILN_WORKER__MAX_ATTEMPTS": "3"})
-    try:
-        service.start_worker()
-        service.wait_for_worker()
-        service.start_api()
+    with service.running():
         yield service
-    finally:
-        service.close()
 
 
 def bucket_keys(s3: Any, bucket: str) -> list[str]:

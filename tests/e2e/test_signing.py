@@ -66,13 +66,8 @@ def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_templa
                             cache_dir=go_cache_dir,
                             env={"KILN_SIGNING__KEY_FILE": str(keys["private"]),
                                  "KILN_SIGNING__BUILDER_ID": BUILDER_ID})
-    try:
-        service.start_worker()
-        service.wait_for_worker()
-        service.start_api()
+    with service.running():
         yield service
-    finally:
-        service.close()
 
 
 @pytest.fixture(scope="module")
