@@ -92,46 +92,62 @@ def queue_rows(results: Results, figures: queue_bench.QueueFigures) -> None:
 
 
 def build_rows(results: Results, data: dict[str, Any]) -> None:
-    """Turn the build runs into rows."""
+    """Turn the build runs into rows.
+
+    The targets are about real builds, where a sandbox's fixed per-step cost (a container
+    start) is diluted by the link of a Caddy-sized binary: the ``large`` workload's rows
+    are judged; the ``tiny`` workload's are reported, to show that fixed cost.
+    """
     runs: list[list[build_bench.BuildRun]] = data["runs"]
-    by_kind: dict[str, list[build_bench.BuildRun]] = {}
+    by_kind: dict[tuple[str, str], list[build_bench.BuildRun]] = {}
     for run in runs:
         for r in run:
-            by_kind.setdefault(r.sandbox, []).append(r)
-    bare = by_kind.get("bare", [])
-    docker = by_kind.get("docker", [])
-    process = by_kind.get("process", [])
-    if docker and bare:
-        ratios = [d.seconds["warm"] / b.seconds["warm"] for d, b in zip(docker, bare, strict=False)]
-        compile_ratios = [d.steps["warm"].get("compile", 0) / b.steps["warm"]["compile"]
-                          for d, b in zip(docker, bare, strict=False)]
-        fig = Figure.of(ratios, "×")
-        warm_d = Figure.of([d.seconds["warm"] for d in docker], "s")
-        warm_b = Figure.of([b.seconds["warm"] for b in bare], "s")
-        results.add(Row(
-            "sandbox overhead: the same build, warm caches, docker sandbox vs bare go",
-            fig, "≤ 1.05×", fig.median <= 1.05,
-            note=f"docker {warm_d.text()}, bare {warm_b.text()}; the compile step alone "
-                 f"{statistics.median(compile_ratios):.2f}×"))
-    elif bare:
-        results.add(Row("sandbox overhead: docker sandbox vs bare go", None, "≤ 1.05×",
-                        False, note=f"not measured: {data.get('docker_missing')}"))
-    if process and bare:
-        ratios = [p.seconds["warm"] / b.seconds["warm"] for p, b in zip(process, bare, strict=False)]
-        fig = Figure.of(ratios, "×")
-        results.add(Row("sandbox overhead: the same build, warm caches, process sandbox vs "
-                        "bare go", fig, "reported", None))
-    for name, kind_runs in (("docker", docker), ("process", process)):
-        if not kind_runs:
+            by_kind.setdefault((r.workload, r.sandbox), []).append(r)
+    for workload in ("large", "tiny"):
+        judged = workload == "large"
+        bare = by_kind.get((workload, "bare"), [])
+        docker = by_kind.get((workload, "docker"), [])
+        process = by_kind.get((workload, "process"), [])
+        if not bare:
             continue
-        pct = Figure.of([100 * r.seconds["rebuild"] / r.seconds["cold"] for r in kind_runs],
-                        "% of cold")
-        cold = Figure.of([r.seconds["cold"] for r in kind_runs], "s")
-        warm = Figure.of([r.seconds["rebuild"] for r in kind_runs], "s")
-        results.add(Row(
-            f"warm rebuild, {name} sandbox (one plugin's version changed)", pct,
-            "≤ 5% of cold", pct.median <= 5.0,
-            note=f"rebuild {warm.text()}, cold (empty Go caches) {cold.text()}"))
+        size = statistics.median(b.size["warm"] for b in bare) / 1e6
+        what = (f"Caddy-sized build ({size:.0f} MB binary)" if judged
+                else f"tiny build ({size:.1f} MB binary)")
+        target = "≤ 1.05×" if judged else "reported"
+        if docker:
+            ratios = [d.seconds["warm"] / b.seconds["warm"]
+                      for d, b in zip(docker, bare, strict=False)]
+            compile_ratios = [d.steps["warm"].get("compile", 0) / b.steps["warm"]["compile"]
+                              for d, b in zip(docker, bare, strict=False)]
+            fig = Figure.of(ratios, "×")
+            warm_d = Figure.of([d.seconds["warm"] for d in docker], "s")
+            warm_b = Figure.of([b.seconds["warm"] for b in bare], "s")
+            results.add(Row(
+                f"sandbox overhead, {what}: warm caches, docker sandbox vs bare go",
+                fig, target, fig.median <= 1.05 if judged else None,
+                note=f"docker {warm_d.text()}, bare {warm_b.text()}; the compile step alone "
+                     f"{statistics.median(compile_ratios):.2f}×"))
+        elif judged:
+            results.add(Row("sandbox overhead: docker sandbox vs bare go", None, "≤ 1.05×",
+                            False, note=f"not measured: {data.get('docker_missing')}"))
+        if process:
+            ratios = [p.seconds["warm"] / b.seconds["warm"]
+                      for p, b in zip(process, bare, strict=False)]
+            fig = Figure.of(ratios, "×")
+            results.add(Row(f"sandbox overhead, {what}: warm caches, process sandbox vs "
+                            "bare go", fig, "reported", None))
+        for name, kind_runs in (("docker", docker), ("process", process)):
+            if not kind_runs:
+                continue
+            pct = Figure.of([100 * r.seconds["rebuild"] / r.seconds["cold"] for r in kind_runs],
+                            "% of cold")
+            cold = Figure.of([r.seconds["cold"] for r in kind_runs], "s")
+            warm = Figure.of([r.seconds["rebuild"] for r in kind_runs], "s")
+            results.add(Row(
+                f"warm rebuild, {what}, {name} sandbox (one plugin's version changed)", pct,
+                "≤ 5% of cold" if judged else "reported",
+                pct.median <= 5.0 if judged else None,
+                note=f"rebuild {warm.text()}, cold (empty Go caches) {cold.text()}"))
 
 
 def http_rows(results: Results, data: dict[str, Any],
@@ -250,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                     "concurrency": queue_bench.THROUGHPUT_CONCURRENCY,
                 }
             if "builds" in groups:
+                gp.add_bulk(proxy_dir)
                 data = build_bench.run(root=root / "builds", proxy_dir=proxy_dir,
                                        repeats=repeats, progress=log, keep=cache_for_http)
                 build_rows(results, data)

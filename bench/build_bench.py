@@ -1,5 +1,10 @@
 """Sandbox overhead and warm rebuilds: real Go builds of the synthetic Caddy.
 
+Two workloads: ``tiny`` (Caddy + hello: a 2 MB binary that builds in a third of a
+second, which shows the fixed cost of a sandbox step) and ``large`` (the same plus the
+generated bulk plugin of tests/fixtures/goproxy.py: a ~38 MB binary, the size of a real
+Caddy with a few plugins, whose warm build relinks it).
+
 Kiln's Builder (the xcaddy procedure: go get core, each plugin, a combined re-pin, tidy,
 go build) runs the same build with three sandboxes:
 
@@ -7,10 +12,10 @@ go build) runs the same build with three sandboxes:
 - ``process``: Kiln's ProcessSandbox (clean environment, scratch HOME, a watchdog thread);
 - ``docker``: Kiln's DockerSandbox (one hardened container per step, the sandbox image).
 
-Per run and sandbox: empty Go caches, a cold build of Caddy + hello v0.1.0 (``cold``), then
-hello v0.2.0 (``rebuild``: one plugin's version changed), then the first build again
-(``warm``: the same build with warm caches). ``bare`` shares the process sandbox's caches
-and runs only the warm build.
+Per run, workload and sandbox: empty Go caches, a cold build with hello v0.1.0
+(``cold``), then hello v0.2.0 (``rebuild``: one plugin's version changed), then the first
+build again (``warm``: the same build with warm caches). ``bare`` shares the process
+sandbox's caches and runs only the warm build.
 """
 
 from __future__ import annotations
@@ -80,11 +85,18 @@ class BareSandbox:
         return 0
 
 
-def spec_for(sandbox: Sandbox, hello: str) -> BuildSpec:
-    """Return the spec of Caddy + hello at ``hello``."""
+WORKLOADS = ("tiny", "large")
+
+
+def spec_for(sandbox: Sandbox, hello: str, workload: str = "tiny") -> BuildSpec:
+    """Return the spec of Caddy + hello at ``hello`` (+ the bulk plugin for ``large``)."""
+    plugins = [ResolvedPlugin(package=gp.HELLO, module=gp.HELLO, version=hello)]
+    if workload == "large":
+        plugins.append(ResolvedPlugin(package=gp.BULK, module=gp.BULK,
+                                      version=gp.BULK_VERSIONS[0]))
     return BuildSpec(os="linux", arch="amd64", arm="", caddy_version=CADDY_VERSION,
-                     plugins=(ResolvedPlugin(package=gp.HELLO, module=gp.HELLO, version=hello),),
-                     replacements=(), go_version=sandbox.go_version(), sandbox=sandbox.identity)
+                     plugins=tuple(plugins), replacements=(),
+                     go_version=sandbox.go_version(), sandbox=sandbox.identity)
 
 
 @dataclass
@@ -92,9 +104,11 @@ class BuildRun:
     """Seconds per build (total and per step) of one sandbox in one run."""
 
     sandbox: str
+    workload: str = "tiny"
     seconds: dict[str, float] = field(default_factory=dict)
     steps: dict[str, dict[str, float]] = field(default_factory=dict)
     sha256: dict[str, str] = field(default_factory=dict)
+    size: dict[str, int] = field(default_factory=dict)
 
 
 def _build(builder: Builder, spec: BuildSpec, work: Path, label: str, run: BuildRun) -> None:
@@ -106,6 +120,7 @@ def _build(builder: Builder, spec: BuildSpec, work: Path, label: str, run: Build
     run.seconds[label] = time.monotonic() - started
     run.steps[label] = dict(output.timings)
     run.sha256[label] = file_sha256(output.binary)
+    run.size[label] = output.binary.stat().st_size
     remove_tree(workdir)
 
 
@@ -130,10 +145,12 @@ def docker_sandbox(cache_dir: Path, proxy: str) -> Sandbox | str:
 
 
 def run(*, root: Path, proxy_dir: Path, repeats: int, progress: Callable[[str], None],
-        keep: Path | None = None) -> dict[str, Any]:
+        keep: Path | None = None,
+        workloads: tuple[str, ...] = WORKLOADS) -> dict[str, Any]:
     """Run the builds; return {"runs": [[BuildRun, ...], ...], "docker_missing": reason}.
 
-    ``keep``: where the last run's warm process-sandbox caches are moved for later use.
+    ``keep``: where the last run's warm tiny-workload process-sandbox caches are moved for
+    later use. ``proxy_dir`` must hold the bulk plugin (goproxy.add_bulk) for ``large``.
     """
     proxy = f"file://{proxy_dir}"
     work = root / "work"
@@ -142,41 +159,46 @@ def run(*, root: Path, proxy_dir: Path, repeats: int, progress: Callable[[str], 
     missing = ""
     for r in range(repeats):
         this: list[BuildRun] = []
-        for kind in ("docker", "process"):
-            cache = root / f"cache-{kind}-{r}"
-            remove_tree(cache)
-            cache.mkdir(parents=True)
-            sandbox: Sandbox | str
-            if kind == "docker":
-                sandbox = docker_sandbox(cache, proxy)
-                if isinstance(sandbox, str):
-                    missing = sandbox
-                    progress(f"docker sandbox skipped: {sandbox}")
-                    continue
-            else:
-                sandbox = ProcessSandbox(go=find_go(), cache_dir=cache)
-            builder = Builder(sandbox=sandbox, goproxy=proxy, gosumdb="off",
-                              fetch_timeout=600, compile_timeout=900)
-            result = BuildRun(kind)
-            _build(builder, spec_for(sandbox, FIRST), work, "cold", result)
-            _build(builder, spec_for(sandbox, SECOND), work, "rebuild", result)
-            _build(builder, spec_for(sandbox, FIRST), work, "warm", result)
-            this.append(result)
-            progress(f"{kind} run {r + 1}: cold {result.seconds['cold']:.1f}s, rebuild "
-                     f"{result.seconds['rebuild']:.2f}s, warm {result.seconds['warm']:.2f}s")
-            if kind == "process":
-                bare = BareSandbox(cache_dir=cache)
-                bare_result = BuildRun("bare")
-                _build(Builder(sandbox=bare, goproxy=proxy, gosumdb="off", fetch_timeout=600,
-                               compile_timeout=900), spec_for(bare, FIRST), work, "warm",
-                       bare_result)
-                this.append(bare_result)
-                progress(f"bare run {r + 1}: warm {bare_result.seconds['warm']:.2f}s")
-            if kind == "docker":
-                remove_tree(cache)  # owned by the sandbox user; go keeps it read-only
+        for workload in workloads:
+            for kind in ("docker", "process"):
+                # each workload starts from empty caches: its cold build is really cold
+                cache = root / f"cache-{kind}-{workload}-{r}"
+                remove_tree(cache)
+                cache.mkdir(parents=True)
+                sandbox: Sandbox | str
+                if kind == "docker":
+                    sandbox = docker_sandbox(cache, proxy)
+                    if isinstance(sandbox, str):
+                        missing = sandbox
+                        progress(f"docker sandbox skipped: {sandbox}")
+                        continue
+                else:
+                    sandbox = ProcessSandbox(go=find_go(), cache_dir=cache)
+                builder = Builder(sandbox=sandbox, goproxy=proxy, gosumdb="off",
+                                  fetch_timeout=600, compile_timeout=900)
+                result = BuildRun(kind, workload)
+                _build(builder, spec_for(sandbox, FIRST, workload), work, "cold", result)
+                _build(builder, spec_for(sandbox, SECOND, workload), work, "rebuild", result)
+                _build(builder, spec_for(sandbox, FIRST, workload), work, "warm", result)
+                this.append(result)
+                progress(f"{kind} {workload} run {r + 1}: cold {result.seconds['cold']:.1f}s, "
+                         f"rebuild {result.seconds['rebuild']:.2f}s, "
+                         f"warm {result.seconds['warm']:.2f}s "
+                         f"({result.size['warm'] / 1e6:.1f} MB)")
+                if kind == "process":
+                    bare = BareSandbox(cache_dir=cache)
+                    bare_result = BuildRun("bare", workload)
+                    _build(Builder(sandbox=bare, goproxy=proxy, gosumdb="off",
+                                   fetch_timeout=600, compile_timeout=900),
+                           spec_for(bare, FIRST, workload), work, "warm", bare_result)
+                    this.append(bare_result)
+                    progress(f"bare {workload} run {r + 1}: warm "
+                             f"{bare_result.seconds['warm']:.2f}s")
+                if kind == "docker" or workload != "tiny":
+                    remove_tree(cache)  # docker's is owned by the sandbox user
         runs.append(this)
-        if keep is not None and r == repeats - 1 and not keep.exists():
-            os.replace(root / f"cache-process-{r}", keep)
-        for kind in ("docker", "process"):
-            remove_tree(root / f"cache-{kind}-{r}")
+        kept = root / f"cache-process-tiny-{r}"
+        if keep is not None and r == repeats - 1 and not keep.exists() and kept.exists():
+            os.replace(kept, keep)
+        remove_tree(kept)
     return {"runs": runs, "docker_missing": missing}
