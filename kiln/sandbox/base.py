@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -56,6 +57,20 @@ class SandboxError(Exception):
 OutputCallback = Callable[[str], None]
 
 
+class Session(Protocol):
+    """Where several steps of one phase run, one after the other, in one place."""
+
+    def run(
+        self,
+        step: Step,
+        *,
+        on_output: OutputCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> StepResult:
+        """Run ``step`` in the session's working directory; never raise for a step failure."""
+        ...
+
+
 class Sandbox(Protocol):
     """Runs build steps in isolation. Implementations: ``process`` and ``docker``."""
 
@@ -77,6 +92,34 @@ class Sandbox(Protocol):
         """Run ``step`` with ``workdir`` as its working directory; never raise for a step failure."""
         ...
 
+    def session(
+        self, name: str, *, workdir: Path, network: bool, build_key: str, timeout: float
+    ) -> AbstractContextManager[Session]:
+        """Open a place where the steps of phase ``name`` run; close it on leaving.
+
+        ``network``, ``build_key`` and ``timeout`` (all its steps together) describe the
+        steps to come, whose own ``Step`` fields still rule each one.
+        """
+        ...
+
     def cleanup_orphans(self) -> int:
         """Remove whatever a crashed predecessor left running; return how many."""
         ...
+
+
+class EachStep:
+    """A session that runs each step as its sandbox's ``run`` does: on its own."""
+
+    def __init__(self, sandbox: Sandbox, workdir: Path) -> None:
+        self.sandbox = sandbox
+        self.workdir = workdir
+
+    def run(
+        self,
+        step: Step,
+        *,
+        on_output: OutputCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> StepResult:
+        """Run ``step`` through the sandbox's ``run``."""
+        return self.sandbox.run(step, workdir=self.workdir, on_output=on_output, cancel=cancel)

@@ -1,8 +1,10 @@
-"""The docker sandbox: each build step runs in a fresh container of the sandbox image.
+"""The docker sandbox: build steps run in throwaway containers of the sandbox image.
 
-Every step gets its own container (``worker_image/sandbox.Dockerfile``), labelled with the
-build key (``dev.kiln.sandbox``) and the worker id (``dev.kiln.worker``) so that leftovers
-can be found, and removed whatever happens. Both steps run as the non-root sandbox user
+A compile step gets its own container; the fetch steps of one build share one, started by
+``session`` and given each step with ``exec`` (``DockerSession``). Every container
+(``worker_image/sandbox.Dockerfile``) is labelled with the build key
+(``dev.kiln.sandbox``) and the worker id (``dev.kiln.worker``) so that leftovers can be
+found, and removed whatever happens. Both kinds of step run as the non-root sandbox user
 with a read-only root filesystem, no capabilities, ``no-new-privileges``, memory (without
 swap), pids and CPU limits, a tmpfs ``/tmp`` and HOME, and an environment made of the
 image's variables plus ``Step.env`` only: nothing of the worker's environment. A step is
@@ -36,6 +38,7 @@ work and cache directories at the same paths as the host does.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import logging
 import os
 import re
@@ -45,6 +48,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
@@ -105,6 +109,8 @@ PIDS_STRIKES = 3
 KILL_RETRY_SECONDS = 1.0
 #: seconds to wait for the exit status once a step's output has ended
 EXIT_WAIT_SECONDS = 30
+#: what a session's container runs between its steps (busybox and Debian both have these)
+IDLE_COMMAND = ("sh", "-c", "while :; do sleep 3600; done")
 #: seconds the one-off ``go env GOVERSION`` container may take
 PROBE_TIMEOUT_SECONDS = 60
 #: output kept per step; older lines are dropped from the result (not from the callback)
@@ -293,6 +299,18 @@ class DockerSandbox:
             if private_cache is not None:
                 shutil.rmtree(private_cache, ignore_errors=True)
 
+    @contextlib.contextmanager
+    def session(
+        self, name: str, *, workdir: Path, network: bool, build_key: str, timeout: float
+    ) -> Iterator[DockerSession]:
+        """Run the steps of phase ``name`` with exec in one container; remove it on leaving."""
+        session = DockerSession(self, name, workdir=workdir, network=network,
+                                build_key=build_key, timeout=timeout)
+        try:
+            yield session
+        finally:
+            session.close()
+
     def cleanup_orphans(self, *, all_workers: bool = False) -> int:
         """Remove sandbox containers no live worker supervises; return how many.
 
@@ -419,62 +437,10 @@ class DockerSandbox:
         killed: list[str] = []
         done = threading.Event()
 
-        def kill(reason: str) -> bool:
-            """Kill the container for ``reason``; tell whether it is over (killed or ended)."""
-            try:
-                container.kill()
-            except NotFound:
-                return True
-            except APIError as exc:
-                if exc.status_code == 409:  # not running: it ended on its own
-                    return True
-                log.warning("cannot kill sandbox container %s: %s", container.short_id, exc)
-                return False
-            except _ENGINE_ERRORS as exc:
-                log.warning("cannot kill sandbox container %s: %s", container.short_id, exc)
-                return False
-            killed.append(reason)
-            return True
-
         def watch() -> None:
-            deadline = started + step.timeout
-            next_pids = time.monotonic() + PIDS_CHECK_SECONDS
-            strikes = 0
-            while not done.is_set():
-                cancelled = False
-                if cancel is not None:
-                    cancelled = cancel.wait(WATCH_SECONDS)
-                else:
-                    done.wait(WATCH_SECONDS)
-                if done.is_set():
-                    return
-                now = time.monotonic()
-                reason: str | None = None
-                if cancelled:
-                    reason = "cancelled"
-                elif now >= deadline:
-                    reason = "timeout"
-                elif now >= next_pids:
-                    next_pids = now + PIDS_CHECK_SECONDS
-                    strikes = strikes + 1 if self._near_pids_limit(container) else 0
-                    if strikes >= PIDS_STRIKES:
-                        reason = "pids"
-                if reason is not None:
-                    if kill(reason):
-                        return
-                    done.wait(KILL_RETRY_SECONDS)  # the engine hiccuped: try again
+            self._watch(container, started + step.timeout, cancel, done, killed)
 
-        lines: list[str] = []
-        size = 0
-
-        def emit(line: str) -> None:
-            nonlocal size
-            if on_output is not None:
-                on_output(line)
-            lines.append(line)
-            size += len(line) + 1
-            while size > MAX_OUTPUT_CHARS and len(lines) > 1:
-                size -= len(lines.pop(0)) + 1
+        lines = _Lines(on_output)
 
         # attach before starting: a follow of the logs can drop a last line that has no
         # newline, and the attach stream carries the output as it is written
@@ -484,16 +450,7 @@ class DockerSandbox:
         try:
             container.start()
             watcher.start()
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            pending = ""
-            for chunk in output:
-                pending += decoder.decode(chunk)
-                *complete, pending = pending.split("\n")
-                for line in complete:
-                    emit(line)
-            pending += decoder.decode(b"", final=True)
-            if pending:
-                emit(pending)
+            lines.read(output)
             remaining = max(0.0, started + step.timeout - time.monotonic())
             status = container.wait(timeout=remaining + EXIT_WAIT_SECONDS)
             container.reload()
@@ -509,11 +466,63 @@ class DockerSandbox:
             reason = "oom"
         return StepResult(
             exit_code=code,
-            output="\n".join(lines),
+            output=lines.text(),
             duration=time.monotonic() - started,
             timed_out=reason == "timeout",
             killed=reason,
         )
+
+    def _kill(self, container: Any, reason: str, killed: list[str]) -> bool:
+        """Kill the container for ``reason``; tell whether it is over (killed or ended)."""
+        try:
+            container.kill()
+        except NotFound:
+            return True
+        except APIError as exc:
+            if exc.status_code == 409:  # not running: it ended on its own
+                return True
+            log.warning("cannot kill sandbox container %s: %s", container.short_id, exc)
+            return False
+        except _ENGINE_ERRORS as exc:
+            log.warning("cannot kill sandbox container %s: %s", container.short_id, exc)
+            return False
+        killed.append(reason)
+        return True
+
+    def _watch(
+        self,
+        container: Any,
+        deadline: float,
+        cancel: threading.Event | None,
+        done: threading.Event,
+        killed: list[str],
+    ) -> None:
+        """Until ``done``, kill the container at ``deadline``, on cancel, or at the pids limit."""
+        next_pids = time.monotonic() + PIDS_CHECK_SECONDS
+        strikes = 0
+        while not done.is_set():
+            cancelled = False
+            if cancel is not None:
+                cancelled = cancel.wait(WATCH_SECONDS)
+            else:
+                done.wait(WATCH_SECONDS)
+            if done.is_set():
+                return
+            now = time.monotonic()
+            reason: str | None = None
+            if cancelled:
+                reason = "cancelled"
+            elif now >= deadline:
+                reason = "timeout"
+            elif now >= next_pids:
+                next_pids = now + PIDS_CHECK_SECONDS
+                strikes = strikes + 1 if self._near_pids_limit(container) else 0
+                if strikes >= PIDS_STRIKES:
+                    reason = "pids"
+            if reason is not None:
+                if self._kill(container, reason, killed):
+                    return
+                done.wait(KILL_RETRY_SECONDS)  # the engine hiccuped: try again
 
     def _near_pids_limit(self, container: Any) -> bool:
         """Tell whether the step holds nearly all the processes (threads) it may."""
@@ -593,6 +602,168 @@ class DockerSandbox:
         for dirpath, dirnames, filenames in os.walk(root):
             for name in (*dirnames, *filenames):
                 self._give(Path(dirpath, name))
+
+
+class _Lines:
+    """The output of a step: passed on line by line, the last MAX_OUTPUT_CHARS kept."""
+
+    def __init__(self, on_output: OutputCallback | None) -> None:
+        self.on_output = on_output
+        self.lines: list[str] = []
+        self.size = 0
+
+    def emit(self, line: str) -> None:
+        """Pass ``line`` on and keep it."""
+        if self.on_output is not None:
+            self.on_output(line)
+        self.lines.append(line)
+        self.size += len(line) + 1
+        while self.size > MAX_OUTPUT_CHARS and len(self.lines) > 1:
+            self.size -= len(self.lines.pop(0)) + 1
+
+    def read(self, stream: Iterable[bytes]) -> None:
+        """Split a stream of UTF-8 chunks into lines until it ends."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""
+        for chunk in stream:
+            pending += decoder.decode(chunk)
+            *complete, pending = pending.split("\n")
+            for line in complete:
+                self.emit(line)
+        pending += decoder.decode(b"", final=True)
+        if pending:
+            self.emit(pending)
+
+    def text(self) -> str:
+        """Return the kept output."""
+        return "\n".join(self.lines)
+
+
+class DockerSession:
+    """The steps of one phase, run with ``exec`` in one container of the sandbox image.
+
+    A container start costs 0.3-0.5 s; the fetch phase runs three to five steps (bench/).
+    The container is made as ``DockerSandbox.run`` makes a fetch step's (mounts, network,
+    limits, labels, user), is started at the first step, idles between steps, and each step
+    gets the image's environment plus its own ``Step.env``. A step past its timeout, a
+    cancel, or the pids limit kills the whole container (the next step, if any, gets a new
+    one). A step this container does not suit (another network or proxy) runs in its own
+    container through ``run``.
+    """
+
+    def __init__(self, sandbox: DockerSandbox, name: str, *, workdir: Path, network: bool,
+                 build_key: str, timeout: float) -> None:
+        self.sandbox = sandbox
+        self.name = name
+        self.workdir = workdir.resolve()
+        self.network = network
+        self.build_key = build_key
+        self.ends = time.monotonic() + timeout
+        self.container: Any = None
+        #: the proxies whose directories the container mounts
+        self.proxies: tuple[str, ...] = ()
+
+    def run(
+        self,
+        step: Step,
+        *,
+        on_output: OutputCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> StepResult:
+        """Run ``step`` in the session's container; never raise for a step failure."""
+        started = time.monotonic()
+        if cancel is not None and cancel.is_set():
+            return StepResult(exit_code=-1, output="", duration=0.0, killed="cancelled")
+        proxies = tuple(self.sandbox._proxy_urls(step))
+        if not (self.network and step.network) or (
+                self.container is not None and proxies != self.proxies):
+            # compile steps keep their own hardened container (and private build cache)
+            return self.sandbox.run(step, workdir=self.workdir, on_output=on_output,
+                                    cancel=cancel)
+        try:
+            if self.container is None:
+                self._start(step, proxies)
+            return self._exec(step, started, on_output, cancel)
+        except _ENGINE_ERRORS as exc:
+            self.close()
+            raise SandboxError(f"the engine failed during the {step.name} step: {exc}") from exc
+
+    def close(self) -> None:
+        """Remove the container, if there is one."""
+        container, self.container = self.container, None
+        if container is not None:
+            _remove(container)
+
+    def _start(self, step: Step, proxies: tuple[str, ...]) -> None:
+        sandbox = self.sandbox
+        if not self.workdir.is_dir():
+            raise SandboxError(f"work directory {self.workdir} does not exist")
+        try:
+            sandbox._give_tree(self.workdir)
+        except OSError as exc:
+            raise SandboxError(
+                f"cannot prepare the directories of the {self.name} step: {exc}"
+            ) from exc
+        # the container's configuration is a fetch step's lasting the rest of the session
+        idle = Step(self.name, IDLE_COMMAND, env=dict(step.env), network=True,
+                    timeout=max(0.0, self.ends - time.monotonic()), build_key=self.build_key)
+        options = sandbox._options(idle, self.workdir, None)
+        # each exec gets the step's own variables: the container itself gets none
+        options["environment"] = {}
+        try:
+            container = sandbox.client.containers.create(**options)
+        except ImageNotFound as exc:
+            raise SandboxError(
+                f"sandbox image {sandbox.image} ({sandbox.image_id}) is gone") from exc
+        except _ENGINE_ERRORS as exc:
+            raise SandboxError(f"cannot create the {self.name} container: {exc}") from exc
+        self.container = container
+        self.proxies = proxies
+        container.start()
+
+    def _exec(self, step: Step, started: float, on_output: OutputCallback | None,
+              cancel: threading.Event | None) -> StepResult:
+        container = self.container
+        api = self.sandbox.client.api
+        exec_id = api.exec_create(
+            container.id, list(step.argv), stdout=True, stderr=True, stdin=False, tty=False,
+            environment=dict(step.env), workdir=WORK_PATH, user=self.sandbox.user,
+        )["Id"]
+        killed: list[str] = []
+        done = threading.Event()
+        lines = _Lines(on_output)
+        watcher = threading.Thread(
+            target=self.sandbox._watch,
+            args=(container, started + step.timeout, cancel, done, killed),
+            name=f"kiln-watch-{container.short_id}", daemon=True,
+        )
+        try:
+            output = api.exec_start(exec_id, stream=True, demux=False)
+            watcher.start()
+            lines.read(output)
+            inspected = api.exec_inspect(exec_id)
+        finally:
+            done.set()
+            if watcher.is_alive():
+                watcher.join(timeout=5)
+        code = inspected.get("ExitCode")
+        reason = killed[0] if killed else None
+        if reason is None and code != 0:
+            container.reload()
+            state = container.attrs.get("State", {})
+            if state.get("OOMKilled"):
+                reason = "oom"
+            if reason is not None or not state.get("Running"):
+                self.close()  # the next step needs a fresh container
+        if reason is not None:
+            self.close()
+        return StepResult(
+            exit_code=int(code) if code is not None else -1,
+            output=lines.text(),
+            duration=time.monotonic() - started,
+            timed_out=reason == "timeout",
+            killed=reason,
+        )
 
 
 def _numeric_user(user: str) -> tuple[int | None, int | None]:

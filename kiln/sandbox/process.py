@@ -16,9 +16,17 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from kiln.sandbox.base import SANDBOX_LABEL, OutputCallback, SandboxError, Step, StepResult
+from kiln.sandbox.base import (
+    SANDBOX_LABEL,
+    EachStep,
+    OutputCallback,
+    SandboxError,
+    Step,
+    StepResult,
+)
 
 #: seconds between checks for cancellation while a step runs
 CANCEL_POLL_SECONDS = 0.2
@@ -189,6 +197,13 @@ class ProcessSandbox:
             timed_out=reason == "timeout",
             killed=reason,
         )
+
+    @contextlib.contextmanager
+    def session(
+        self, name: str, *, workdir: Path, network: bool, build_key: str, timeout: float
+    ) -> Iterator[EachStep]:
+        """Run the session's steps one by one with ``run``: a child process costs little."""
+        yield EachStep(self, workdir)
 
     def cleanup_orphans(self) -> int:
         """Return 0: child processes die with their worker's process groups."""

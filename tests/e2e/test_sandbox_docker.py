@@ -402,6 +402,36 @@ def test_cancel_before_start_runs_nothing(sandbox: DockerSandbox, workdir: Path)
     assert not (workdir / "ran").exists()
 
 
+def test_a_session_runs_its_steps_in_one_container(sandbox: DockerSandbox, client: Any,
+                                                    workdir: Path) -> None:
+    def containers() -> set[str]:
+        found = client.containers.list(
+            all=True, filters={"label": [SANDBOX_LABEL, f"{WORKER_LABEL}={WORKER}"]})
+        return {c.id for c in found}
+
+    seen: set[str] = set()
+    with sandbox.session(FETCH, workdir=workdir, network=True, build_key="test",
+                         timeout=300) as session:
+        first = session.run(fetch_sh("echo one > /work/one; hostname"))
+        seen |= containers()
+        second = session.run(fetch_sh('cat /work/one; echo "[$GREETING]"; hostname',
+                                      env={"GREETING": "hi"}))
+        seen |= containers()
+        failed = session.run(fetch_sh('echo "[$GREETING]"; hostname; exit 3'))
+        seen |= containers()
+        slow = session.run(Step(FETCH, ("sh", "-c", "echo waiting; sleep 600"), network=True,
+                                timeout=1.5, build_key="test"))
+    assert first.ok and second.ok, (first, second)
+    assert len(seen) == 1
+    hosts = {result.output.splitlines()[-1] for result in (first, second, failed)}
+    assert len(hosts) == 1 and hosts <= {c[:12] for c in seen}
+    assert second.output.splitlines()[:2] == ["one", "[hi]"]
+    # each step gets its own variables only, not the previous step's
+    assert (failed.exit_code, failed.killed, failed.output.splitlines()[0]) == (3, None, "[]")
+    assert (slow.killed, slow.timed_out) == ("timeout", True) and "waiting" in slow.output
+    assert not containers()
+
+
 # -- orphans -----------------------------------------------------------------------------
 
 
