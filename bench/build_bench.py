@@ -10,7 +10,7 @@ go build) runs the same build with three sandboxes:
 
 - ``bare``: each step as a plain ``subprocess.run`` of go, nothing else (the reference);
 - ``process``: Kiln's ProcessSandbox (clean environment, scratch HOME, a watchdog thread);
-- ``docker``: Kiln's DockerSandbox (one hardened container per step, the sandbox image).
+- ``docker``: Kiln's DockerSandbox (one container for the fetch steps and a hardened one for the compile step, the sandbox image).
 
 Per run, workload and sandbox: empty Go caches, a cold build with hello v0.1.0
 (``cold``), then hello v0.2.0 (``rebuild``: one plugin's version changed), then the first
