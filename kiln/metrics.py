@@ -16,6 +16,7 @@ with ``max``, not ``sum``).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import threading
@@ -314,6 +315,20 @@ class MetricsResource:
 # -- the worker side ----------------------------------------------------------------------
 
 
+class _MeteredSession:
+    """A sandbox session whose steps are recorded."""
+
+    def __init__(self, sandbox: MeteredSandbox, inner: Any) -> None:
+        self.sandbox = sandbox
+        self.inner = inner
+
+    def run(self, step: Step, *, on_output: OutputCallback | None = None,
+            cancel: threading.Event | None = None) -> StepResult:
+        """Run the step in the wrapped session and record it."""
+        return self.sandbox.observe(step, lambda: self.inner.run(step, on_output=on_output,
+                                                                 cancel=cancel))
+
+
 class MeteredSandbox:
     """A sandbox that records each step's duration and result; otherwise the one it wraps."""
 
@@ -333,10 +348,21 @@ class MeteredSandbox:
     def run(self, step: Step, *, workdir: Path, on_output: OutputCallback | None = None,
             cancel: threading.Event | None = None) -> StepResult:
         """Run the step in the wrapped sandbox and record how long it took and how it ended."""
+        return self.observe(step, lambda: self.inner.run(step, workdir=workdir,
+                                                         on_output=on_output, cancel=cancel))
+
+    @contextlib.contextmanager
+    def session(self, name: str, **kwargs: Any) -> Iterator[_MeteredSession]:
+        """Open the wrapped sandbox's session; its steps are recorded like run()'s."""
+        with self.inner.session(name, **kwargs) as inner:
+            yield _MeteredSession(self, inner)
+
+    def observe(self, step: Step, call: Callable[[], StepResult]) -> StepResult:
+        """Run ``call`` (one step) and record its duration and how it ended."""
         started = time.monotonic()
         result = "error"
         try:
-            outcome = self.inner.run(step, workdir=workdir, on_output=on_output, cancel=cancel)
+            outcome = call()
             result = outcome.killed or ("ok" if outcome.ok else "failed")
             return outcome
         finally:
