@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 import threading
 import time
@@ -199,13 +198,8 @@ class Builder:
         commands.append(["go", "mod", "tidy", "-e"])
         # one session for the whole phase: the docker sandbox runs its steps in one
         # container instead of starting one per step (0.3-0.5 s each; bench/)
-        opener = getattr(self.sandbox, "session", None)
-        with (
-            opener(FETCH, workdir=workdir, network=True, build_key=key,
-                   timeout=self.fetch_timeout * len(commands))
-            if opener is not None
-            else contextlib.nullcontext(EachStep(self.sandbox, workdir))  # a test double
-        ) as session:
+        with self.sandbox.session(FETCH, workdir=workdir, network=True, build_key=key,
+                                  timeout=self.fetch_timeout * len(commands)) as session:
             for args in commands:
                 self._fetch(args, session, log, cancel, timings, key)
         mod_text = (workdir / "go.mod").read_text()
