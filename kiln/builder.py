@@ -27,6 +27,11 @@ _NOT_FOUND = re.compile(
     r"does not contain package|module .* found, but does not contain)",
     re.I,
 )
+# go get's message when a plugin's go.mod requires a newer core than the one pinned
+_NEEDS_NEWER_CORE = re.compile(
+    rf"go: (\S+)@(\S+) requires {re.escape(CADDY_MODULE)}@(\S+), not "
+    rf"{re.escape(CADDY_MODULE)}@(\S+)"
+)
 # Messages of an unreachable or failing proxy: worth another attempt.
 _UNREACHABLE = re.compile(
     r"(dial tcp|connection refused|connection reset|i/o timeout|TLS handshake timeout|"
@@ -60,10 +65,15 @@ class BuildOutput:
 
 
 def main_go(spec: BuildSpec) -> str:
-    """Return the main.go xcaddy would write for ``spec``."""
+    """Return the main.go xcaddy v0.4.5 writes for ``spec``, byte for byte.
+
+    Even the comment line counts: with -trimpath the binary still records main.go's line
+    numbers, so a different layout gives different bytes.
+    """
     imports = [
         f'\tcaddycmd "{CADDY_MODULE}/cmd"',
         "",
+        "\t// plug in Caddy modules here",
         f'\t_ "{CADDY_MODULE}/modules/standard"',
     ]
     imports += [f'\t_ "{p.package}"' for p in spec.plugins]
@@ -73,15 +83,20 @@ def main_go(spec: BuildSpec) -> str:
     )
 
 
-def go_mod(spec: BuildSpec) -> str:
-    """Return the initial go.mod: module caddy, the toolchain's language version, replaces."""
-    match = re.match(r"go(\d+\.\d+)", spec.go_version)
-    lines = ["module caddy", "", f"go {match.group(1) if match else '1.21'}", ""]
-    for r in spec.replacements:
-        source = f"{r.old} {r.old_version}".strip()
-        target = f"{r.new} {r.new_version}".strip()
-        lines.append(f"replace {source} => {target}")
-    return "\n".join(lines) + "\n"
+def setup_commands(spec: BuildSpec) -> list[list[str]]:
+    """Return the steps that create go.mod, as xcaddy runs them.
+
+    ``go mod init`` picks the go line (Go 1.26+ writes the previous release's), which sets
+    the binary's default GODEBUG: writing go.mod by hand would give different bytes.
+    """
+    commands = [["go", "mod", "init", "caddy"]]
+    if spec.replacements:
+        edit = ["go", "mod", "edit"]
+        for r in spec.replacements:
+            source = f"{r.old}@{r.old_version}" if r.old_version else r.old
+            edit += ["-replace", f"{source}={r.new}@{r.new_version}"]
+        commands.append(edit)
+    return commands
 
 
 def summarize(output: str, limit: int = ERROR_LINES) -> str:
@@ -165,6 +180,14 @@ class Builder:
         if result.ok:
             return
         summary = summarize(result.output)
+        newer = _NEEDS_NEWER_CORE.search(result.output)
+        if newer:
+            plugin, version, needed, asked = newer.groups()
+            raise BuildFailure(
+                f"{plugin} {version} needs Caddy {needed} or newer, but Caddy {asked} was "
+                f"asked for: ask for Caddy {needed} or newer, or an older {plugin}\n{summary}",
+                retryable=False, step=FETCH,
+            )
         if _UNREACHABLE.search(result.output) and not _NOT_FOUND.search(result.output):
             raise BuildFailure(f"module proxy unreachable:\n{summary}", retryable=True,
                                step=FETCH)
@@ -185,10 +208,10 @@ class Builder:
         timings = {} if timings is None else timings
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "main.go").write_text(main_go(spec))
-        (workdir / "go.mod").write_text(go_mod(spec))
+        (workdir / "go.mod").unlink(missing_ok=True)
         core = f"{CADDY_MODULE}@{spec.caddy_version}"
         pins = [f"{p.module}@{p.version}" for p in spec.plugins]
-        commands = [["go", "get", core]]
+        commands = [*setup_commands(spec), ["go", "get", core]]
         commands += [["go", "get", pin, core] for pin in pins]
         if len(pins) > 1:
             # one combined re-pin: fails if any plugin drags core (or another plugin) away;

