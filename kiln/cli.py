@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kiln.verify import add_command as add_verify_command
 
     add_verify_command(sub)
+    from kiln.caddyproxy import add_command as add_caddy_proxy_command
+
+    add_caddy_proxy_command(sub)
     try:
         client = importlib.import_module("kiln.client")
     except ModuleNotFoundError:
