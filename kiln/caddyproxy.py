@@ -440,7 +440,7 @@ class _ApiHandler(_Handler):
 
     def error(self, status: int, message: str) -> None:
         """Answer in caddyserver.com's error shape and close."""
-        log.info("%s %s → %d: %s", self.command, self.path, status, message)
+        log.info("%s %s -> %d: %s", self.command, self.path, status, message)
         self.reply(status, caddy_error(status, message), "application/json")
 
     def do_GET(self) -> None:  # noqa: N802
@@ -477,7 +477,7 @@ class _ApiHandler(_Handler):
             sent = self._relay(resp)
         finally:
             conn.close()
-        log.info("%s %s → %d, %d bytes after %.1fs", self.command, self.path, resp.status,
+        log.info("%s %s -> %d, %d bytes after %.1fs", self.command, self.path, resp.status,
                  sent, time.monotonic() - started)
 
     do_HEAD = do_GET

@@ -246,7 +246,7 @@ def test_downloads_go_to_kiln_with_the_api_key(keys_kiln: tuple[KilnProcesses, s
     other = requests.get(f"https://{TARGET}/api/admin/builds", proxies=proxy.proxies,
                          verify=str(proxy.ca_cert), timeout=30)
     assert other.status_code == 404 and "/api/download" in other.json()["error"]["message"]
-    assert re.search(r"GET /api/download\?\S+ → 200, \d+ bytes after", proxy.log())
+    assert re.search(r"GET /api/download\?\S+ -> 200, \d+ bytes after", proxy.log())
 
     # without --api-key, Kiln's 401 reaches the client in caddyserver.com's error shape
     keyless = CaddyProxy(tmp_path, server=kiln.url, args=("--max-connections", "1"))
@@ -394,7 +394,7 @@ def test_the_real_caddy_binary_adds_removes_and_upgrades_through_kiln(
         # what the caddy binary sent: os, arch and each plugin's module@version, never Caddy's
         cf, rl = f"{CLOUDFLARE}@{CLOUDFLARE_VERSION}", f"{RATELIMIT}@{RATELIMIT_VERSION}"
         sent = [urllib.parse.parse_qs(q) for q in
-                re.findall(r"GET /api/download\?(\S+) → 200", proxy.log())]
+                re.findall(r"GET /api/download\?(\S+) -> 200", proxy.log())]
         assert [sorted(q["p"]) for q in sent] == [[cf], [cf, rl], [rl], [rl]]
         assert all(set(q) == {"os", "arch", "p"} for q in sent), sent
 
