@@ -23,7 +23,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from kiln.builder import BuildFailure, BuildOutput, LogSink
+from kiln.buildinfo import BuildInfo, GoModule, parse_go_version_m
 from kiln.config import Config
 from kiln.queue import queries as named_queries
 from kiln.sandbox import Sandbox, Step
@@ -96,77 +97,7 @@ def kiln_version() -> str:
         return "0+unknown"
 
 
-# -- go version -m -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GoModule:
-    path: str
-    version: str
-    sum: str = ""
-    replace: GoModule | None = None
-
-
-@dataclass(frozen=True)
-class BuildInfo:
-    """What ``go version -m`` reads from a Go binary."""
-
-    go_version: str
-    path: str = ""
-    main: GoModule | None = None
-    deps: tuple[GoModule, ...] = ()
-    settings: tuple[tuple[str, str], ...] = field(default=())
-
-    def setting(self, name: str) -> str | None:
-        """Return one build setting (``-ldflags``, ``GOOS``, ...), or None."""
-        return next((v for k, v in self.settings if k == name), None)
-
-
-def parse_go_version_m(output: str) -> BuildInfo:
-    """Parse the output of ``go version -m FILE``; raise ValueError if it is not that."""
-    lines = output.splitlines()
-    head = next((line for line in lines if line and not line.startswith("\t")), "")
-    _, sep, go_version = head.rpartition(": ")
-    if not sep or not go_version.startswith("go"):
-        raise ValueError(f"not go version -m output: {head[:200]!r}")
-    path, main = "", None
-    deps: list[GoModule] = []
-    settings: list[tuple[str, str]] = []
-    for line in lines:
-        if not line.startswith("\t"):
-            continue
-        parts = line[1:].split("\t")
-        kind, rest = parts[0], parts[1:]
-        if kind == "path" and rest:
-            path = rest[0]
-        elif kind == "mod" and rest:
-            main = GoModule(rest[0], rest[1] if len(rest) > 1 else "", _at(rest, 2))
-        elif kind == "dep" and len(rest) >= 2:
-            deps.append(GoModule(rest[0], rest[1], _at(rest, 2)))
-        elif kind == "=>" and deps and len(rest) >= 1:
-            replaced = GoModule(rest[0], _at(rest, 1), _at(rest, 2))
-            last = deps.pop()
-            deps.append(GoModule(last.path, last.version, last.sum, replaced))
-        elif kind == "build" and rest:
-            name, _, value = rest[0].partition("=")
-            settings.append((name, _unquote(value)))
-    return BuildInfo(go_version=go_version.strip(), path=path, main=main, deps=tuple(deps),
-                     settings=tuple(settings))
-
-
-def _at(items: list[str], index: int) -> str:
-    return items[index].strip() if len(items) > index else ""
-
-
-def _unquote(value: str) -> str:
-    # go version -m quotes values with spaces the way strconv.Quote does
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        try:
-            loaded = json.loads(value)
-        except ValueError:
-            return value[1:-1]
-        return loaded if isinstance(loaded, str) else value
-    return value
+# -- Go modules (kiln/buildinfo.py parses go version -m) ---------------------------------
 
 
 def h1_hex(h1: str) -> str | None:

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         client.add_commands(sub)
+        from kiln.upgrade import add_commands as add_upgrade_commands
+
+        add_upgrade_commands(sub)
     return parser
 
 
