@@ -91,6 +91,8 @@ ORPHAN_GRACE_SECONDS = 60
 #: paths inside the sandbox image (see worker_image/sandbox.Dockerfile)
 WORK_PATH = "/work"
 MODCACHE_PATH = "/go/pkg/mod"
+#: where go keeps the checksum database's latest signed tree head ($GOPATH/pkg/sumdb)
+SUMDB_PATH = "/go/pkg/sumdb"
 BUILDCACHE_PATH = "/cache/go-build"
 HOME_PATH = "/home/builder"
 
@@ -205,12 +207,16 @@ class DockerSandbox:
         self.modcache = root / "mod"
         self.buildcache = root / "build"
         self.copies = root / "build-copy"
+        # kept across builds, as go keeps it: a checksum database that forks or rolls back
+        # its log is then noticed, not trusted anew by every build
+        self.sumdb = root / "sumdb"
         try:
-            for directory in (self.modcache, self.buildcache, self.copies):
+            for directory in (self.modcache, self.buildcache, self.copies, self.sumdb):
                 directory.mkdir(parents=True, exist_ok=True)
             # the worker may run as root; the steps run as the sandbox user and write these
             self._give(self.modcache)
             self._give(self.buildcache)
+            self._give(self.sumdb)
         except OSError as exc:
             raise SandboxError(f"build.cache_dir: cannot prepare {root}: {exc}") from exc
         try:
@@ -383,6 +389,7 @@ class DockerSandbox:
             for directory in local:
                 mounts.append(Mount(str(directory), str(directory), type="bind", read_only=True))
             mounts.append(Mount(MODCACHE_PATH, str(self.modcache), type="bind", read_only=False))
+            mounts.append(Mount(SUMDB_PATH, str(self.sumdb), type="bind", read_only=False))
             # the fetch step has the network: it must not write the shared build cache
             tmpfs[BUILDCACHE_PATH] = f"rw,nosuid,nodev,size={self.memory_bytes},{owner}"
         else:
