@@ -103,6 +103,19 @@ def go_cache_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_cache_dir(go_cache_dir: Path) -> Path:
+    """Return the Go caches of builds from the real module proxy (kept between runs).
+
+    Apart from the synthetic proxy's: that one serves other files at some of the same
+    module versions (github.com/caddyserver/caddy/v2 v2.8.0, which caddy-ratelimit
+    requires), which the checksum database would rightly refuse.
+    """
+    path = go_cache_dir / "real-goproxy"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Run moto's S3 server on 127.0.0.1 for the session; yield its endpoint URL.
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests import realcaddy as rc
 from tests.fixtures import goproxy as gp
 from tests.service import REPO, KilnProcesses, free_port, template_database
 
@@ -38,13 +39,8 @@ DOWNLOAD = f"https://{TARGET}/api/download"
 
 #: what the real Go module proxy serves here: Caddy's version list, and plugins pinned exactly
 #: (it answers no plugin's @v/list, so an unpinned plugin could not be resolved)
-REAL_GOPROXY = "https://proxy.golang.org"
-CLOUDFLARE = "github.com/caddy-dns/cloudflare"
-CLOUDFLARE_VERSION = "v0.2.1"
-CLOUDFLARE_ID = "dns.providers.cloudflare"
-RATELIMIT = "github.com/mholt/caddy-ratelimit"
-RATELIMIT_VERSION = "v0.1.0"
-RATELIMIT_ID = "http.handlers.rate_limit"
+CLOUDFLARE, _, CLOUDFLARE_VERSION, CLOUDFLARE_ID = rc.CLOUDFLARE
+RATELIMIT, _, RATELIMIT_VERSION, RATELIMIT_ID = rc.RATELIMIT
 #: seconds one caddy add-package/remove-package/upgrade may take (a cold real build)
 REAL_BUILD_TIMEOUT = 1800
 
@@ -310,15 +306,13 @@ def wheel_caddy() -> Path:
 
 @pytest.fixture(scope="module")
 def real_kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
-              go_cache_dir: Path) -> Iterator[KilnProcesses]:
+              real_cache_dir: Path) -> Iterator[KilnProcesses]:
     """A Kiln building from the real Go module proxy, checked against the checksum database."""
     root = tmp_path_factory.mktemp("caddy-client-kiln")
     url = template_database(pg_server_url, pg_template, "kiln_caddy_client")
-    # its own module cache: the synthetic proxy serves other files at some of the same
-    # module versions (github.com/caddyserver/caddy/v2 v2.8.0, which caddy-ratelimit requires)
-    cache = go_cache_dir / "real-goproxy"
-    service = KilnProcesses(db_url=url, root=root, goproxy=REAL_GOPROXY, cache_dir=cache,
-                            env={"KILN_BUILD__GOSUMDB": "sum.golang.org",
+    service = KilnProcesses(db_url=url, root=root, goproxy=rc.GOPROXY,
+                            cache_dir=real_cache_dir,
+                            env={"KILN_BUILD__GOSUMDB": rc.GOSUMDB,
                                  "KILN_LOGGING__LEVEL": "INFO"})
     with service.running():
         yield service
@@ -369,7 +363,7 @@ def test_the_real_caddy_binary_adds_removes_and_upgrades_through_kiln(
     # the newest Caddy the module proxy serves (v2.11.9 when this was written): what an
     # unpinned core resolves to
     latest = requests.get(real_kiln.url + "/api/versions", timeout=60).json()["result"]["latest"]
-    assert tuple(map(int, latest[1:].split("."))) > (2, 11, 7), latest
+    assert latest == rc.newest_caddy()
     try:
         run("add-package", f"{CLOUDFLARE}@{CLOUDFLARE_VERSION}")
         assert version(caddy) == latest

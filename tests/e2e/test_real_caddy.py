@@ -42,10 +42,10 @@ def real_kiln(root: Path, db_url: str, cache_dir: Path,
 
 @pytest.fixture(scope="module")
 def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
-         go_cache_dir: Path) -> Iterator[KilnProcesses]:
+         real_cache_dir: Path) -> Iterator[KilnProcesses]:
     root = tmp_path_factory.mktemp("real-caddy")
     url = template_database(pg_server_url, pg_template, "kiln_real_caddy")
-    with real_kiln(root, url, go_cache_dir).running() as service:
+    with real_kiln(root, url, real_cache_dir).running() as service:
         yield service
 
 
@@ -161,13 +161,13 @@ def test_latest_resolves_to_the_newest_release_and_the_binary_serves(
         assert requests.get(url, timeout=10).status_code == 429
 
 
-def test_same_bytes_as_xcaddy(latest_build: tuple[dict[str, Any], Path], go_cache_dir: Path,
+def test_same_bytes_as_xcaddy(latest_build: tuple[dict[str, Any], Path], real_cache_dir: Path,
                               tmp_path: Path) -> None:
     doc, binary = latest_build
     # Kiln imports plugins in package order, whatever order they were asked in (one key,
     # one binary per set); xcaddy imports them in the order of its --with flags
     packages = sorted(f"{p['package']}@{p['version']}" for p in doc["plugins"])
-    reference = rc.xcaddy_build(go_cache_dir, tmp_path, caddy_version=doc["caddy_version"],
+    reference = rc.xcaddy_build(real_cache_dir, tmp_path, caddy_version=doc["caddy_version"],
                                 packages=packages)
     assert rc.go_version_m(binary) == rc.go_version_m(reference)
     assert hashlib.sha256(binary.read_bytes()).hexdigest() == \
@@ -175,7 +175,7 @@ def test_same_bytes_as_xcaddy(latest_build: tuple[dict[str, Any], Path], go_cach
 
 
 def test_pinned_caddy_cross_compiled_for_arm64_matches_xcaddy(
-        kiln: KilnProcesses, go_cache_dir: Path, tmp_path: Path) -> None:
+        kiln: KilnProcesses, real_cache_dir: Path, tmp_path: Path) -> None:
     doc = build(kiln, {"os": "linux", "arch": "arm64", "caddy_version": rc.CADDY_PINNED,
                        "plugins": [rc.pin(rc.CLOUDFLARE)]})
     assert doc["state"] == "succeeded", (doc, kiln.log("worker")[-4000:])
@@ -186,7 +186,7 @@ def test_pinned_caddy_cross_compiled_for_arm64_matches_xcaddy(
     assert f"dep\t{rc.CADDY}\t{rc.CADDY_PINNED}\t" in info
     assert f"dep\t{rc.CLOUDFLARE[1]}\t{rc.CLOUDFLARE[2]}\t" in info
     assert "build\tGOARCH=arm64" in info
-    reference = rc.xcaddy_build(go_cache_dir, tmp_path, caddy_version=rc.CADDY_PINNED,
+    reference = rc.xcaddy_build(real_cache_dir, tmp_path, caddy_version=rc.CADDY_PINNED,
                                 packages=[rc.pin(rc.CLOUDFLARE)], goarch="arm64")
     assert data == reference.read_bytes()
 
@@ -205,11 +205,11 @@ def test_a_plugin_needing_a_newer_caddy_names_both_versions(kiln: KilnProcesses)
 @pytest.mark.docker
 def test_docker_sandbox_builds_the_same_bytes(
         latest_build: tuple[dict[str, Any], Path], tmp_path: Path, pg_server_url: str,
-        pg_template: str, go_cache_dir: Path) -> None:
+        pg_template: str, real_cache_dir: Path) -> None:
     image = ensure_sandbox_image()
     doc, process_binary = latest_build
     url = template_database(pg_server_url, pg_template, "kiln_real_caddy_docker")
-    service = real_kiln(tmp_path / "kiln", url, go_cache_dir, env={
+    service = real_kiln(tmp_path / "kiln", url, real_cache_dir, env={
         "KILN_BUILD__SANDBOX": "docker", "KILN_BUILD__DOCKER__IMAGE": image,
         # the fetch container reaches the proxy over the bridge; compile has no network
         "KILN_BUILD__DOCKER__NETWORK": "bridge"})

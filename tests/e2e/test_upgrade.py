@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests import realcaddy as rc
 from tests.fixtures import goproxy as gp
 from tests.service import REPO, KilnProcesses, free_port, template_database
 
@@ -265,26 +266,26 @@ def test_what_kiln_cannot_rebuild_is_refused_with_the_reason(
 
 # -- the real Caddy ------------------------------------------------------------------------
 
-REAL_CADDY = "v2.10.2"
-REAL_LATEST = "v2.11.9"
-CLOUDFLARE = "github.com/caddy-dns/cloudflare"
-RATELIMIT = "github.com/mholt/caddy-ratelimit"
+REAL_CADDY = rc.CADDY_PINNED
+CLOUDFLARE = rc.CLOUDFLARE[0]
+RATELIMIT = rc.RATELIMIT[0]
 
 
 def test_real_caddy_upgrade_and_add_package(
         tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
-        go_cache_dir: Path, keys: dict[str, Path]) -> None:
+        real_cache_dir: Path, keys: dict[str, Path]) -> None:
     """Caddy v2.10.2 with cloudflare, upgraded to the latest Caddy, then given ratelimit."""
     real = start("kiln_upgrade_real", root=tmp_path_factory.mktemp("upgrade-real"),
                  pg_server_url=pg_server_url, pg_template=pg_template,
-                 goproxy="https://proxy.golang.org", cache_dir=go_cache_dir, key=keys["main"],
-                 env={"KILN_BUILD__GOSUMDB": "sum.golang.org"})
+                 goproxy=rc.GOPROXY, cache_dir=real_cache_dir, key=keys["main"],
+                 env={"KILN_BUILD__GOSUMDB": rc.GOSUMDB})
     binary = tmp_path_factory.mktemp("upgrade-real-bin") / "caddy"
+    real_latest = rc.newest_caddy()
     timings: dict[str, float] = {}
     with real.running():
         started = time.monotonic()
         build(real.url, binary, "--os", "linux", "--arch", "amd64", "--caddy", REAL_CADDY,
-              "-p", f"{CLOUDFLARE}@v0.2.1", timeout=REAL_BUILD_TIMEOUT)
+              "-p", rc.pin(rc.CLOUDFLARE), timeout=REAL_BUILD_TIMEOUT)
         timings["build"] = time.monotonic() - started
         assert caddy_version(binary) == REAL_CADDY
         assert caddy_modules(binary) == {"dns.providers.cloudflare": "v0.2.1"}
@@ -293,17 +294,17 @@ def test_real_caddy_upgrade_and_add_package(
         upgraded = kiln_cmd(real.url, "upgrade", binary, timeout=REAL_BUILD_TIMEOUT)
         timings["upgrade"] = time.monotonic() - started
         assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr[-3000:]
-        assert f"Caddy {REAL_CADDY} → {REAL_LATEST} for linux/amd64" in upgraded.stdout
-        assert caddy_version(binary) == REAL_LATEST
+        assert f"Caddy {REAL_CADDY} → {real_latest} for linux/amd64" in upgraded.stdout
+        assert caddy_version(binary) == real_latest
         assert caddy_modules(binary) == {"dns.providers.cloudflare": "v0.2.1"}
 
         started = time.monotonic()
-        added = kiln_cmd(real.url, "add-package", "-b", binary, f"{RATELIMIT}@v0.1.0",
+        added = kiln_cmd(real.url, "add-package", "-b", binary, rc.pin(rc.RATELIMIT),
                          timeout=REAL_BUILD_TIMEOUT)
         timings["add-package"] = time.monotonic() - started
         assert added.returncode == 0, added.stdout + added.stderr[-3000:]
         assert f"added    {RATELIMIT}" in added.stdout
-        assert caddy_version(binary) == REAL_LATEST
+        assert caddy_version(binary) == real_latest
         modules = caddy_modules(binary)
         assert modules["dns.providers.cloudflare"] == "v0.2.1"
         assert modules["http.handlers.rate_limit"] == "v0.1.0"
