@@ -76,6 +76,10 @@ class ModuleNotFound(Exception):
         self.detail = detail
 
 
+class ModuleRefused(ModuleNotFound):
+    """The proxy refused the request (400 or 403): it will not serve it as asked."""
+
+
 class ProxyUnavailable(Exception):
     """The module proxy could not be reached or failed: retryable."""
 
@@ -258,6 +262,10 @@ class ModuleProxy:
                 raise _NotFound(_detail(body)) from None
             if exc.code == 400:
                 raise _Rejected(f"{url}: {_detail(body) or 'bad request'}") from None
+            if exc.code == 403:
+                # a curated or partial proxy refusing what it does not serve: the request
+                # must change (Go reports it too, and does not fall through to the next)
+                raise _Rejected(f"{url} answered 403: {_detail(body) or 'forbidden'}") from None
             raise ProxyUnavailable(f"module proxy {base} answered {exc.code} for {rel}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
@@ -313,8 +321,12 @@ class ModuleProxy:
         try:
             return self._get(f"{encode_path(module)}/{rel}", limit, http_only=http_only)
         except _Rejected as exc:
-            raise ModuleNotFound(
-                module, query, f"{module}@{query}: rejected by the module proxy: {exc}"
+            hint = ""
+            if rel in ("@v/list", "@latest"):
+                hint = (f"; this proxy lists no versions of {module}: ask for an exact "
+                        f"version ({module}@vX.Y.Z)")
+            raise ModuleRefused(
+                module, query, f"{module}@{query}: rejected by the module proxy: {exc}{hint}"
             ) from None
 
     def list(self, module: str) -> _Versions:
@@ -559,19 +571,23 @@ class Resolver:
         candidates = module_prefixes(package_path)
         tried: list[str] = []
         first_error: ModuleNotFound | None = None
+        refused: ModuleRefused | None = None
         for candidate in candidates:
             try:
                 return candidate, self.resolve(candidate, q)
             except ModuleNotFound as exc:
                 tried.append(candidate)
                 first_error = first_error or exc
+                if isinstance(exc, ModuleRefused):
+                    refused = refused or exc
         if len(tried) == 1 and first_error is not None:
             raise first_error
         raise ModuleNotFound(
             package_path,
             q,
             f"no module provides {package_path}@{q}: tried "
-            + (", ".join(tried) if tried else "no valid module path"),
+            + (", ".join(tried) if tried else "no valid module path")
+            + (f" ({refused})" if refused else ""),
         )
 
     def resolve_plugin(self, plugin: PluginRequest) -> ResolvedPlugin:
@@ -683,11 +699,14 @@ class Resolver:
         return info.version
 
     def _query_list(self, module: str, q: str, path_major: str, is_latest: bool) -> str:
+        refused: ModuleRefused | None = None
         try:
             listed = self.proxy.list_all(module)
-        except ModuleNotFound:
+        except ModuleNotFound as exc:
             listed = []
             list_missing = True
+            # a proxy that refuses to list says more than "unknown module" would
+            refused = exc if isinstance(exc, ModuleRefused) else None
         else:
             list_missing = False
         tagged = [v for v in listed if not is_pseudo_version(v)]
@@ -734,10 +753,10 @@ class Resolver:
             except ModuleNotFound:
                 pass
             if list_missing and latest is None:
-                raise _unknown_module(module, q)
+                raise refused or _unknown_module(module, q)
             raise _no_version(module, q)
         if list_missing:
-            raise _unknown_module(module, q)
+            raise refused or _unknown_module(module, q)
         raise _no_version(module, q)
 
     def _filter_incompatible(self, module: str, versions: list[str], prefer: bool) -> list[str]:

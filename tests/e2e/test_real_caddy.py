@@ -15,6 +15,8 @@ import signal
 import stat
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -223,3 +225,22 @@ def test_docker_sandbox_builds_the_same_bytes(
         binary = download(service, docker_doc, tmp_path / "caddy-docker")
     assert binary.read_bytes() == process_binary.read_bytes()
     assert run(binary, "version").split()[0] == doc["caddy_version"]
+
+
+def test_an_unpinned_plugin_the_proxy_lists_no_versions_of_gets_a_400_asking_for_a_pin(
+        kiln: KilnProcesses) -> None:
+    module = rc.CLOUDFLARE[1]
+    try:
+        urllib.request.urlopen(f"{rc.GOPROXY}/{module}/@v/list", timeout=30).close()
+        pytest.skip(f"the proxy lists {module}'s versions here")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 403, exc
+    resp = kiln.post_build({"os": "linux", "arch": "amd64", "plugins": [module]})
+    assert resp.status_code == 400, resp.text
+    message = resp.json()["error"]["message"]
+    assert "403" in message and f"{module}@vX.Y.Z" in message, message
+    # the caddyserver.com endpoint the caddy binary calls says the same, with a 4xx
+    compat = requests.get(f"{kiln.url}/api/download", params={
+        "os": "linux", "arch": "amd64", "p": module}, timeout=60)
+    assert compat.status_code == 400, compat.text
+    assert f"{module}@vX.Y.Z" in compat.json()["error"]["message"]
