@@ -1,15 +1,17 @@
-"""Read what a Go binary is built for, with the standard library only.
+"""Read what a Go binary is built for, from its bytes (no Go toolchain needed).
 
 ``inspect(data)`` returns the executable format (ELF, PE or Mach-O) and the machine its
 header names, as a GOARCH, and ``build_info(data)`` the build settings Go records in every
 binary (what ``go version -m`` prints: ``GOOS``, ``GOARCH``, ``GOARM``, ``-trimpath``, ...),
-which stripping with ``-ldflags=-s -w`` keeps.
+which stripping with ``-ldflags=-s -w`` keeps (read by kiln/buildinfo.py).
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+
+from kiln.buildinfo import decode_build_info
 
 ELF_MAGIC = b"\x7fELF"
 PE_MAGIC = b"MZ"
@@ -40,11 +42,6 @@ IMAGE_FILE_MACHINE_ARM64 = 0xAA64
 #: Mach-O cputype values
 CPU_TYPE_X86_64 = 0x01000007
 CPU_TYPE_ARM64 = 0x0100000C
-
-#: the marker of Go's build information blob (src/debug/buildinfo)
-BUILDINFO_MAGIC = b"\xff Go buildinf:"
-BUILDINFO_HEADER = 32
-BUILDINFO_INLINE = 0x2
 
 
 @dataclass(frozen=True)
@@ -110,39 +107,7 @@ def inspect(data: bytes) -> Executable:
     raise ValueError(f"not an ELF, PE or 64-bit Mach-O executable (starts {data[:8].hex()})")
 
 
-def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
 def build_info(data: bytes) -> tuple[str, dict[str, str]]:
-    """Return the Go version and the ``build`` settings recorded in a Go binary.
-
-    Reads the inline format of Go 1.18 and later: a 32-byte header after the magic,
-    then the version and the module information as varint-prefixed strings.
-    """
-    pos = data.find(BUILDINFO_MAGIC)
-    while pos >= 0 and not data[pos + 15] & BUILDINFO_INLINE:
-        pos = data.find(BUILDINFO_MAGIC, pos + 1)
-    if pos < 0:
-        raise ValueError("no Go build information (not a Go 1.18+ binary)")
-    length, at = _uvarint(data, pos + BUILDINFO_HEADER)
-    version = data[at:at + length].decode()
-    length, at = _uvarint(data, at + length)
-    modinfo = data[at:at + length]
-    # the module information is wrapped in two 16-byte sentinels
-    if len(modinfo) >= 33 and modinfo[-17:-16] == b"\n":
-        modinfo = modinfo[16:-16]
-    settings: dict[str, str] = {}
-    for line in modinfo.decode().splitlines():
-        kind, _, rest = line.partition("\t")
-        if kind == "build":
-            name, _, value = rest.partition("=")
-            settings[name] = value
-    return version, settings
+    """Return the Go version and the ``build`` settings recorded in a Go binary."""
+    info = decode_build_info(data)
+    return info.go_version, dict(info.settings)
