@@ -111,7 +111,7 @@ class KilnClient:
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", TIMEOUT)
         try:
             resp = self.session.request(method, self.server + path, **kwargs)
@@ -124,19 +124,19 @@ class KilnClient:
 
     def submit(self, body: dict[str, Any]) -> dict[str, Any]:
         """Ask for a build; return its document."""
-        return dict(self._request("POST", "/api/builds", json=body).json())
+        return dict(self.request("POST", "/api/builds", json=body).json())
 
     def status(self, key: str) -> dict[str, Any]:
         """Return a build's document."""
-        return dict(self._request("GET", f"/api/builds/{key}").json())
+        return dict(self.request("GET", f"/api/builds/{key}").json())
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
         """Return the most recent builds."""
-        return list(self._request("GET", "/api/builds", params={"limit": limit}).json()["builds"])
+        return list(self.request("GET", "/api/builds", params={"limit": limit}).json()["builds"])
 
     def log_text(self, key: str) -> Iterator[bytes]:
         """Yield the stored log (UTF-8 text) in chunks."""
-        resp = self._request("GET", f"/api/builds/{key}/log", stream=True)
+        resp = self.request("GET", f"/api/builds/{key}/log", stream=True)
         with resp:
             yield from resp.iter_content(chunk_size=None)
 
@@ -150,7 +150,7 @@ class KilnClient:
             if last:
                 headers["Last-Event-ID"] = last
             try:
-                resp = self._request("GET", f"/api/builds/{key}/events", headers=headers,
+                resp = self.request("GET", f"/api/builds/{key}/events", headers=headers,
                                      stream=True, timeout=(TIMEOUT, STREAM_READ_TIMEOUT))
                 with resp:
                     if resp.status_code == 204:  # the result was already delivered
@@ -174,7 +174,7 @@ class KilnClient:
 
     def download(self, key: str, dest: Path, *, sha256: str) -> Path:
         """Download a build's artifact to ``dest``, check its sha256, make it executable."""
-        resp = self._request("GET", f"/api/builds/{key}/artifact", stream=True,
+        resp = self.request("GET", f"/api/builds/{key}/artifact", stream=True,
                              timeout=(TIMEOUT, 300))
         dest.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
@@ -317,7 +317,7 @@ def _client(args: argparse.Namespace) -> KilnClient:
     return KilnClient(args.server, api_key=args.api_key)
 
 
-def _follow(client: KilnClient, key: str, progress: Progress) -> dict[str, Any]:
+def follow(client: KilnClient, key: str, progress: Progress) -> dict[str, Any]:
     """Show a build's events until its result; return the final build document."""
     for event in client.events(key):
         if event.event == "result" and isinstance(event.data, dict):
@@ -357,7 +357,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         return EXIT_OK
     progress = Progress(sys.stderr)
     if doc["state"] not in FINAL_STATES:
-        doc = _follow(client, key, progress)
+        doc = follow(client, key, progress)
     code = _report(doc, progress)
     if code == EXIT_OK and args.output:
         dest = Path(args.output)
@@ -451,7 +451,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+def handle_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a command: a ClientError becomes its message and exit code."""
+
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
@@ -466,7 +468,8 @@ def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
     return run
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def common_options(p: argparse.ArgumentParser) -> None:
+    """Add the options every client command takes (--server, --key, ...)."""
     p.add_argument("--server", default=os.environ.get("KILN_SERVER") or DEFAULT_SERVER,
                    help="Kiln's URL (default: $KILN_SERVER or %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("KILN_API_KEY", ""),
@@ -480,7 +483,7 @@ def add_commands(sub: Any) -> None:
                        description="Ask for Caddy with plugins; with --wait or -o, watch the "
                        "build and download the binary. Exit: 0 built, 1 failed, 2 usage, "
                        "3 server unreachable.")
-    _common(p)
+    common_options(p)
     p.add_argument("--os", default="", help=f"GOOS (default: this machine's, {goos})")
     p.add_argument("--arch", default="", help=f"GOARCH (default: this machine's, {goarch})")
     p.add_argument("--arm", default=None, choices=["5", "6", "7"], help="GOARM for arch arm")
@@ -493,29 +496,29 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--wait", action="store_true", help="watch the build until it ends")
     p.add_argument("-o", "--output", default="", metavar="FILE",
                    help="download the binary here when built (implies --wait)")
-    p.set_defaults(func=_run(cmd_build))
+    p.set_defaults(func=handle_errors(cmd_build))
 
     p = sub.add_parser("status", help="show a build's state")
-    _common(p)
+    common_options(p)
     p.add_argument("key")
     p.add_argument("--json", action="store_true", help="print the build document as JSON")
-    p.set_defaults(func=_run(cmd_status))
+    p.set_defaults(func=handle_errors(cmd_status))
 
     p = sub.add_parser("logs", help="print a build's log")
-    _common(p)
+    common_options(p)
     p.add_argument("key")
     p.add_argument("-f", "--follow", action="store_true", help="follow the build live")
-    p.set_defaults(func=_run(cmd_logs))
+    p.set_defaults(func=handle_errors(cmd_logs))
 
     p = sub.add_parser("download", help="download a build's binary")
-    _common(p)
+    common_options(p)
     p.add_argument("key")
     p.add_argument("-o", "--output", default="", metavar="FILE",
                    help="where to write it (default: the server's file name)")
-    p.set_defaults(func=_run(cmd_download))
+    p.set_defaults(func=handle_errors(cmd_download))
 
     p = sub.add_parser("list", help="list recent builds")
-    _common(p)
+    common_options(p)
     p.add_argument("--limit", type=int, default=20, help="how many (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_run(cmd_list))
+    p.set_defaults(func=handle_errors(cmd_list))

@@ -50,9 +50,9 @@ from kiln.client import (
     ClientError,
     KilnClient,
     Progress,
-    _common,
-    _follow,
-    _run,
+    common_options,
+    follow,
+    handle_errors,
     host_platform,
     human_size,
 )
@@ -391,7 +391,7 @@ def built_outcome(plan: Plan, doc: dict[str, Any]) -> Outcome:
 def _resolver(client: KilnClient) -> Callable[[str], tuple[str, str] | None]:
     def latest(path: str) -> tuple[str, str] | None:
         try:
-            doc = client._request("GET", "/api/plugin-versions", params={"path": path}).json()
+            doc = client.request("GET", "/api/plugin-versions", params={"path": path}).json()
             return str(doc["module"]), str(doc["latest"])
         except (ClientError, KeyError, TypeError, ValueError):
             return None  # shown as "latest": the server resolves it when building
@@ -402,7 +402,7 @@ def _resolver(client: KilnClient) -> Callable[[str], tuple[str, str] | None]:
 def latest_caddy(client: KilnClient) -> str | None:
     """Return the newest Caddy the server would build, or None if it cannot say."""
     try:
-        return str(client._request("GET", "/api/versions").json()["result"]["latest"])
+        return str(client.request("GET", "/api/versions").json()["result"]["latest"])
     except (ClientError, KeyError, TypeError, ValueError):
         return None
 
@@ -568,7 +568,7 @@ def execute(plan: Plan, args: argparse.Namespace) -> int:
     print(f"build {key}: {client.server}/builds/{key}", flush=True)
     progress = Progress(sys.stderr)
     if doc["state"] not in FINAL_STATES:
-        doc = _follow(client, key, progress)
+        doc = follow(client, key, progress)
     if doc.get("state") != "succeeded":
         progress.finish(f"kiln: build {key} {doc.get('state')}:\n"
                         f"{doc.get('error') or '(no error message)'}")
@@ -627,7 +627,7 @@ def cmd_remove_package(args: argparse.Namespace) -> int:
 
 
 def _options(p: argparse.ArgumentParser, *, caddy_default: str) -> None:
-    _common(p)
+    common_options(p)
     p.add_argument("--caddy", default="", metavar="VERSION",
                    help=f"the Caddy version to build (default: {caddy_default})")
     p.add_argument("--dry-run", action="store_true",
@@ -654,7 +654,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--latest-plugins", action="store_true",
                    help="also move every plugin to its latest version (default: keep them)")
     _options(p, caddy_default="latest")
-    p.set_defaults(func=_run(cmd_upgrade))
+    p.set_defaults(func=handle_errors(cmd_upgrade))
     for name, handler, verb in (("add-package", cmd_add_package, "with"),
                                 ("remove-package", cmd_remove_package, "without")):
         p = sub.add_parser(name, help=f"rebuild an installed Caddy {verb} plugins",
@@ -665,5 +665,5 @@ def add_commands(sub: Any) -> None:
         p.add_argument("-b", "--binary", default="", metavar="PATH",
                        help="the caddy binary (default: caddy on PATH)")
         _options(p, caddy_default="the installed one")
-        p.set_defaults(func=_run(handler))
+        p.set_defaults(func=handle_errors(handler))
 
