@@ -469,7 +469,7 @@ def handle_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[arg
 
 
 def common_options(p: argparse.ArgumentParser) -> None:
-    """Add the options every client command takes (--server, --key, ...)."""
+    """Add the options every client command takes: --server and --api-key."""
     p.add_argument("--server", default=os.environ.get("KILN_SERVER") or DEFAULT_SERVER,
                    help="Kiln's URL (default: $KILN_SERVER or %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("KILN_API_KEY", ""),
