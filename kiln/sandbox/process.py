@@ -79,6 +79,11 @@ class ProcessSandbox:
         self.cache_dir = cache_dir.resolve()
         self.modcache = self.cache_dir / "mod"
         self.buildcache = self.cache_dir / "build"
+        # go keeps the checksum database's latest signed tree head in $GOPATH/pkg/sumdb:
+        # kept across steps and builds, as go keeps it, a log that forks or rolls back is
+        # noticed, and a step does not fetch the tree head again before each lookup
+        self.gopath = self.cache_dir / "gopath"
+        self.gopath.mkdir(parents=True, exist_ok=True)
         self.modcache.mkdir(parents=True, exist_ok=True)
         self.buildcache.mkdir(parents=True, exist_ok=True)
         self._version: str | None = None
@@ -104,7 +109,7 @@ class ProcessSandbox:
             "HOME": str(scratch / "home"),
             "TMPDIR": str(scratch / "tmp"),
             "GOROOT": str(self.goroot),
-            "GOPATH": str(scratch / "gopath"),
+            "GOPATH": str(self.gopath),
             "GOMODCACHE": str(self.modcache),
             "GOCACHE": str(self.buildcache),
             "GOENV": "off",
@@ -117,7 +122,7 @@ class ProcessSandbox:
             SANDBOX_LABEL.upper().replace(".", "_"): step.build_key or "1",
         }
         env.update(step.env)
-        for sub in ("home", "tmp", "gopath"):
+        for sub in ("home", "tmp"):
             (scratch / sub).mkdir(parents=True, exist_ok=True)
         return env
 

@@ -1,0 +1,57 @@
+"""A warm build asks the module proxy nothing: the fetch steps read the module cache first.
+
+go get, even with every module cached, asks the proxy for each module's version list; Kiln
+runs each fetch step with GOPROXY=off first and asks the proxy only for what is missing.
+Real Go, the process sandbox, the synthetic proxy over HTTP (which counts its requests).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kiln.builder import Builder
+from kiln.spec import BuildSpec, ResolvedPlugin
+from tests.fixtures import goproxy as gp
+from tests.sandboxes import COMPILE_TIMEOUT_SECONDS, FETCH_TIMEOUT_SECONDS, process_sandbox
+
+pytestmark = pytest.mark.slow
+
+
+def test_warm_fetches_skip_the_proxy_and_a_new_version_is_fetched(
+        proxy_server: gp.ProxyServer, tmp_path: Path) -> None:
+    sandbox = process_sandbox(tmp_path / "cache")
+    builder = Builder(sandbox=sandbox, goproxy=proxy_server.url, gosumdb="off",
+                      fetch_timeout=FETCH_TIMEOUT_SECONDS,
+                      compile_timeout=COMPILE_TIMEOUT_SECONDS)
+
+    def build(hello: str, name: str) -> tuple[bytes, list[str], int]:
+        spec = BuildSpec(os="linux", arch="amd64", arm="", caddy_version=gp.CADDY_LATEST,
+                         plugins=(ResolvedPlugin(package=gp.HELLO, module=gp.HELLO,
+                                                 version=hello),),
+                         replacements=(), go_version=sandbox.go_version(),
+                         sandbox=sandbox.identity)
+        lines: list[str] = []
+        before = proxy_server.total
+        out = builder.build(spec, key=spec.key(), workdir=tmp_path / name,
+                            log=lambda _step, line: lines.append(line))
+        return out.binary.read_bytes(), lines, proxy_server.total - before
+
+    first, log, asked = build(gp.HELLO_VERSIONS[0], "cold")
+    assert asked > 0
+    # a cold cache: each step missed the cache and ran again with the proxy
+    assert any(line.endswith("(module cache only)") for line in log)
+    assert any(line.startswith("$ go get") and "module cache" not in line for line in log)
+
+    again, log, asked = build(gp.HELLO_VERSIONS[0], "warm")
+    assert asked == 0, proxy_server.requests()
+    assert again == first
+    assert all(line.endswith("(module cache only)") for line in log
+               if line.startswith(("$ go get", "$ go mod")))
+
+    # one plugin's version changed: only that is fetched, and the build has it
+    changed, _log, asked = build(gp.HELLO_VERSIONS[1], "rebuild")
+    assert asked > 0
+    assert changed != first
+    assert gp.HELLO_VERSIONS[1].encode() in changed
