@@ -429,8 +429,15 @@ class DockerSandbox:
         }
 
     def _proxy_urls(self, step: Step) -> list[str]:
-        """Return the GOPROXY entries of a step (its own GOPROXY, else the configured one)."""
-        value = step.env.get("GOPROXY") or self.goproxy
+        """Return the GOPROXY entries of a step (its own GOPROXY, else the configured one).
+
+        A step with GOPROXY=off (the builder's module-cache-only first try) gets the
+        configured ones: it needs none, and the session's container it may start must serve
+        the steps after it, which use them (mounts, and no network for file:// alone).
+        """
+        value = step.env.get("GOPROXY", "")
+        if value in ("", "off"):
+            value = self.goproxy
         return [part for part in re.split(r"[,|]", value) if part and part != "off"]
 
     def _supervise(
