@@ -19,7 +19,8 @@ from kiln.config import DatabaseConfig
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+#: the migrations shipped in the package (in a checkout, a link to the top-level migrations/)
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 #: advisory lock key that serializes migration runs ("kiln" in ASCII)
 MIGRATION_LOCK = 0x6B696C6E
 LOCK_TIMEOUT = "10s"
@@ -163,12 +164,16 @@ class MigrationError(Exception):
 
 
 def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
-    """Return the migrations in ``directory``, in order."""
+    """Return the migrations in ``directory``, in order; refuse a directory with none."""
     found = []
     for path in sorted(directory.glob("*.sql")):
         if not _NAME.match(path.name):
             raise MigrationError(f"{path.name}: migration files are named NNNN_words.sql")
         found.append(Migration(path.name, path.read_text()))
+    if not found:
+        # applying nothing would leave every service facing an empty database
+        raise MigrationError(f"no migrations found in {directory}: a broken install "
+                             "(Kiln's package carries them in kiln/migrations)")
     return found
 
 

@@ -25,6 +25,7 @@ WORKDIR /src
 COPY pyproject.toml README* ./
 COPY kiln ./kiln
 COPY functions ./functions
+COPY migrations ./migrations
 RUN pip install . && rm -rf /src
 
 # an unprivileged user: the API needs no file system of its own

@@ -31,6 +31,7 @@ WORKDIR /src
 COPY pyproject.toml README* ./
 COPY kiln ./kiln
 COPY functions ./functions
+COPY migrations ./migrations
 RUN pip install . && rm -rf /src
 
 # The worker stays root inside its own container: it owns the bind-mounted directories
