@@ -167,6 +167,21 @@ class ApiConfig(_Section):
         return value
 
 
+class ServeConfig(_Section):
+    """``kiln serve``: how it keeps its API, worker and janitor processes up."""
+
+    #: first wait before a child that exited is started again, seconds (doubles each
+    #: time it exits again soon after, up to restart_max_delay)
+    restart_delay: float = Field(1.0, ge=0)
+    restart_max_delay: float = Field(30.0, ge=0)
+    #: a child that ran this long before exiting starts again after restart_delay
+    stable_seconds: float = Field(60.0, gt=0)
+    #: crash loop: this many restarts of one child within restart_window seconds stop
+    #: the whole service with an error
+    restart_limit: int = Field(5, ge=1)
+    restart_window: float = Field(120.0, gt=0)
+
+
 class PreemptionConfig(_Section):
     #: cloud metadata services polled for a spot/preemption notice: aws, gce, azure (none:
     #: only SIGTERM and SIGUSR1 drain the worker)
@@ -366,6 +381,8 @@ class Config(_Section):
     signing: SigningConfig = SigningConfig()
     #: callbacks POSTed when a build finishes
     webhooks: WebhooksConfig = WebhooksConfig()
+    #: `kiln serve`: restarts of its processes
+    serve: ServeConfig = ServeConfig()
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

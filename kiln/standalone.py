@@ -9,16 +9,21 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.config import Config
+from kiln.config import Config, ServeConfig
 from kiln.db import migrate
 
 log = logging.getLogger(__name__)
 
 #: seconds children get to exit after SIGTERM before they are killed
 STOP_GRACE_SECONDS = 20.0
+#: seconds between looks at the children
+POLL_SECONDS = 0.2
 
 
 def start_embedded_postgres(data_dir: Path) -> tuple[Any, str]:
@@ -60,7 +65,7 @@ def gunicorn_command(config: Config) -> list[str]:
 
 
 def serve(config: Config) -> int:
-    """Run API, worker and janitor until interrupted."""
+    """Run API, worker and janitor, restarting any that exits, until a signal or a crash loop."""
     server = None
     url = config.database.url
     if not url:
@@ -83,36 +88,121 @@ def serve(config: Config) -> int:
         "janitor": [sys.executable, "-m", "functions.janitor"],
         "api": gunicorn_command(config),
     }
-    children = {name: subprocess.Popen(cmd, env=env) for name, cmd in commands.items()}
-    stopping = False
+    supervisor = Supervisor(commands, env=env, config=config.serve)
 
     def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        supervisor.stop(f"signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     host, _, port = config.api.listen.rpartition(":")
     print(f"Kiln is serving at http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
-    code = 0
     try:
-        while not stopping:
-            for name, child in children.items():
-                if child.poll() is not None:
-                    log.error("%s exited with %s; stopping", name, child.returncode)
-                    code = 1
-                    stopping = True
-            time.sleep(0.5)
+        return supervisor.run()
     finally:
-        for child in children.values():
-            if child.poll() is None:
-                child.terminate()
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for child in children.values():
-            try:
-                child.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                child.kill()
         if server is not None:
             server.cleanup()
-    return code
+
+
+@dataclass
+class Child:
+    """One supervised process and its restart history."""
+
+    name: str
+    command: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    #: when the next start is due (after an exit), or None while it runs
+    due: float | None = None
+    delay: float = 0.0
+    restarts: deque[float] = field(default_factory=deque)
+
+
+class CrashLoop(Exception):
+    """A child exited too often too soon: the service stops."""
+
+
+class Supervisor:
+    """Start the service's processes and keep them up until stopped.
+
+    A child that exits is started again after a delay that doubles while it keeps
+    exiting soon after each start; ``restart_limit`` restarts within ``restart_window``
+    seconds are a crash loop, which stops everything with an error. Only ``stop`` (a
+    signal) ends the service otherwise.
+    """
+
+    def __init__(self, commands: dict[str, list[str]], *, env: dict[str, str],
+                 config: ServeConfig, clock: Callable[[], float] = time.monotonic,
+                 poll_seconds: float = POLL_SECONDS) -> None:
+        self.children = {name: Child(name, command) for name, command in commands.items()}
+        self.env = env
+        self.config = config
+        self.clock = clock
+        self.poll_seconds = poll_seconds
+        self._stop_reason = ""
+
+    def stop(self, reason: str) -> None:
+        """Ask the loop to stop every child and return (safe from a signal handler)."""
+        self._stop_reason = reason
+
+    def _start(self, child: Child) -> None:
+        child.process = subprocess.Popen(child.command, env=self.env)
+        child.started = self.clock()
+        child.due = None
+        log.info("%s started (pid %d)", child.name, child.process.pid)
+
+    def _exited(self, child: Child, code: int, now: float) -> None:
+        ran = now - child.started
+        window = self.config.restart_window
+        while child.restarts and now - child.restarts[0] > window:
+            child.restarts.popleft()
+        if len(child.restarts) >= self.config.restart_limit:
+            raise CrashLoop(
+                f"{child.name} exited {len(child.restarts) + 1} times within {window:g}s "
+                f"(last exit status {code}): stopping Kiln; its output above says why"
+            )
+        if ran >= self.config.stable_seconds or child.delay == 0:
+            child.delay = self.config.restart_delay
+        else:
+            child.delay = min(child.delay * 2, self.config.restart_max_delay)
+        child.restarts.append(now)
+        child.due = now + child.delay
+        log.error("%s exited with status %s after %.1fs; starting it again in %.1fs",
+                  child.name, code, ran, child.delay)
+
+    def run(self) -> int:
+        """Supervise until stopped; return 0 after a stop, 1 after a crash loop."""
+        code = 0
+        try:
+            for child in self.children.values():
+                self._start(child)
+            while not self._stop_reason:
+                now = self.clock()
+                for child in self.children.values():
+                    if child.process is not None and child.due is None:
+                        status = child.process.poll()
+                        if status is not None:
+                            self._exited(child, status, now)
+                    elif child.due is not None and now >= child.due:
+                        self._start(child)
+                time.sleep(self.poll_seconds)
+            log.info("stopping (%s)", self._stop_reason)
+        except CrashLoop as exc:
+            log.error("%s", exc)
+            code = 1
+        finally:
+            self._terminate()
+        return code
+
+    def _terminate(self) -> None:
+        running = [c.process for c in self.children.values()
+                   if c.process is not None and c.process.poll() is None]
+        for process in running:
+            process.terminate()
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for process in running:
+            try:
+                process.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
