@@ -105,7 +105,7 @@ docker build -q \
 if [ "$build_worker" = 1 ]; then
     log "building $worker_image"
     # a context of just what the image needs (the repository holds .venv and var/)
-    (cd "$repo" && tar -cf - pyproject.toml kiln functions worker_image/worker.Dockerfile \
+    (cd "$repo" && tar -cf - pyproject.toml kiln functions migrations worker_image/worker.Dockerfile \
         $(ls README* 2>/dev/null)) \
         | docker build -q -f worker_image/worker.Dockerfile -t "$worker_image" - >/dev/null
 fi

@@ -31,7 +31,7 @@ python_image="${PYTHON_IMAGE:-}"
 
 # a context of just what the images need (the repository holds .venv and var/)
 context() {
-    (cd "$repo" && tar --exclude=__pycache__ --exclude='*.pyc' -cf - pyproject.toml kiln functions \
+    (cd "$repo" && tar --exclude=__pycache__ --exclude='*.pyc' -cf - pyproject.toml kiln functions migrations \
         worker_image/worker.Dockerfile worker_image/api.Dockerfile $(ls README* 2>/dev/null))
 }
 

@@ -28,7 +28,7 @@ import psycopg
 import pytest
 import requests
 
-from kiln.db import Migrator
+from kiln.db import Migrator, load_migrations
 from tests.dockerutil import REPO, ensure_sandbox_image, require_docker
 from tests.fixtures import goproxy as gp
 from tests.service import KilnProcesses, free_port
@@ -220,3 +220,30 @@ def test_worker_container_builds_through_the_host_engine(
             all=True, filters={"label": f"dev.kiln.sandbox={doc['key']}"}) == []
     finally:
         client.close()
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.parametrize("image", [WORKER_IMAGE, "kiln-api:latest"])
+def test_kiln_migrate_in_the_service_image_builds_the_schema(
+        worker_image: str, tcp_postgres: str, image: str) -> None:
+    """The images install the package: its migrations must be in it, not in the checkout."""
+    import docker
+
+    name = f"kiln_image_migrate_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(tcp_postgres, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    url = tcp_postgres.rsplit("/", 1)[0] + f"/{name}"
+    client = docker.from_env(version="auto", timeout=60)
+    try:
+        output = client.containers.run(
+            image, ["kiln", "migrate"], network_mode="host", remove=True,
+            environment={"KILN_DATABASE__URL": url, "CONFIG_PATH": "/dev/null"},
+        ).decode(errors="replace")
+    finally:
+        client.close()
+    with psycopg.connect(url) as conn:
+        applied = [r[0] for r in conn.execute("SELECT name FROM kiln_migrations ORDER BY name")]
+        has_builds = conn.execute("SELECT to_regclass('kiln_builds') IS NOT NULL").fetchone()
+    assert applied == [m.name for m in load_migrations()], output
+    assert has_builds == (True,)
