@@ -20,11 +20,12 @@ sandbox's caches and runs only the warm build.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from typing import Any
 from bench.infra import remove_tree
 from kiln.builder import Builder
 from kiln.sandbox import Sandbox, Step, StepResult
+from kiln.sandbox.base import EachStep
 from kiln.sandbox.process import ProcessSandbox, find_go
 from kiln.spec import BuildSpec, ResolvedPlugin
 from tests.fixtures import goproxy as gp
@@ -80,6 +82,11 @@ class BareSandbox:
                              stderr=subprocess.STDOUT, text=True, check=False)
         return StepResult(exit_code=out.returncode, output=out.stdout,
                           duration=time.monotonic() - started)
+
+    @contextlib.contextmanager
+    def session(self, name: str, *, workdir: Path, network: bool, build_key: str,
+                timeout: float) -> Iterator[EachStep]:
+        yield EachStep(self, workdir)
 
     def cleanup_orphans(self) -> int:
         return 0

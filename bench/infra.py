@@ -193,18 +193,27 @@ def remove_tree(path: Path) -> None:
 
 
 def descendants(pid: int) -> list[int]:
-    """Return the pids of every descendant of ``pid``."""
+    """Return the pids of every descendant of ``pid``.
+
+    Each thread lists the children it started: go starts its compilers and linker from
+    any of its threads, and a worker starts builds from its build threads.
+    """
     found: list[int] = []
     todo = [pid]
     while todo:
         parent = todo.pop()
-        path = Path(f"/proc/{parent}/task/{parent}/children")
         try:
-            kids = [int(p) for p in path.read_text().split()]
+            tasks = os.listdir(f"/proc/{parent}/task")
         except OSError:
             continue
-        found += kids
-        todo += kids
+        for task in tasks:
+            try:
+                kids = [int(p) for p in
+                        Path(f"/proc/{parent}/task/{task}/children").read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
     return found
 
 
