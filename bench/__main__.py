@@ -41,40 +41,48 @@ def cpu_model() -> str:
     return platform.processor() or "?"
 
 
-def queue_rows(results: Results, figures: queue_bench.QueueFigures) -> None:
-    """Turn the queue figures into rows."""
+def queue_rows(results: Results, figures: queue_bench.QueueFigures,
+               peer_missing: str = "") -> None:
+    """Turn the queue figures into rows; without the peer, its comparisons are not judged."""
     kiln, peer = "Kiln", "procrastinate"
+    without = f"; procrastinate not measured: {peer_missing}" if peer_missing else ""
     for pct, limit in ((50, 2.0), (99, 10.0)):
         ours = Figure.of([percentile(run, pct) for run in figures.wakeup[kiln]], "ms")
-        theirs = Figure.of([percentile(run, pct) for run in figures.wakeup[peer]], "ms")
+        theirs = (Figure.of([percentile(run, pct) for run in figures.wakeup[peer]], "ms")
+                  if figures.wakeup.get(peer) else None)
         samples = len(figures.wakeup[kiln][0])
         floor = Figure.of([percentile(run, pct) for run in figures.floor], "ms")
         results.add(Row(
             f"wake-up latency p{pct} (enqueue commit → claim, {samples:,} samples/run)",
             ours, f"≤ {limit:g} ms, below procrastinate's",
-            ours.median <= limit and ours.median < theirs.median, theirs, peer,
-            note=f"floor (a bare LISTEN client, same minutes): {floor.text()}"))
+            None if theirs is None else ours.median <= limit and ours.median < theirs.median,
+            theirs, peer,
+            note=f"floor (a bare LISTEN client, same minutes): {floor.text()}{without}"))
     counts = sorted(figures.throughput[kiln])
     top = max(counts)
     for count in counts:
         ours_runs = figures.throughput[kiln][count]
-        theirs_runs = figures.throughput[peer][count]
+        theirs_runs = figures.throughput.get(peer, {}).get(count)
         ours = Figure.of(ours_runs.rates, "jobs/s")
-        theirs = Figure.of(theirs_runs.rates, "jobs/s")
-        ratio = ours.median / theirs.median if theirs.median else float("inf")
-        note = f"{ratio:.2f}× procrastinate"
+        theirs = Figure.of(theirs_runs.rates, "jobs/s") if theirs_runs else None
+        ratio = None
+        if theirs is not None:
+            ratio = ours.median / theirs.median if theirs.median else float("inf")
+        note = f"{ratio:.2f}× procrastinate" if ratio is not None else without[2:]
         if count == top:
-            async_runs = figures.throughput[queue_bench.ASYNC_PEER].get(count)
+            async_runs = figures.throughput.get(queue_bench.ASYNC_PEER, {}).get(count)
             if async_runs is not None:
                 note += (f"; procrastinate with synchronous_commit=off, as Kiln's worker "
                          f"commits: {Figure.of(async_runs.rates, 'jobs/s').text()}")
+        judged = count == top and ratio is not None
         results.add(Row(
             f"claim throughput, {count} worker process{'es' if count > 1 else ''} "
             f"(concurrency {queue_bench.THROUGHPUT_CONCURRENCY} each)",
             ours, "≥ 2,000/s and ≥ 1.5× procrastinate" if count == top else "reported",
-            (ours.median >= 2000 and ratio >= 1.5) if count == top else None, theirs, peer,
+            (ours.median >= 2000 and (ratio or 0) >= 1.5) if judged else None, theirs, peer,
             note=note))
-    ours_runs, theirs_runs = figures.throughput[kiln][top], figures.throughput[peer][top]
+    ours_runs = figures.throughput[kiln][top]
+    theirs_runs = figures.throughput.get(peer, {}).get(top) or queue_bench.ThroughputRuns()
     if ours_runs.server_cpu_ms and theirs_runs.server_cpu_ms:
         ours = Figure.of([w + s for w, s in zip(ours_runs.worker_cpu_ms,
                                                  ours_runs.server_cpu_ms, strict=False)],
@@ -246,13 +254,16 @@ def main(argv: list[str] | None = None) -> int:
             log(f"PostgreSQL {results.machine['postgres']} ready")
             proxy_dir = gp.generate(root / "goproxy")
             if "queue" in groups:
+                missing = queue_bench.peer_missing()
+                if missing:
+                    log(f"queue: Kiln's side alone: {missing}")
                 queue_figures = queue_bench.run(
                     kiln_url=fresh_database(server.url, "kiln_bench_queue"),
                     procrastinate_url=fresh_database(server.url, "procrastinate_bench"),
                     logs=logs, samples=200 if args.quick else 1000, repeats=repeats,
                     jobs=1000 if args.quick else 5000, worker_counts=(1, 2, 4), progress=log,
-                    pg=server)
-                queue_rows(results, queue_figures)
+                    pg=server, peer=not missing)
+                queue_rows(results, queue_figures, missing)
                 results.details["queue"] = {
                     "wakeup_ms": {side: [{"p50": percentile(r, 50), "p90": percentile(r, 90),
                                           "p99": percentile(r, 99), "max": max(r)}

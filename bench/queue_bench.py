@@ -287,15 +287,27 @@ class QueueFigures:
     throughput: dict[str, dict[int, ThroughputRuns]]
 
 
+def peer_missing() -> str:
+    """Return why procrastinate cannot run here, or "" when it can."""
+    import importlib.util
+
+    if importlib.util.find_spec("procrastinate") is None:
+        return "procrastinate is not installed (pip install -e '.[bench]', as make bench does)"
+    return ""
+
+
 def run(*, kiln_url: str, procrastinate_url: str, logs: Path, samples: int, repeats: int,
         jobs: int, worker_counts: tuple[int, ...], progress: Callable[[str], None],
-        pg: Postgres) -> QueueFigures:
-    """Run both benchmarks on both sides; return raw figures."""
-    sides: list[Side] = [KilnSide(kiln_url, logs), ProcrastinateSide(procrastinate_url, logs)]
-    async_peer = ProcrastinateSide(procrastinate_url, logs, async_commit=True)
+        pg: Postgres, peer: bool = True) -> QueueFigures:
+    """Run both benchmarks on both sides (Kiln's alone without ``peer``); return raw figures."""
+    sides: list[Side] = [KilnSide(kiln_url, logs)]
+    async_peer: ProcrastinateSide | None = None
+    if peer:
+        sides.append(ProcrastinateSide(procrastinate_url, logs))
+        async_peer = ProcrastinateSide(procrastinate_url, logs, async_commit=True)
+    peers: list[Side] = [*sides, *([async_peer] if async_peer is not None else [])]
     wakeup: dict[str, list[list[float]]] = {s.name: [] for s in sides}
-    throughput: dict[str, dict[int, ThroughputRuns]] = {
-        s.name: {} for s in [*sides, async_peer]}
+    throughput: dict[str, dict[int, ThroughputRuns]] = {s.name: {} for s in peers}
     floor: list[list[float]] = []
     try:
         for r in range(repeats):
@@ -315,10 +327,11 @@ def run(*, kiln_url: str, procrastinate_url: str, logs: Path, samples: int, repe
                     progress=progress, pg=pg)
         # the same durability trade-off as Kiln's worker, for reference, at the top count
         top = max(worker_counts)
-        throughput[async_peer.name][top] = throughput_runs(
-            async_peer, workers=top, jobs=jobs, repeats=repeats, tag="tput-async",
-            progress=progress, pg=pg)
+        if async_peer is not None:
+            throughput[async_peer.name][top] = throughput_runs(
+                async_peer, workers=top, jobs=jobs, repeats=repeats, tag="tput-async",
+                progress=progress, pg=pg)
     finally:
-        for s in [*sides, async_peer]:
+        for s in peers:
             s.close()
     return QueueFigures(wakeup=wakeup, floor=floor, throughput=throughput)
