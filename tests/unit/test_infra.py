@@ -120,6 +120,33 @@ def test_compose_settings_are_kiln_settings(compose: dict[str, Any]) -> None:
             assert_settings(env, f"compose service {name}")
 
 
+def test_compose_services_of_the_api_image_are_checked_on_what_they_serve(
+        compose: dict[str, Any]) -> None:
+    """The kiln-api image's HEALTHCHECK asks :8234; another long-running command replaces it."""
+    assert "HEALTHCHECK" in (REPO / "worker_image" / "api.Dockerfile").read_text()
+    services = compose["services"]
+    for name, service in services.items():
+        other_command = service["image"] == services["api"]["image"] and "command" in service
+        if other_command and service.get("restart", "no") != "no":
+            assert "healthcheck" in service, (
+                f"{name} runs {service['command']} in the API image: the image's health "
+                "check (GET :8234/healthz) would mark it unhealthy")
+
+
+def test_compose_images_can_all_be_built_offline() -> None:
+    """Each image is a variable (the registry's image its default) offline_images.sh names."""
+    raw = yaml.safe_load(COMPOSE.read_text())
+    printed = (COMPOSE.parent / "offline_images.sh").read_text()
+    for name, service in raw["services"].items():
+        image = re.fullmatch(r"\$\{(KILN_[A-Z_]+_IMAGE):-([^}]+)\}", service["image"])
+        assert image, f"{name}: image {service['image']!r} is not ${{KILN_..._IMAGE:-default}}"
+        assert f'"{image.group(1)}=' in printed, (
+            f"infra/compose/offline_images.sh does not name {image.group(1)}")
+    sandbox = raw["services"]["worker"]["environment"]["KILN_BUILD__DOCKER__IMAGE"]
+    assert sandbox.startswith("${KILN_SANDBOX_IMAGE:-")
+    assert '"KILN_SANDBOX_IMAGE=' in printed
+
+
 def _compose_command() -> list[str] | None:
     docker = shutil.which("docker")
     if docker and subprocess.run([docker, "compose", "version"], capture_output=True,
