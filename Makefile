@@ -57,7 +57,7 @@ test-unit: install ## Run the fast unit tests only
 	$(PY) -m pytest -q tests/unit
 
 .PHONY: bench
-bench: install ## Run the benchmarks; writes bench/results.json and bench/results.md
+bench: install ## Run the benchmarks (~1 h: real Caddy beside xcaddy); writes bench/results.{json,md}
 	$(PY) -m pip install -q -e '.[bench]'
 	@command -v wrk >/dev/null && command -v nginx >/dev/null || echo "wrk and nginx are needed for the download figures: apt-get install -y wrk nginx"
 	$(PY) -m bench

@@ -16,6 +16,11 @@ Per run, workload and sandbox: empty Go caches, a cold build with hello v0.1.0
 (``cold``), then hello v0.2.0 (``rebuild``: one plugin's version changed), then the first
 build again (``warm``: the same build with warm caches). ``bare`` shares the process
 sandbox's caches and runs only the warm build.
+
+These rows are reported, not judged: the targets are judged on real Caddy beside xcaddy
+(bench/real_bench.py). They stay to show a sandbox's fixed cost per step, which the
+synthetic proxy (a local directory, no checksum database) leaves nearly alone in the
+figures.
 """
 
 from __future__ import annotations

@@ -69,6 +69,8 @@ class Row:
     peer: Figure | None = None
     peer_name: str = ""
     note: str = ""
+    #: the benchmark group (python -m bench --only GROUP) that measured it
+    group: str = ""
 
     def figure_text(self) -> str:
         """Return the figure column: ours, then the peer's."""
@@ -87,9 +89,12 @@ class Results:
     rows: list[Row] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     machine: dict[str, Any] = field(default_factory=dict)
+    #: the group whose rows are being added
+    group: str = ""
 
     def add(self, row: Row) -> Row:
-        """Append a row and return it."""
+        """Append a row of the current group and return it."""
+        row.group = row.group or self.group
         self.rows.append(row)
         return row
 
@@ -113,7 +118,9 @@ class Results:
             f"({m.get('cpu', '?')}), PostgreSQL {m.get('postgres', '?')}, "
             f"load average {m.get('load_start', '?')} at the start and "
             f"{m.get('load_end', '?')} at the end; whole run {m.get('duration_s', '?')} s"
-            + (" (quick mode: fewer samples)" if m.get("quick") else "") + ".")
+            + (" (quick mode: fewer samples)" if m.get("quick") else "")
+            + (" (smoke mode: every group once with tiny sizes, nothing judged)"
+               if m.get("smoke") else "") + ".")
         return "\n".join(lines) + "\n"
 
     def write(self, directory: Path) -> tuple[Path, Path]:
