@@ -587,7 +587,12 @@ def run(*, root: Path, repeats: int, progress: Callable[[str], None], smoke: boo
                 out["missing"][name] = tool
                 progress(f"{name} skipped: {tool}")
                 continue
-            result = tool.build(caddy, SMOKE_PLUGINS, "warm")
+            try:
+                result = tool.build(caddy, SMOKE_PLUGINS, "warm")
+            except Exception as exc:  # shown in its row, as in a full run
+                out["failed"][name] = {"warm": failure(exc)}
+                progress(f"{name} smoke build failed: {failure(exc)}")
+                continue
             this[name] = {"warm": vars(result)}
             progress(f"{name} smoke build (shared test caches): {result.seconds:.1f}s")
         out["runs"].append(this)

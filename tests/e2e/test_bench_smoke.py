@@ -45,7 +45,8 @@ def test_smoke_run_writes_every_groups_rows(tmp_path: Path, go_cache_dir: Path) 
         assert f"| {row['benchmark']} |" in table
     assert set(results["details"]) == GROUPS
 
-    # real Caddy: Kiln's process sandbox beside xcaddy, the same binary
+    # real Caddy: every tool built, Kiln's process sandbox beside xcaddy, the same binary
+    assert results["details"]["real"]["failed"] == {}, results["details"]["real"]["failed"]
     real = [row for row in rows if row["group"] == "real"]
     process = next(row for row in real if row["benchmark"].startswith("real Caddy")
                    and "process sandbox" in row["benchmark"])
