@@ -449,10 +449,12 @@ class DockerSandbox:
         cancel: threading.Event | None,
     ) -> StepResult:
         killed: list[str] = []
+        #: one entry per look at the process count: near the limit or not
+        crowded: list[bool] = []
         done = threading.Event()
 
         def watch() -> None:
-            self._watch(container, started + step.timeout, cancel, done, killed)
+            self._watch(container, started + step.timeout, cancel, done, killed, crowded)
 
         lines = _Lines(on_output)
 
@@ -478,6 +480,8 @@ class DockerSandbox:
         reason = killed[0] if killed else None
         if reason is None and state.get("OOMKilled"):
             reason = "oom"
+        if reason is None and code != 0 and _crowded_out(crowded):
+            reason = "pids"
         return StepResult(
             exit_code=code,
             output=lines.text(),
@@ -510,8 +514,12 @@ class DockerSandbox:
         cancel: threading.Event | None,
         done: threading.Event,
         killed: list[str],
+        crowded: list[bool],
     ) -> None:
-        """Until ``done``, kill the container at ``deadline``, on cancel, or at the pids limit."""
+        """Until ``done``, kill the container at ``deadline``, on cancel, or at the pids limit.
+
+        Each look at the process count is appended to ``crowded`` (near the limit or not).
+        """
         next_pids = time.monotonic() + PIDS_CHECK_SECONDS
         strikes = 0
         while not done.is_set():
@@ -529,8 +537,10 @@ class DockerSandbox:
             elif now >= deadline:
                 reason = "timeout"
             elif now >= next_pids:
-                next_pids = now + PIDS_CHECK_SECONDS
-                strikes = strikes + 1 if self._near_pids_limit(container) else 0
+                near = self._near_pids_limit(container)
+                crowded.append(near)
+                next_pids = time.monotonic() + PIDS_CHECK_SECONDS
+                strikes = strikes + 1 if near else 0
                 if strikes >= PIDS_STRIKES:
                     reason = "pids"
             if reason is not None:
@@ -744,11 +754,12 @@ class DockerSession:
             environment=dict(step.env), workdir=WORK_PATH, user=self.sandbox.user,
         )["Id"]
         killed: list[str] = []
+        crowded: list[bool] = []
         done = threading.Event()
         lines = _Lines(on_output)
         watcher = threading.Thread(
             target=self.sandbox._watch,
-            args=(container, started + step.timeout, cancel, done, killed),
+            args=(container, started + step.timeout, cancel, done, killed, crowded),
             name=f"kiln-watch-{container.short_id}", daemon=True,
         )
         try:
@@ -767,6 +778,8 @@ class DockerSession:
             state = container.attrs.get("State", {})
             if state.get("OOMKilled"):
                 reason = "oom"
+            elif _crowded_out(crowded):
+                reason = "pids"
             if reason is not None or not state.get("Running"):
                 self.close()  # the next step needs a fresh container
         if reason is not None:
@@ -778,6 +791,15 @@ class DockerSession:
             timed_out=reason == "timeout",
             killed=reason,
         )
+
+
+def _crowded_out(crowded: list[bool]) -> bool:
+    """Tell whether a step that failed was holding nearly all its pids at the last look.
+
+    A program whose runtime cannot get another thread dies before PIDS_STRIKES looks (a
+    stats call of an engine may take a second): the limit is then what stopped it.
+    """
+    return bool(crowded) and crowded[-1]
 
 
 def _numeric_user(user: str) -> tuple[int | None, int | None]:
