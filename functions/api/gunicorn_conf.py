@@ -30,3 +30,6 @@ keepalive = KEEPALIVE_SECONDS
 accesslog = "-"
 # gunicorn's own lines in Kiln's log format (JSON with logging.format: json)
 logger_class = "kiln.logconfig.GunicornLogger"
+# Kiln does not use gunicorn's control socket (gunicorn 27+), which it would make under HOME:
+# the image's user has none (/nonexistent), so it logged a permission error at every start
+control_socket_disable = True
