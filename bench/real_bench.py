@@ -556,9 +556,13 @@ def end_to_end(*, db_url: str, root: Path, cache_dir: Path, caddy_version: str,
 # -- the group ---------------------------------------------------------------------------
 
 def failure(exc: BaseException) -> str:
-    """Return the last lines of a failed build's message: what its row shows."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: " + " / ".join(lines[-3:])[:600]
+    """Return what a failed build's row shows: its step and the last lines of its message."""
+    # go prints "downloading" as it unpacks a module from the cache, too: not the error
+    lines = [line for line in str(exc).splitlines()
+             if line.strip() and not line.startswith("go: downloading ")]
+    step = getattr(exc, "step", "")
+    return (f"{type(exc).__name__}{f' ({step} step)' if step else ''}: "
+            + " / ".join(lines[-3:])[:600])
 
 
 def run(*, root: Path, repeats: int, progress: Callable[[str], None], smoke: bool = False,
