@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -130,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     emit("ready", pid=os.getpid())
-    worker.run()
+    try:
+        worker.run()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
