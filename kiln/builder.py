@@ -27,6 +27,8 @@ _NOT_FOUND = re.compile(
     r"does not contain package|module .* found, but does not contain)",
     re.I,
 )
+# what go says of a module it would have had to ask the proxy for, with GOPROXY=off
+_CACHE_MISS = "disabled by GOPROXY=off"
 # go get's message when a plugin's go.mod requires a newer core than the one pinned
 _NEEDS_NEWER_CORE = re.compile(
     rf"go: (\S+)@(\S+) requires {re.escape(CADDY_MODULE)}@(\S+), not "
@@ -183,7 +185,9 @@ class Builder:
         # go.sum. Anything missing fails at once and the step runs again with the proxy.
         offline = Step(FETCH, tuple(args), env={**self._fetch_env(), "GOPROXY": "off"},
                        network=True, timeout=self.fetch_timeout, build_key=key)
-        if self._run(offline, session, log, cancel, timings, quiet=True).ok:
+        tried = self._run(offline, session, log, cancel, timings, quiet=True)
+        # go mod tidy -e reports what it could not look up and still exits 0
+        if tried.ok and _CACHE_MISS not in tried.output:
             return
         step = Step(FETCH, tuple(args), env=self._fetch_env(), network=True,
                     timeout=self.fetch_timeout, build_key=key)
