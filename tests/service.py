@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,18 @@ def template_database(server_url: str, template: str, name: str) -> str:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         conn.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
     return database_url(server_url, name)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0,
+             interval: float = 0.1) -> Any:
+    """Poll ``check`` until it returns something true; return that, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def free_port() -> int:
@@ -174,6 +188,15 @@ class KilnProcesses:
     def post_build(self, body: Any, **kwargs: Any) -> requests.Response:
         """POST /api/builds."""
         return requests.post(self.url + "/api/builds", json=body, timeout=60, **kwargs)
+
+    def download(self, doc: Mapping[str, Any], dest: Path) -> Path:
+        """Download a succeeded build's artifact, check its sha256, make it executable."""
+        resp = requests.get(f"{self.url}/api/builds/{doc['key']}/artifact", timeout=120)
+        assert resp.status_code == 200, resp.text
+        assert hashlib.sha256(resp.content).hexdigest() == doc["artifact"]["sha256"]
+        dest.write_bytes(resp.content)
+        dest.chmod(dest.stat().st_mode | stat.S_IXUSR)
+        return dest
 
     def wait_build(self, key: str, timeout: float = 300.0) -> dict[str, Any]:
         """Poll a build until it reaches a final state; return its document."""

@@ -13,10 +13,8 @@ the image is there) is checked here too.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import stat
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -149,14 +147,6 @@ def client(image: str) -> Iterator[Any]:
     engine.close()
 
 
-def download(kiln: KilnProcesses, doc: dict[str, Any], dest: Path) -> Path:
-    resp = requests.get(f"{kiln.url}/api/builds/{doc['key']}/artifact", timeout=60)
-    assert resp.status_code == 200, resp.text
-    assert hashlib.sha256(resp.content).hexdigest() == doc["artifact"]["sha256"]
-    dest.write_bytes(resp.content)
-    dest.chmod(dest.stat().st_mode | stat.S_IXUSR)
-    return dest
-
 
 def modules_of(binary: Path) -> dict[str, str]:
     out = subprocess.run([str(binary), "list-modules", "--versions"], capture_output=True,
@@ -188,7 +178,7 @@ def test_build_in_docker_download_and_run(kiln: KilnProcesses, client: Any, imag
     assert final["state"] == "succeeded", (final, kiln.log("worker")[-3000:])
     # built in the sandbox image: its id is part of the spec, hence of the key
     assert final["sandbox"] == f"docker:{client.images.get(image).id}"
-    binary = download(kiln, final, tmp_path / "caddy")
+    binary = kiln.download(final, tmp_path / "caddy")
     modules = modules_of(binary)
     assert modules[gp.HELLO_ID] == "v0.1.0"
     assert modules[gp.DNS_ID] == gp.DNS_LATEST
@@ -225,7 +215,7 @@ def test_a_compile_timeout_fails_the_build_and_the_worker_builds_the_next(
     done = kiln.wait_build(after)
     assert done["state"] == "succeeded", (done, kiln.log("tight")[-3000:])
     assert [a["worker_id"] for a in done["attempt_history"]] == [TIGHT_WORKER_ID]
-    assert modules_of(download(kiln, done, tmp_path / "caddy"))[gp.HELLO_ID] == "v0.2.0"
+    assert modules_of(kiln.download(done, tmp_path / "caddy"))[gp.HELLO_ID] == "v0.2.0"
     assert containers_of(client, TIGHT_WORKER_ID) == []
 
 

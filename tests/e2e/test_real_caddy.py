@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import os
 import signal
-import stat
 import subprocess
 import time
 import urllib.error
@@ -62,14 +61,6 @@ def build(kiln: KilnProcesses, body: dict[str, Any]) -> dict[str, Any]:
     assert resp.status_code in (200, 202), resp.text
     return kiln.wait_build(resp.json()["key"], timeout=rc.BUILD_TIMEOUT_SECONDS)
 
-
-def download(kiln: KilnProcesses, doc: dict[str, Any], dest: Path) -> Path:
-    resp = requests.get(f"{kiln.url}/api/builds/{doc['key']}/artifact", timeout=120)
-    assert resp.status_code == 200, resp.text
-    assert hashlib.sha256(resp.content).hexdigest() == doc["artifact"]["sha256"]
-    dest.write_bytes(resp.content)
-    dest.chmod(dest.stat().st_mode | stat.S_IXUSR)
-    return dest
 
 
 def run(binary: Path, *args: str) -> str:
@@ -143,7 +134,7 @@ def latest_build(kiln: KilnProcesses, newest: str,
     """Caddy "latest" with three real plugins, one asked by a package inside its module."""
     doc = build(kiln, {"os": "linux", "arch": "amd64", "plugins": [rc.pin(p) for p in PLUGINS]})
     assert doc["state"] == "succeeded", (doc, kiln.log("worker")[-4000:])
-    return doc, download(kiln, doc, tmp_path_factory.mktemp("latest") / "caddy")
+    return doc, kiln.download(doc, tmp_path_factory.mktemp("latest") / "caddy")
 
 
 def test_latest_resolves_to_the_newest_release_and_the_binary_serves(
@@ -181,7 +172,7 @@ def test_pinned_caddy_cross_compiled_for_arm64_matches_xcaddy(
     doc = build(kiln, {"os": "linux", "arch": "arm64", "caddy_version": rc.CADDY_PINNED,
                        "plugins": [rc.pin(rc.CLOUDFLARE)]})
     assert doc["state"] == "succeeded", (doc, kiln.log("worker")[-4000:])
-    binary = download(kiln, doc, tmp_path / "caddy-arm64")
+    binary = kiln.download(doc, tmp_path / "caddy-arm64")
     data = binary.read_bytes()
     assert binfmt.inspect(data).arch == "arm64"
     info = rc.go_version_m(binary)
@@ -222,7 +213,7 @@ def test_docker_sandbox_builds_the_same_bytes(
         assert docker_doc["state"] == "succeeded", (docker_doc,
                                                     service.log("worker")[-4000:])
         assert docker_doc["sandbox"].startswith("docker:")
-        binary = download(service, docker_doc, tmp_path / "caddy-docker")
+        binary = service.download(docker_doc, tmp_path / "caddy-docker")
     assert binary.read_bytes() == process_binary.read_bytes()
     assert run(binary, "version").split()[0] == doc["caddy_version"]
 

@@ -17,7 +17,7 @@ import requests
 
 from tests.fixtures import goproxy as gp
 from tests.processes import kill_sandbox_processes
-from tests.service import REPO, free_port, template_database
+from tests.service import REPO, free_port, template_database, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -38,15 +38,6 @@ def children(pid: int) -> dict[str, int]:
                     found[role] = int(child)
     return found
 
-
-def wait_for(what: str, check: object, timeout: float = 60.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()  # type: ignore[operator]
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def healthy(url: str) -> bool:

@@ -14,19 +14,11 @@ import pytest
 
 from kiln.config import ServeConfig
 from kiln.standalone import Supervisor
+from tests.service import wait_for
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
 FAILER = [sys.executable, "-c", "import sys; sys.exit(3)"]
 
-
-def wait_for(what: str, check: object, timeout: float = 20.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()  # type: ignore[operator]
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def running(supervisor: Supervisor) -> threading.Thread:
