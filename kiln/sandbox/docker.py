@@ -480,7 +480,7 @@ class DockerSandbox:
         reason = killed[0] if killed else None
         if reason is None and state.get("OOMKilled"):
             reason = "oom"
-        if reason is None and code != 0 and _crowded_out(crowded):
+        if reason is None and code != 0 and _crowded_out(crowded, lines.text()):
             reason = "pids"
         return StepResult(
             exit_code=code,
@@ -778,7 +778,7 @@ class DockerSession:
             state = container.attrs.get("State", {})
             if state.get("OOMKilled"):
                 reason = "oom"
-            elif _crowded_out(crowded):
+            elif _crowded_out(crowded, lines.text()):
                 reason = "pids"
             if reason is not None or not state.get("Running"):
                 self.close()  # the next step needs a fresh container
@@ -793,13 +793,22 @@ class DockerSession:
         )
 
 
-def _crowded_out(crowded: list[bool]) -> bool:
-    """Tell whether a step that failed was holding nearly all its pids at the last look.
+#: what a program says when the kernel refuses it another process or thread (EAGAIN): in
+#: a sandbox container, whose pids are limited, that is the limit
+_NO_MORE_TASKS = re.compile(
+    r"failed to create new OS thread|fork(?:/exec)?[^\n]*: resource temporarily unavailable",
+    re.I,
+)
+
+
+def _crowded_out(crowded: list[bool], output: str) -> bool:
+    """Tell whether a step that failed was stopped by its pids limit.
 
     A program whose runtime cannot get another thread dies before PIDS_STRIKES looks (a
-    stats call of an engine may take a second): the limit is then what stopped it.
+    stats call of an engine may take a second, and it may die before the first answers):
+    it held nearly all its pids at the last look, or it says the kernel refused a task.
     """
-    return bool(crowded) and crowded[-1]
+    return (bool(crowded) and crowded[-1]) or bool(_NO_MORE_TASKS.search(output))
 
 
 def _numeric_user(user: str) -> tuple[int | None, int | None]:
