@@ -137,8 +137,13 @@ def _build(builder: Builder, spec: BuildSpec, work: Path, label: str, run: Build
 
 
 
-def docker_sandbox(cache_dir: Path, proxy: str) -> Sandbox | str:
-    """Return Kiln's DockerSandbox with the default settings, or why there is none."""
+def docker_sandbox(cache_dir: Path, proxy: str, *, gosumdb: str = "sum.golang.org",
+                   worker_id: str = "kiln-bench",
+                   wrap: Callable[[Any], Any] = lambda client: client) -> Sandbox | str:
+    """Return Kiln's DockerSandbox with the default settings, or why there is none.
+
+    ``wrap`` may stand in front of the engine client (to record what the sandbox starts).
+    """
     try:
         from kiln.config import BuildConfig
         from kiln.sandbox.docker import DockerSandbox, docker_client
@@ -150,8 +155,8 @@ def docker_sandbox(cache_dir: Path, proxy: str) -> Sandbox | str:
     from kiln.sandbox import SandboxError
 
     try:
-        return DockerSandbox.from_config(BuildConfig(goproxy=proxy, cache_dir=cache_dir),
-                                         client=client, worker_id="kiln-bench")
+        config = BuildConfig(goproxy=proxy, gosumdb=gosumdb, cache_dir=cache_dir)
+        return DockerSandbox.from_config(config, client=wrap(client), worker_id=worker_id)
     except SandboxError as exc:
         return str(exc)
 

@@ -67,13 +67,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import requests
 
+from bench import build_bench
 from bench.infra import descendants, remove_tree
 from kiln.builder import Builder
-from kiln.sandbox import Sandbox, SandboxError
+from kiln.sandbox import Sandbox
 from kiln.sandbox.process import ProcessSandbox, find_go
 from kiln.spec import BuildSpec, ResolvedPlugin
 from tests import realcaddy as rc
@@ -433,23 +434,17 @@ def new_children() -> Callable[[], Probe]:
 
 def docker_kiln(cache_dir: Path, work: Path) -> Kiln | str:
     """Return Kiln with the docker sandbox a worker configures by default, or why not."""
-    try:
-        from kiln.config import BuildConfig
-        from kiln.sandbox.docker import DockerSandbox, docker_client
-    except ImportError as exc:
-        return f"docker SDK missing: {exc}"
-    client = docker_client(required=False)
-    if client is None:
-        return "no Docker Engine answers"
-    recording = RecordingClient(client)
-    config = BuildConfig(goproxy=rc.GOPROXY, gosumdb=rc.GOSUMDB, cache_dir=cache_dir)
-    try:
-        sandbox = DockerSandbox.from_config(config, client=cast(Any, recording),
-                                            worker_id="kiln-bench-real")
-    except SandboxError as exc:
-        return str(exc)
-    return Kiln("docker", sandbox, work=work,
-                memory=lambda: ContainerProbe(recording.ids))
+    recordings: list[RecordingClient] = []
+
+    def recording(client: Any) -> RecordingClient:
+        recordings.append(RecordingClient(client))
+        return recordings[0]
+
+    sandbox = build_bench.docker_sandbox(cache_dir, rc.GOPROXY, gosumdb=rc.GOSUMDB,
+                                         worker_id="kiln-bench-real", wrap=recording)
+    if isinstance(sandbox, str):
+        return sandbox
+    return Kiln("docker", sandbox, work=work, memory=lambda: ContainerProbe(recordings[0].ids))
 
 
 def cache_dirs(tool: str, cache_dir: Path) -> dict[str, Path]:
