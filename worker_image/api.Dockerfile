@@ -12,6 +12,7 @@
 # KILN_DATABASE__URL, and the storage settings shared with the workers. gunicorn reads
 # api.listen, api.processes and api.threads (functions/api/gunicorn_conf.py); extra flags
 # go in GUNICORN_CMD_ARGS.
+# checkov:skip=CKV_DOCKER_7:the base is an ARG whose default is a pinned tag; offline builds pass a local image (python:3.11-slim)
 ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE}
 
