@@ -48,6 +48,10 @@ resource "aws_iam_role_policy" "functions_metrics" {
 }
 
 resource "aws_lambda_function" "janitor" {
+  #checkov:skip=CKV_AWS_116:a failed run is not replayed on purpose: the next scheduled run does the same work
+  #checkov:skip=CKV_AWS_272:the package is built by make lambda-package, not signed with AWS Signer
+  #checkov:skip=CKV_AWS_173:the environment is encrypted at rest with the AWS managed key; a customer managed key is the operator's choice
+  #checkov:skip=CKV_AWS_50:Kiln emits no X-Ray traces; its logs and CloudWatch metrics say what each run did
   function_name    = "${var.name}-janitor"
   role             = aws_iam_role.functions.arn
   runtime          = "python3.11"

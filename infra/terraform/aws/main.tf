@@ -30,6 +30,8 @@ locals {
 # -- security groups ----------------------------------------------------------------------
 
 resource "aws_security_group" "alb" {
+  #checkov:skip=CKV_AWS_260:port 80 redirects to HTTPS when certificate_arn is set; allowed_cidrs narrows who reaches it
+  #checkov:skip=CKV_AWS_382:the load balancer only reaches its targets; naming the API group here would make the two groups depend on each other
   name        = "${var.name}-alb"
   description = "Kiln load balancer"
   vpc_id      = var.vpc_id
@@ -52,6 +54,7 @@ resource "aws_security_group" "alb" {
   }
 
   egress {
+    description = "anywhere"
     from_port   = 0
     to_port     = 0
     protocol    = "-1"
@@ -60,6 +63,7 @@ resource "aws_security_group" "alb" {
 }
 
 resource "aws_security_group" "api" {
+  #checkov:skip=CKV_AWS_382:the API reaches RDS, S3, Secrets Manager and the Go module proxy (to resolve versions), some only by public name
   name        = "${var.name}-api"
   description = "Kiln API tasks and functions"
   vpc_id      = var.vpc_id
@@ -74,6 +78,7 @@ resource "aws_security_group" "api" {
   }
 
   egress {
+    description = "anywhere"
     from_port   = 0
     to_port     = 0
     protocol    = "-1"
@@ -82,12 +87,14 @@ resource "aws_security_group" "api" {
 }
 
 resource "aws_security_group" "worker" {
+  #checkov:skip=CKV_AWS_382:builds fetch modules from the configured Go module proxy and upload to S3; the proxy may be anywhere
   name        = "${var.name}-worker"
   description = "Kiln workers and the janitor function (outbound only)"
   vpc_id      = var.vpc_id
   tags        = var.tags
 
   egress {
+    description = "anywhere"
     from_port   = 0
     to_port     = 0
     protocol    = "-1"
@@ -113,6 +120,8 @@ resource "aws_security_group" "db" {
 # -- secrets ------------------------------------------------------------------------------
 
 resource "aws_secretsmanager_secret" "database_url" {
+  #checkov:skip=CKV_AWS_149:encrypted with the AWS managed key; a customer managed key (cost, key policy) is the operator's choice
+  #checkov:skip=CKV2_AWS_57:the password is random_password's, kept in this state; rotating it needs a rotation function that rewrites the whole URL
   name_prefix = "${var.name}-database-url-"
   description = "KILN_DATABASE__URL of Kiln"
   tags        = var.tags
@@ -124,6 +133,8 @@ resource "aws_secretsmanager_secret_version" "database_url" {
 }
 
 resource "aws_secretsmanager_secret" "signing_key" {
+  #checkov:skip=CKV_AWS_149:encrypted with the AWS managed key; a customer managed key (cost, key policy) is the operator's choice
+  #checkov:skip=CKV2_AWS_57:a new signing key invalidates every published signature: it is rotated deliberately, not on a timer
   name_prefix = "${var.name}-signing-key-"
   description = "KILN_SIGNING__KEY of Kiln (ed25519, empty: unsigned artifacts)"
   tags        = var.tags
@@ -136,6 +147,8 @@ resource "aws_secretsmanager_secret_version" "signing_key" {
 }
 
 resource "aws_cloudwatch_log_group" "kiln" {
+  #checkov:skip=CKV_AWS_158:encrypted by CloudWatch Logs; a customer managed key (cost, key policy) is the operator's choice
+  #checkov:skip=CKV_AWS_338:log_retention_days sets it; a build's own log is kept in PostgreSQL
   for_each          = toset(["api", "worker", "janitor", "api-function"])
   name              = "/kiln/${var.name}/${each.key}"
   retention_in_days = var.log_retention_days

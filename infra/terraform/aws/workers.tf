@@ -78,9 +78,11 @@ resource "aws_launch_template" "worker" {
   }
 
   metadata_options {
-    http_tokens                 = "required"
-    http_endpoint               = "enabled"
-    http_put_response_hop_limit = 2
+    http_tokens   = "required"
+    http_endpoint = "enabled"
+    # 1: the worker runs with --network host; the sandbox containers (a bridge network,
+    # one hop further) must not reach the instance's credentials
+    http_put_response_hop_limit = 1
   }
 
   user_data = base64encode(templatefile("${path.module}/templates/worker-user-data.sh.tftpl", {
