@@ -5,24 +5,40 @@ No cloud and no cluster here: these check what an API server, ``docker compose``
 settings), and the things Kiln itself needs of a deployment (health checks on /healthz,
 work directories mounted at the same path, a load balancer timeout above api.max_wait).
 Where the real tool is installed (docker compose, terraform) it checks too.
+
+Beyond that, each Kubernetes manifest is validated against the API's own schemas
+(kubernetes-validate) and its KEDA resources against KEDA's CRD schemas (vendored in
+testdata/keda), strictly: an unknown field is an error, as with kubectl's server-side
+validation. The real kustomize renders infra/k8s, and an overlay of it, and what it renders is
+validated too. checkov runs over infra/terraform, infra/k8s, the Dockerfiles and the compose
+file, and must report no failed check: each check skipped says why where it is skipped.
+kustomize (go install) and checkov (a virtualenv of its own) are installed once into the
+shared test cache; where they cannot be had, the tests skip, or fail in CI.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 from pydantic import BaseModel
 
 from kiln.config import ENV_PREFIX, Config, load_config
+from kiln.sandbox.process import find_go
+from tests.dockerutil import docker_required
+from tests.realcaddy import go_env
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
@@ -30,6 +46,16 @@ COMPOSE = INFRA / "compose" / "docker-compose.yml"
 K8S = INFRA / "k8s"
 TERRAFORM = INFRA / "terraform" / "aws"
 QUEUE_QUERY = "SELECT count(*) FROM kiln_builds WHERE state = 'queued'"
+KEDA_CRDS = REPO / "tests" / "unit" / "testdata" / "keda"
+#: the oldest Kubernetes infra/k8s runs on (native sidecars: 1.29) and the newest whose
+#: schemas kubernetes-validate bundles
+KUBERNETES_VERSIONS = ("1.29", "1.37")
+KUSTOMIZE = "sigs.k8s.io/kustomize/kustomize/v5"
+KUSTOMIZE_VERSION = "v5.8.2"
+#: the Makefile's CHECKOV_VERSION: `make install` puts it in the same place first
+CHECKOV_VERSION = "3.3.30"
+#: seconds a tool's install may take (go install of kustomize: ~45 s, checkov's pip: ~60 s)
+INSTALL_TIMEOUT_SECONDS = 600
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -59,6 +85,18 @@ def assert_settings(env: dict[str, Any], where: str) -> None:
     unknown = sorted(k for k in kiln if not setting_exists(k))
     assert not unknown, f"{where}: not settings of kiln/config.py: {unknown}"
     load_config(env={"CONFIG_PATH": "/dev/null", **kiln})
+
+
+def tools_required() -> bool:
+    """Tell whether a checker that cannot be had fails the test (CI) rather than skips it."""
+    return os.environ.get("CI", "").lower() == "true" or docker_required()
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip the test for want of a tool, or fail it where the tools must be there."""
+    if tools_required():
+        pytest.fail(f"{reason} (required in CI and with KILN_REQUIRE_DOCKER=1)")
+    pytest.skip(reason)
 
 
 _DEFAULT = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
@@ -300,6 +338,172 @@ def test_kubernetes_settings_are_kiln_settings() -> None:
                 assert_settings({**shared, **env}, f"{doc['metadata']['name']}/{container['name']}")
 
 
+def strict(schema: Any) -> Any:
+    """Refuse the fields a CRD schema does not name, as strict field validation does."""
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    schema = {k: strict(v) for k, v in schema.items()}
+    if ("properties" in schema and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        schema["additionalProperties"] = False
+    return schema
+
+
+@functools.cache
+def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    """Return the vendored KEDA CRDs' schemas by (apiVersion, kind), for each served version."""
+    found = {}
+    for path in sorted(KEDA_CRDS.glob("*.yaml")):
+        for crd in yaml.safe_load_all(path.read_text()):
+            if not crd:
+                continue
+            group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+            for version in crd["spec"]["versions"]:
+                if version["served"]:
+                    schema = strict(version["schema"]["openAPIV3Schema"])
+                    found[(f"{group}/{version['name']}", kind)] = schema
+    return found
+
+
+def schema_errors(doc: dict[str, Any]) -> list[str]:
+    """Validate one resource as an API server would; return what it would refuse."""
+    crd = crd_schemas().get((doc["apiVersion"], doc["kind"]))
+    if crd is not None:
+        # OpenAPI v3 schemas (as CRDs hold them) are JSON Schema draft 4 with extensions
+        return [f"{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+                for e in jsonschema.Draft4Validator(crd).iter_errors(doc)]
+    errors = []
+    for version in KUBERNETES_VERSIONS:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            errors.append(f"Kubernetes {version} has no {doc['apiVersion']} {doc['kind']}")
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(map(str, exc.absolute_path)) or "(top)"
+            errors.append(f"Kubernetes {version}: {path}: {exc.message}")
+    return errors
+
+
+def all_schema_errors(docs: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    return [f"{where}: {doc['kind']} {doc['metadata']['name']}: {error}"
+            for where, doc in docs for error in schema_errors(doc)]
+
+
+def test_every_manifest_is_valid_for_kubernetes_and_keda() -> None:
+    assert {("keda.sh/v1alpha1", "ScaledJob"), ("keda.sh/v1alpha1", "TriggerAuthentication")} <= set(
+        crd_schemas())
+    problems = all_schema_errors(manifests())
+    assert not problems, "\n".join(problems)
+
+
+def test_schema_validation_refuses_what_an_api_server_refuses() -> None:
+    """A misspelt field, a wrong type or a missing field is caught, in core and KEDA kinds."""
+    api = next(d for d in by_kind("Deployment") if d["metadata"]["name"] == "kiln-api")
+    typo = yaml.safe_load(yaml.safe_dump(api))
+    typo["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    assert any("imagePullPolcy" in e for e in schema_errors(typo))
+    (job,) = by_kind("ScaledJob")
+    for change, expected in ((lambda j: j["spec"].update(pollingIntervall=10), "pollingIntervall"),
+                             (lambda j: j["spec"].update(maxReplicaCount="20"), "maxReplicaCount"),
+                             (lambda j: j["spec"].pop("jobTargetRef"), "jobTargetRef")):
+        broken = yaml.safe_load(yaml.safe_dump(job))
+        change(broken)
+        assert any(expected in e for e in schema_errors(broken)), expected
+    # the worker's pod template is checked too: KEDA's CRD embeds the full PodSpec
+    broken = yaml.safe_load(yaml.safe_dump(job))
+    pod_spec_of = broken["spec"]["jobTargetRef"]["template"]["spec"]
+    pod_spec_of["containers"][0]["resources"]["limit"] = {"memory": "1Gi"}
+    assert any("limit" in e for e in schema_errors(broken))
+
+
+@pytest.fixture(scope="module")
+def kustomize(real_cache_dir: Path) -> Path:
+    """Install the real kustomize once into the shared test cache; return its path."""
+    bindir = real_cache_dir / "bin" / f"kustomize-{KUSTOMIZE_VERSION}"
+    binary = bindir / "kustomize"
+    if not binary.exists():
+        try:
+            env = {**go_env(real_cache_dir, real_cache_dir / "home"), "GOBIN": str(bindir),
+                   "CGO_ENABLED": "0"}
+            result = subprocess.run([str(find_go()), "install", f"{KUSTOMIZE}@{KUSTOMIZE_VERSION}"],
+                                    env=env, capture_output=True, text=True, check=False,
+                                    timeout=INSTALL_TIMEOUT_SECONDS)
+        except Exception as exc:  # no Go, or the proxy too slow: the test says which
+            unavailable(f"cannot install kustomize: {exc}")
+        if result.returncode != 0:
+            unavailable(f"go install {KUSTOMIZE}@{KUSTOMIZE_VERSION} failed: {result.stderr[-2000:]}")
+    return binary
+
+
+def render(kustomize: Path, directory: Path) -> list[dict[str, Any]]:
+    """Run ``kustomize build`` on a directory, as ``kubectl apply -k`` does; return its output."""
+    result = subprocess.run([str(kustomize), "build", str(directory)], capture_output=True,
+                            text=True, check=False, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def images(doc: dict[str, Any]) -> list[str]:
+    if doc["kind"] not in WORKLOADS:
+        return []
+    spec = pod_spec(doc)
+    return [c["image"] for c in spec["containers"] + spec.get("initContainers", [])]
+
+
+def test_kustomize_renders_every_resource_into_the_namespace_with_its_images(
+        kustomize: Path) -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    rendered = render(kustomize, K8S)
+    expected = {(doc["kind"], doc["metadata"]["name"]) for name, doc in manifests()
+                if name in kustomization["resources"]}
+    assert {(doc["kind"], doc["metadata"]["name"]) for doc in rendered} == expected
+    for doc in rendered:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == kustomization["namespace"], doc["kind"]
+    pinned = {i["name"]: f"{i['name']}:{i['newTag']}" for i in kustomization["images"]}
+    used = [image for doc in rendered for image in images(doc)]
+    for name, image in pinned.items():
+        assert image in used, f"kustomization.yaml names {name}, which no container runs"
+    problems = all_schema_errors([("kustomize build infra/k8s", doc) for doc in rendered])
+    assert not problems, "\n".join(problems)
+
+
+def test_an_overlay_moves_every_resource_and_replaces_every_kiln_image(
+        kustomize: Path, tmp_path: Path) -> None:
+    """What a deployment's own kustomization does: another namespace, its registry's images."""
+    digest = "sha256:" + "0123456789abcdef" * 4
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": "kiln-staging",
+        "resources": [os.path.relpath(K8S, tmp_path)],
+        "images": [
+            {"name": "registry.example.com/kiln-api", "newName": "registry.test/kiln/api",
+             "newTag": "1.2.3"},
+            {"name": "registry.example.com/kiln-worker", "newName": "registry.test/kiln/worker",
+             "digest": digest},
+        ],
+    }))
+    rendered = render(kustomize, tmp_path)
+    (namespace,) = [doc for doc in rendered if doc["kind"] == "Namespace"]
+    assert namespace["metadata"]["name"] == "kiln-staging"
+    for doc in rendered:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "kiln-staging", doc["kind"]
+    by_name = {(doc["kind"], doc["metadata"]["name"]): doc for doc in rendered}
+    assert "registry.test/kiln/api:1.2.3" in images(by_name["Deployment", "kiln-api"])
+    assert "registry.test/kiln/api:1.2.3" in images(by_name["Deployment", "kiln-janitor"])
+    # KEDA's ScaledJob is a custom resource: its pod template still gets the new image
+    assert f"registry.test/kiln/worker@{digest}" in images(by_name["ScaledJob", "kiln-worker"])
+    left = [i for doc in rendered for i in images(doc)
+            if i.startswith(("registry.example.com/kiln-api", "registry.example.com/kiln-worker"))]
+    assert not left, f"images the overlay did not replace: {left}"
+    problems = all_schema_errors([("overlay", doc) for doc in rendered])
+    assert not problems, "\n".join(problems)
+
+
 # -- Terraform ----------------------------------------------------------------------------
 
 
@@ -433,3 +637,92 @@ def test_terraform_is_formatted() -> None:
                             capture_output=True, text=True, check=False, timeout=60,
                             env={**os.environ, "TF_CLI_CONFIG_FILE": "/dev/null"})
     assert result.returncode == 0, f"run `terraform fmt -recursive infra/terraform`:\n{result.stdout}"
+
+
+# -- checkov ------------------------------------------------------------------------------
+
+
+def checkov_targets() -> list[str]:
+    """Name every directory checkov checks: -f beside -d makes checkov drop the files."""
+    directories = (TERRAFORM.parent, K8S, COMPOSE.parent, REPO / "worker_image")
+    return [arg for path in directories for arg in ("-d", str(path.relative_to(REPO)))]
+
+
+@pytest.fixture(scope="module")
+def checkov(go_cache_dir: Path) -> Path:
+    """Return checkov from its own virtualenv in the test cache (`make install` makes it)."""
+    venv = go_cache_dir / f"checkov-{CHECKOV_VERSION}"
+    if not (venv / ".installed").exists():
+        shutil.rmtree(venv, ignore_errors=True)
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
+                           capture_output=True, timeout=120)
+            result = subprocess.run(
+                [str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+                 f"checkov=={CHECKOV_VERSION}"], capture_output=True, text=True, check=False,
+                timeout=INSTALL_TIMEOUT_SECONDS)
+        except Exception as exc:
+            unavailable(f"cannot install checkov: {exc}")
+        if result.returncode != 0:
+            unavailable(f"pip install checkov=={CHECKOV_VERSION} failed: {result.stderr[-2000:]}")
+        (venv / ".installed").touch()
+    return venv / "bin" / "checkov"
+
+
+def checkov_reports(output: str) -> list[dict[str, Any]]:
+    """Parse checkov's JSON output: one report, a list of them, or several in a row."""
+    reports: list[dict[str, Any]] = []
+    decoder, at = json.JSONDecoder(), 0
+    while output[at:].strip():
+        at += len(output[at:]) - len(output[at:].lstrip())
+        value, at = decoder.raw_decode(output, at)
+        reports.extend(value if isinstance(value, list) else [value])
+    return reports
+
+
+def test_makefile_installs_the_checkov_the_tests_run() -> None:
+    assert f"CHECKOV_VERSION := {CHECKOV_VERSION}\n" in (REPO / "Makefile").read_text()
+
+
+def test_checkov_finds_nothing_unjustified_in_infra_and_the_images(
+        checkov: Path, kustomize: Path) -> None:
+    # offline: no platform key, no guideline download, no external modules; the kustomize
+    # framework renders with the kustomize installed above
+    result = subprocess.run(
+        [str(checkov), *checkov_targets(), "--framework", "terraform", "kubernetes", "kustomize",
+         "dockerfile", "secrets", "--quiet", "--compact", "--skip-download",
+         "--download-external-modules", "false", "-o", "json"],
+        capture_output=True, text=True, check=False, timeout=300, cwd=REPO,
+        env={**os.environ, "PATH": f"{kustomize.parent}:{os.environ['PATH']}",
+             "BC_API_KEY": "", "PRISMA_API_URL": ""})
+    assert result.returncode in (0, 1), result.stderr[-3000:]
+    reports = checkov_reports(result.stdout)
+    checked = {r["check_type"] for r in reports if r.get("summary", {}).get("resource_count")}
+    assert {"terraform", "kubernetes", "kustomize", "dockerfile"} <= checked, (
+        f"checkov checked only {sorted(checked)}:\n{result.stderr[-3000:]}")
+    # each directory's report repeats the ones before it: the set keeps one of each
+    failed = set()
+    for report in reports:
+        assert not report["summary"]["parsing_errors"], (
+            f"checkov could not parse: {report['results'].get('parsing_errors')}")
+        for check in report["results"].get("failed_checks", []):
+            failed.add(f"{check['check_id']} {check['file_path']} {check['resource']}: "
+                       f"{check['check_name']}")
+    assert not failed, "checkov failed checks (fix, or skip inline with the reason):\n" + (
+        "\n".join(sorted(failed)))
+
+
+SKIP_COMMENT = re.compile(r"checkov:skip=([A-Z0-9_]+)(?::(.*))?")
+SKIP_ANNOTATION = re.compile(r"checkov\.io/skip\d+:\s*([A-Z0-9_]+)(?:=(.*))?")
+
+
+def test_every_checkov_skip_says_why() -> None:
+    """checkov --quiet does not list its skips: read them where they are written."""
+    unexplained = []
+    for directory in (TERRAFORM.parent, K8S, COMPOSE.parent, REPO / "worker_image"):
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            for line in path.read_text(errors="replace").splitlines():
+                for skip in (*SKIP_COMMENT.finditer(line), *SKIP_ANNOTATION.finditer(line)):
+                    if len((skip.group(2) or "").strip()) < 20:
+                        unexplained.append(f"{path.relative_to(REPO)}: {line.strip()}")
+    assert not unexplained, "checkov skips without a reason:\n" + "\n".join(unexplained)
