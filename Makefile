@@ -20,8 +20,24 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[embedded,go,dev]'
 	touch $@
 
+# checkov (tests/unit/test_infra.py) pins dozens of dependencies: it gets a virtualenv of its
+# own in the shared test cache, where they cannot move Kiln's
+KILN_TEST_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/kiln-tests
+CHECKOV_VERSION := 3.3.30
+CHECKOV_VENV := $(KILN_TEST_CACHE)/checkov-$(CHECKOV_VERSION)
+
+$(CHECKOV_VENV)/.installed:
+	rm -rf $(CHECKOV_VENV)
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CHECKOV_VENV)/bin/python -m pip install -q checkov==$(CHECKOV_VERSION)
+	touch $@
+
+.PHONY: tools
+tools: $(CHECKOV_VENV)/.installed ## Install checkov, which the infra tests run, in its own virtualenv
+
 .PHONY: install
-install: $(VENV)/.installed ## Create the virtualenv and install Kiln with its dev tools
+install: $(VENV)/.installed tools ## Create the virtualenv and install Kiln with its dev tools
 
 .PHONY: run
 run: install ## Run the whole service on this machine (embedded PostgreSQL, local store)
