@@ -24,14 +24,35 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Apply pending database migrations."""
+    import psycopg
+
     from kiln.app import database_url
     from kiln.db import migrate
+    from kiln.readiness import where
 
     config = _config(args)
     setup_logging(config.logging, process="migrate")
-    applied = migrate(database_url(config), config.database)
+    url = database_url(config)
+    try:
+        applied = migrate(url, config.database)
+    except psycopg.OperationalError as exc:
+        print(f"kiln: cannot migrate: the database at {where(url)} is unreachable: "
+              f"{str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
     print("applied: " + ", ".join(applied) if applied else "the database is up to date")
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Check once what a role needs (database and schema, store, build engine); exit 1 if not."""
+    from kiln.app import database_url
+    from kiln.readiness import dependencies, probe
+
+    config = _config(args)
+    results = probe(dependencies(config, args.role, url=database_url(config)))
+    for name, why in results.items():
+        print(f"{name}: {why or 'ok'}")
+    return 1 if any(results.values()) else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -70,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, handler in handlers.items():
         p = sub.add_parser(name, help=(handler.__doc__ or "").strip())
         p.set_defaults(func=handler)
+    check = sub.add_parser("check", help=(cmd_check.__doc__ or "").strip())
+    check.add_argument("--role", choices=("worker", "api", "janitor"), default="worker",
+                       help="whose needs to check (default: worker)")
+    check.set_defaults(func=cmd_check)
     for name, handler in {"worker": cmd_worker, "janitor": cmd_janitor}.items():
         p = sub.add_parser(name, help=(handler.__doc__ or "").strip())
         p.add_argument("rest", nargs=argparse.REMAINDER)

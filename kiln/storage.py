@@ -73,6 +73,10 @@ class ArtifactStore(Protocol):
         """Yield every published object."""
         ...
 
+    def check(self) -> None:
+        """Raise StorageError saying why the store cannot be used now, if it cannot."""
+        ...
+
 
 class LocalStore:
     """A directory on a local or shared file system."""
@@ -133,6 +137,16 @@ class LocalStore:
     def delete(self, key: str) -> None:
         """Remove the build's directory."""
         shutil.rmtree(self._file(artifact_prefix(key)), ignore_errors=True)
+
+    def check(self) -> None:
+        """Write and remove a probe file: the directory exists and can be written."""
+        probe = self._tmp / f"check.{uuid.uuid4().hex}"
+        try:
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StorageError(f"cannot write to {self.root}: {exc}") from exc
 
     def objects(self) -> Iterator[StoredObject]:
         """Yield every stored file."""

@@ -91,6 +91,8 @@ class S3Store:
             signature_version="s3v4",
             s3={"addressing_style": s3.addressing_style},
             retries={"mode": "standard", "max_attempts": 5},
+            # an endpoint that does not answer is reported in seconds, not minutes
+            connect_timeout=10,
             # gunicorn threads and worker builds share one client
             max_pool_connections=32,
         )
@@ -271,6 +273,20 @@ class S3Store:
             ))
         except _ERRORS as exc:
             raise StorageError(f"cannot presign {path}: {exc}") from exc
+
+    def check(self) -> None:
+        """Ask for the bucket: it exists, answers, and these credentials may use it."""
+        endpoint = self.client.meta.endpoint_url
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = _error_code(exc) or "error"
+            meaning = {"404": "no such bucket", "NoSuchBucket": "no such bucket",
+                       "403": "access denied to these credentials",
+                       "AccessDenied": "access denied to these credentials"}.get(code, code)
+            raise StorageError(f"bucket {self.bucket} at {endpoint}: {meaning}") from exc
+        except (BotoCoreError, OSError) as exc:
+            raise StorageError(f"bucket {self.bucket}: cannot reach {endpoint}: {exc}") from exc
 
     def _list(self, under: str) -> Iterator[StoredObject]:
         paginator = self.client.get_paginator("list_objects_v2")

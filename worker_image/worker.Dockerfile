@@ -40,8 +40,9 @@ RUN pip install . && rm -rf /src
 # and chowns them to the sandbox user (uid 1000) before each step; the build steps
 # themselves never run as root.
 WORKDIR /var/lib/kiln
-# healthy while the engine it starts the sandboxes on answers (DOCKER_HOST or the socket)
-HEALTHCHECK --interval=30s --timeout=10s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import docker; docker.from_env(timeout=5).ping()"]
+# healthy only while it can build: its database (with Kiln's schema), its store and the
+# engine it starts the sandboxes on (with the sandbox image) all answer (`kiln check`)
+HEALTHCHECK --interval=30s --timeout=20s --start-period=30s --retries=3 \
+    CMD ["kiln", "check", "--role", "worker"]
 STOPSIGNAL SIGTERM
 CMD ["python", "-m", "functions.worker"]

@@ -18,7 +18,14 @@ def get_app() -> Any:
 
         config = load_config()
         setup_logging(config.logging, process="api")
-        _app = create_app(make_services(config))
+        services = make_services(config)
+        _app = create_app(services)
+        # the API starts whatever it cannot reach (it answers 503 until it can): say what
+        from kiln.readiness import Dependency, database_check, probe, report
+
+        database = Dependency("database", database_check(config.database.url, config.database))
+        report(probe([database, Dependency("store", services.store.check)]), role="api",
+               consequence="/healthz answers 503 until it is back")
     return _app
 
 

@@ -7,10 +7,11 @@ import logging
 import sys
 from typing import Any
 
-from kiln.app import make_worker
+from kiln.app import database_url, make_worker
 from kiln.config import ConfigError, load_config
 from kiln.logconfig import setup_logging
 from kiln.preemption import PreemptionMonitor, detectors_from_config
+from kiln.readiness import NotReady, dependencies, wait_ready
 from kiln.sandbox import SandboxError
 
 log = logging.getLogger("kiln.worker")
@@ -30,6 +31,14 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     setup_logging(config.logging, process="worker")
+    try:
+        # a stack started together (compose, a fresh node) may bring the database, the
+        # store or the engine up after the worker: wait for them, saying which and why
+        wait_ready(dependencies(config, "worker", url=database_url(config)), role="worker",
+                   timeout=config.worker.start_timeout)
+    except NotReady as exc:
+        log.error("%s", exc)
+        return 2
     try:
         worker: Any = make_worker(config, max_jobs=args.max_jobs, idle_exit=args.idle_exit)
     except SandboxError as exc:  # no engine, no image, a bad sandbox setting: say which

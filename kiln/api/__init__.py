@@ -23,6 +23,7 @@ from kiln.metrics import MetricsMiddleware, MetricsRecorder
 from kiln.notifier import Notifier
 from kiln.queue import QueueManager
 from kiln.quota import parse_networks
+from kiln.readiness import Dependency, schema_check
 from kiln.service import BuildService
 from kiln.storage import ArtifactStore
 from kiln.waiter import BuildWaiter
@@ -73,6 +74,14 @@ class RequestIdMiddleware:
                          "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
 
 
+def readiness(services: Services) -> list[Dependency]:
+    """What /healthz checks beside the database: Kiln's schema in it, and the store."""
+    pool = services.queue.pool
+    return [Dependency("schema", schema_check(lambda: pool.connection(timeout=2),
+                                              "the database")),
+            Dependency("store", services.store.check)]
+
+
 def create_app(services: Services) -> falcon.App:
     """Return the WSGI app serving Kiln's HTTP API."""
     config = services.config
@@ -90,7 +99,7 @@ def create_app(services: Services) -> falcon.App:
     app.resp_options.secure_cookies_by_default = False
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
-    app.add_route("/healthz", HealthResource(queue=services.queue))
+    app.add_route("/healthz", HealthResource(queue=services.queue, checks=readiness(services)))
     # callbacks and several platforms per request; signing and attestation routes
     from kiln.api import attest
 

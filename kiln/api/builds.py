@@ -5,6 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import threading
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
 import falcon
@@ -13,6 +16,7 @@ from kiln.api.errors import ApiError, bad_request, not_found, unavailable
 from kiln.api.groups import Callbacks
 from kiln.groups import GroupManager
 from kiln.queue import QueueManager
+from kiln.readiness import Dependency, describe, probe
 from kiln.service import BuildService, NoToolchain
 from kiln.spec import BuildRequest, BuildSpec, SpecError
 from kiln.storage import ArtifactStore, StorageError
@@ -317,10 +321,30 @@ class ArtifactResource:
 
 
 class HealthResource:
-    """``/healthz``: the API process is up and reaches the database."""
+    """``/healthz``: the API process is up, and can reach its database and its store.
 
-    def __init__(self, *, queue: QueueManager) -> None:
+    The database is asked on every call; the slower checks (``checks``: the schema, the
+    store) are asked again at most every ``ttl`` seconds, so a probe every few seconds
+    costs one query. A failure is a 503 naming what is missing and why.
+    """
+
+    def __init__(self, *, queue: QueueManager, checks: Sequence[Dependency] = (),
+                 ttl: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.queue = queue
+        self.checks = tuple(checks)
+        self.ttl = ttl
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._checked_at: float | None = None
+        self._results: dict[str, str | None] = {}
+
+    def _slow_checks(self) -> dict[str, str | None]:
+        with self._lock:
+            now = self.clock()
+            if self._checked_at is None or now - self._checked_at >= self.ttl:
+                self._results = probe(self.checks)
+                self._checked_at = now
+            return self._results
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         try:
@@ -328,4 +352,9 @@ class HealthResource:
                 conn.execute("SELECT 1")
         except Exception as exc:
             raise unavailable(f"database unreachable: {type(exc).__name__}") from None
-        resp.media = {"status": "ok"}
+        results = self._slow_checks()
+        failed = describe(results)
+        if failed:
+            raise unavailable(failed)
+        resp.media = {"status": "ok", "checks": {"database": "ok", **{
+            name: "ok" for name in results}}}

@@ -59,7 +59,9 @@ SCHEMAS: dict[str, Schema] = {
             "field": {"type": "string", "description": "the input at fault"},
         }, ["message", "id"]),
     }),
-    "Health": obj({"status": {"const": "ok"}}),
+    "Health": obj({"status": {"const": "ok"},
+                   "checks": {"type": "object", "additionalProperties": {"const": "ok"},
+                              "examples": [{"database": "ok", "schema": "ok", "store": "ok"}]}}),
     "Platform": obj({
         "os": {"enum": OSES, "examples": ["linux"]},
         "arch": {"enum": ARCHS, "examples": ["amd64"]},
@@ -345,8 +347,11 @@ def _paths() -> dict[str, dict[str, Schema]]:
                             {"text/plain": TEXT}), "404": NOT_FOUND}
     return {
         "/healthz": {"get": operation("health", "The API process is up and reaches "
-                                      "PostgreSQL", {"200": json_response("healthy",
-                                                                          ref("Health"))},
+                                      "PostgreSQL (with Kiln's schema) and its store",
+                                      {"200": json_response("healthy", ref("Health")),
+                                       "503": error("the database, its schema or the store "
+                                                    "cannot be used: the message says which "
+                                                    "and why")},
                                       tags=["service"])},
         "/api/builds": {
             "get": operation("listRecentBuilds", "The most recent builds (never who asked)", {

@@ -220,7 +220,9 @@ def test_status_of_unknown_and_malformed_keys(kiln: KilnProcesses) -> None:
 
 def test_healthz_and_request_id(kiln: KilnProcesses) -> None:
     resp = requests.get(kiln.url + "/healthz", headers={"X-Request-Id": "abc-123"}, timeout=10)
-    assert resp.status_code == 200 and resp.json() == {"status": "ok"}
+    assert resp.status_code == 200
+    assert resp.json() == {"status": "ok",
+                           "checks": {"database": "ok", "schema": "ok", "store": "ok"}}
     assert resp.headers["X-Request-Id"] == "abc-123"
     err = requests.get(f"{kiln.url}/api/builds/{'1' * 64}", timeout=10)
     assert err.json()["error"]["id"] == err.headers["X-Request-Id"]

@@ -145,7 +145,8 @@ def test_a_function_refuses_storage_it_cannot_serve_from() -> None:
 def test_health_and_errors_through_api_gateway(api: ApiFunction) -> None:
     health = api(gateway_v2("GET", "/healthz"), Context())
     assert health["statusCode"] == 200
-    assert json.loads(body_of(health)) == {"status": "ok"}
+    assert json.loads(body_of(health)) == {
+        "status": "ok", "checks": {"database": "ok", "schema": "ok", "store": "ok"}}
 
     missing = api(gateway_v2("GET", "/api/builds/" + "0" * 64), Context())
     assert missing["statusCode"] == 404
