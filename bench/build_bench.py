@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.infra import remove_tree
-from kiln.builder import Builder
-from kiln.sandbox import Sandbox, Step, StepResult
-from kiln.sandbox.base import EachStep
-from kiln.sandbox.process import ProcessSandbox, find_go
-from kiln.spec import BuildSpec, ResolvedPlugin
+from kiln.request.spec import BuildSpec, ResolvedPlugin
+from kiln.worker.builder import Builder
+from kiln.worker.sandbox import Sandbox, Step, StepResult
+from kiln.worker.sandbox.base import EachStep
+from kiln.worker.sandbox.process import ProcessSandbox, find_go
 from tests.fixtures import goproxy as gp
 
 CADDY_VERSION = "v2.8.4"
@@ -124,7 +124,7 @@ class BuildRun:
 
 
 def _build(builder: Builder, spec: BuildSpec, work: Path, label: str, run: BuildRun) -> None:
-    from kiln.storage import file_sha256
+    from kiln.artifacts.store import file_sha256
 
     workdir = work / f"{run.sandbox}-{label}-{time.monotonic_ns()}"
     started = time.monotonic()
@@ -146,13 +146,13 @@ def docker_sandbox(cache_dir: Path, proxy: str, *, gosumdb: str = "sum.golang.or
     """
     try:
         from kiln.config import BuildConfig
-        from kiln.sandbox.docker import DockerSandbox, docker_client
+        from kiln.worker.sandbox.docker import DockerSandbox, docker_client
     except ImportError as exc:
         return f"docker SDK missing: {exc}"
     client = docker_client(required=False)
     if client is None:
         return "no Docker Engine answers"
-    from kiln.sandbox import SandboxError
+    from kiln.worker.sandbox import SandboxError
 
     try:
         config = BuildConfig(goproxy=proxy, gosumdb=gosumdb, cache_dir=cache_dir)

@@ -41,12 +41,12 @@ from bench.infra import (
     wait_http,
     wrk,
 )
+from kiln.artifacts.store import LocalStore, file_sha256
 from kiln.config import DatabaseConfig, load_config
-from kiln.db import Migrator, make_pool
-from kiln.queue import QueueManager
-from kiln.spec import BuildSpec, ResolvedPlugin
+from kiln.db.builds import QueueManager
+from kiln.db.pool import Migrator, make_pool
+from kiln.request.spec import BuildSpec, ResolvedPlugin
 from kiln.standalone import gunicorn_command
-from kiln.storage import LocalStore, file_sha256
 from tests.fixtures import goproxy as gp
 
 ARTIFACT_BYTES = 40 * 1024 * 1024

@@ -1,7 +1,7 @@
 """A real Kiln worker with a no-op build: ``python -m bench.kiln_worker URL --concurrency N``.
 
-Claims, leases, completions, LISTEN and the claim loop are Kiln's own (kiln.worker.Worker,
-kiln.queue.QueueManager); only the build (a no-op that returns a one-byte binary) and the
+Claims, leases, completions, LISTEN and the claim loop are Kiln's own (kiln.worker.loop.Worker,
+kiln.db.builds.QueueManager); only the build (a no-op that returns a one-byte binary) and the
 store (which keeps nothing) are stand-ins, so what is measured is the queue path. With
 ``--events`` it prints one JSON line per claim and completion (always one when it LISTENs), with the time of
 ``time.monotonic()`` (one clock for every process of the machine).
@@ -23,12 +23,12 @@ from typing import Any
 
 import psycopg
 
-from kiln.builder import BuildOutput
+from kiln.artifacts.store import StoredArtifact, artifact_prefix
 from kiln.config import DatabaseConfig
-from kiln.db import connect_kwargs, make_pool
-from kiln.queue import Claimed, QueueManager
-from kiln.storage import StoredArtifact, artifact_prefix
-from kiln.worker import Worker
+from kiln.db.builds import Claimed, QueueManager
+from kiln.db.pool import connect_kwargs, make_pool
+from kiln.worker.builder import BuildOutput
+from kiln.worker.loop import Worker
 
 GO_VERSION = "go1.27.3"
 SANDBOX = "bench:noop"
@@ -107,13 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", action="store_true", help="print claim/complete events")
     args = parser.parse_args(argv)
     config = DatabaseConfig()
-    # the pool kiln.app.make_worker opens
+    # the pool kiln.wiring.make_worker opens
     pool = make_pool(args.url, config, application="kiln-worker", min_size=1,
                      max_size=max(2, args.concurrency + 2), synchronous_commit=False)
     queue = ReportingQueue(pool) if args.events else QueueManager(pool)
 
     def listen() -> psycopg.Connection:
-        # the same connection kiln.app.make_worker opens; it reports when it listens
+        # the same connection kiln.wiring.make_worker opens; it reports when it listens
         return ReportingConnection.connect(
             args.url, autocommit=True,
             **connect_kwargs(config, application="kiln-worker-listen"))  # type: ignore[arg-type]

@@ -28,9 +28,9 @@ from psycopg.types.json import Jsonb
 from bench.infra import Child, Postgres, base_env, bench_queries, cpu_seconds, peak_rss_mib
 from bench.report import percentile
 from kiln.config import DatabaseConfig
-from kiln.db import Migrator, make_pool
-from kiln.queue import QueueManager, queries
-from kiln.spec import BuildSpec, ResolvedPlugin
+from kiln.db.builds import QueueManager, queries
+from kiln.db.pool import Migrator, make_pool
+from kiln.request.spec import BuildSpec, ResolvedPlugin
 
 #: seconds a worker process may take to start and LISTEN
 START_TIMEOUT = 60.0

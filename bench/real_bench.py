@@ -73,10 +73,10 @@ import requests
 
 from bench import build_bench
 from bench.infra import descendants, remove_tree
-from kiln.builder import Builder
-from kiln.sandbox import Sandbox
-from kiln.sandbox.process import ProcessSandbox, find_go
-from kiln.spec import BuildSpec, ResolvedPlugin
+from kiln.request.spec import BuildSpec, ResolvedPlugin
+from kiln.worker.builder import Builder
+from kiln.worker.sandbox import Sandbox
+from kiln.worker.sandbox.process import ProcessSandbox, find_go
 from tests import realcaddy as rc
 
 Plugin = tuple[str, str, str, str]
@@ -470,9 +470,9 @@ def end_to_end(*, db_url: str, root: Path, cache_dir: Path, caddy_version: str,
     """Build through a real Kiln: POST /api/builds until the binary is downloaded."""
     import psycopg
 
-    from kiln.buildlog import BuildLogs
     from kiln.config import DatabaseConfig
-    from kiln.db import Migrator, make_pool
+    from kiln.db.pool import Migrator, make_pool
+    from kiln.worker.buildlog import BuildLogs
     from tests.service import KilnProcesses
 
     with psycopg.connect(db_url, autocommit=True) as conn:

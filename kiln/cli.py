@@ -1,4 +1,4 @@
-"""The ``kiln`` command: run the service's parts, and (kiln.client) talk to a server."""
+"""The ``kiln`` command: run the service's parts, and (kiln.client.builds) talk to a server."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     """Apply pending database migrations."""
     import psycopg
 
-    from kiln.app import database_url
-    from kiln.db import migrate
+    from kiln.db.pool import migrate
     from kiln.readiness import where
+    from kiln.wiring import database_url
 
     config = _config(args)
     setup_logging(config.logging, process="migrate")
@@ -45,8 +45,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Check once what a role needs (database and schema, store, build engine); exit 1 if not."""
-    from kiln.app import database_url
     from kiln.readiness import dependencies, probe
+    from kiln.wiring import database_url
 
     config = _config(args)
     results = probe(dependencies(config, args.role, url=database_url(config)))
@@ -99,22 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=(handler.__doc__ or "").strip())
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=handler)
-    from kiln.auth import add_commands as add_key_commands
+    from kiln.db.api_keys import add_commands as add_key_commands
 
     add_key_commands(sub, load_config=_config)
-    from kiln.verify import add_command as add_verify_command
+    from kiln.client.verify import add_command as add_verify_command
 
     add_verify_command(sub)
-    from kiln.caddyproxy import add_command as add_caddy_proxy_command
+    from kiln.client.caddyproxy import add_command as add_caddy_proxy_command
 
     add_caddy_proxy_command(sub)
     try:
-        client = importlib.import_module("kiln.client")
+        client = importlib.import_module("kiln.client.builds")
     except ModuleNotFoundError:
         pass
     else:
         client.add_commands(sub)
-        from kiln.upgrade import add_commands as add_upgrade_commands
+        from kiln.client.upgrade import add_commands as add_upgrade_commands
 
         add_upgrade_commands(sub)
     return parser

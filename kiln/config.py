@@ -314,7 +314,7 @@ class SigningConfig(_Section):
     @classmethod
     def _readable_key(cls, value: str) -> str:
         if value.strip():
-            from kiln.signing import SigningKeyError, load_private_key
+            from kiln.artifacts.signing import SigningKeyError, load_private_key
 
             try:
                 load_private_key(value)

@@ -39,8 +39,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from kiln.queue import STATES, queries
-from kiln.sandbox.base import OutputCallback, Sandbox, Step, StepResult
+from kiln.db.builds import STATES, queries
+from kiln.worker.sandbox.base import OutputCallback, Sandbox, Step, StepResult
 
 if TYPE_CHECKING:
     import falcon

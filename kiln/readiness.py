@@ -20,7 +20,7 @@ import psycopg
 from psycopg_pool import PoolTimeout
 
 from kiln.config import Config, DatabaseConfig
-from kiln.db import MIGRATIONS_DIR, MigrationError, connect, load_migrations
+from kiln.db.pool import MIGRATIONS_DIR, MigrationError, connect, load_migrations
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def store_check(config: Config) -> Callable[[], None]:
     """Make the configured store and ask it whether it can be written."""
 
     def check() -> None:
-        from kiln.storage import make_store
+        from kiln.artifacts.store import make_store
 
         make_store(config.storage).check()
 
@@ -112,8 +112,8 @@ def engine_check(config: Config) -> Callable[[], None]:
     """Check that the configured sandbox could run a build step here."""
 
     def check() -> None:
-        from kiln.sandbox import SandboxError, docker_problem
-        from kiln.sandbox.process import find_go
+        from kiln.worker.sandbox import SandboxError, docker_problem
+        from kiln.worker.sandbox.process import find_go
 
         kind = config.build.sandbox
         if kind in ("docker", "auto"):
@@ -143,10 +143,10 @@ def dependencies(config: Config, role: str, *, url: str) -> list[Dependency]:
 
 def _explained() -> tuple[type[Exception], ...]:
     """Kiln's errors whose message already says what is wrong (no type name needed)."""
+    from kiln.artifacts.store import StorageError
     from kiln.config import ConfigError
-    from kiln.db import MigrationError
-    from kiln.sandbox import SandboxError
-    from kiln.storage import StorageError
+    from kiln.db.pool import MigrationError
+    from kiln.worker.sandbox import SandboxError
 
     return (NotReady, ConfigError, MigrationError, SandboxError, StorageError)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.config import Config, ServeConfig
-from kiln.db import migrate
+from kiln.db.pool import migrate
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def serve(config: Config) -> int:
     env = child_environment(url)
     if not config.signing.key and not config.signing.key_file:
         # standalone builds are signed too: with a key of its own, made once under var/
-        from kiln.signing import Signer, generate_key_file
+        from kiln.artifacts.signing import Signer, generate_key_file
 
         key_file = config.signing.generated_key_file.resolve()
         signer = Signer(generate_key_file(key_file))

@@ -3,7 +3,7 @@
 ``inspect(data)`` returns the executable format (ELF, PE or Mach-O) and the machine its
 header names, as a GOARCH, and ``build_info(data)`` the build settings Go records in every
 binary (what ``go version -m`` prints: ``GOOS``, ``GOARCH``, ``GOARM``, ``-trimpath``, ...),
-which stripping with ``-ldflags=-s -w`` keeps (read by kiln/buildinfo.py).
+which stripping with ``-ldflags=-s -w`` keeps (read by kiln/gomod/buildinfo.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from kiln.buildinfo import decode_build_info
+from kiln.gomod.buildinfo import decode_build_info
 
 ELF_MAGIC = b"\x7fELF"
 PE_MAGIC = b"MZ"

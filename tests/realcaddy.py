@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from kiln.sandbox.process import find_go
+from kiln.worker.sandbox.process import find_go
 
 #: Kiln's production defaults, which this machine reaches (the checksum database through
 #: the proxy's /sumdb/ endpoint)

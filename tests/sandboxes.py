@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kiln.builder import Builder
-from kiln.sandbox import Sandbox
-from kiln.sandbox.process import ProcessSandbox, find_go
+from kiln.worker.builder import Builder
+from kiln.worker.sandbox import Sandbox
+from kiln.worker.sandbox.process import ProcessSandbox, find_go
 from tests.fixtures import goproxy as gp
 
 #: generous step timeouts: these tests are about bytes, not about limits
@@ -38,7 +38,7 @@ def process_sandbox(cache_dir: Path) -> ProcessSandbox:
 def docker_sandbox(client: Any, image: str, cache_dir: Path, proxy: Path, *,
                    worker_id: str, **overrides: Any) -> Sandbox:
     """Return a docker sandbox as a worker configures it, fetching from a file:// proxy."""
-    from kiln.sandbox.docker import DockerSandbox
+    from kiln.worker.sandbox.docker import DockerSandbox
 
     settings: dict[str, Any] = {
         "client": client, "image": image, "cache_dir": cache_dir, "network": "none",

@@ -11,10 +11,10 @@ def get_app() -> Any:
     """Build the WSGI app from the config file and environment."""
     global _app
     if _app is None:
-        from kiln.api import create_app
-        from kiln.app import make_services
+        from kiln.api.app import create_app
         from kiln.config import load_config
         from kiln.logconfig import setup_logging
+        from kiln.wiring import make_services
 
         config = load_config()
         setup_logging(config.logging, process="api")

@@ -43,8 +43,8 @@ class ApiFunction:
     def __init__(self, config: Config, *, services: Any = None) -> None:
         from apig_wsgi import make_lambda_handler
 
-        from kiln.api import create_app
-        from kiln.app import make_services
+        from kiln.api.app import create_app
+        from kiln.wiring import make_services
 
         check_config(config)
         self.config = config

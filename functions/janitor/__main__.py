@@ -6,10 +6,10 @@ import argparse
 import signal
 import sys
 
-from kiln.app import database_url
 from kiln.config import ConfigError, load_config
-from kiln.janitor import Janitor
+from kiln.janitor.scheduler import Janitor
 from kiln.logconfig import setup_logging
+from kiln.wiring import database_url
 
 
 def main(argv: list[str] | None = None) -> int:

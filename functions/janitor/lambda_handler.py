@@ -56,8 +56,8 @@ class JanitorFunction:
     """The janitor as a one-shot scheduled handler."""
 
     def __init__(self, config: Config, *, janitor: Any = None) -> None:
-        from kiln.app import database_url
-        from kiln.janitor import Janitor
+        from kiln.janitor.scheduler import Janitor
+        from kiln.wiring import database_url
 
         self.config = config
         self.janitor = janitor if janitor is not None else Janitor.from_config(

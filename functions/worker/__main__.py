@@ -7,12 +7,12 @@ import logging
 import sys
 from typing import Any
 
-from kiln.app import database_url, make_worker
 from kiln.config import ConfigError, load_config
 from kiln.logconfig import setup_logging
-from kiln.preemption import PreemptionMonitor, detectors_from_config
 from kiln.readiness import NotReady, dependencies, wait_ready
-from kiln.sandbox import SandboxError
+from kiln.wiring import database_url, make_worker
+from kiln.worker.preemption import PreemptionMonitor, detectors_from_config
+from kiln.worker.sandbox import SandboxError
 
 log = logging.getLogger("kiln.worker")
 

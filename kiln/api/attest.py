@@ -24,7 +24,13 @@ import falcon
 from kiln.api.builds import _load, build_links
 from kiln.api.errors import not_found, unavailable
 from kiln.api.groups import Callbacks, GroupResource
-from kiln.attest import (
+from kiln.artifacts.signing import PublicKey, load_public_key
+from kiln.artifacts.store import ArtifactStore, StorageError
+from kiln.db.builds import QueueManager
+from kiln.db.groups import GroupManager
+from kiln.janitor.webhooks import WebhookManager
+from kiln.request.spec import BuildSpec, SpecError
+from kiln.worker.attest import (
     DSSE_MEDIA_TYPE,
     PROVENANCE_NAME,
     SBOM_MEDIA_TYPE,
@@ -32,15 +38,9 @@ from kiln.attest import (
     AttestManager,
     checksum_line,
 )
-from kiln.groups import GroupManager
-from kiln.queue import QueueManager
-from kiln.signing import PublicKey, load_public_key
-from kiln.spec import BuildSpec, SpecError
-from kiln.storage import ArtifactStore, StorageError
-from kiln.webhooks import WebhookManager
 
 if TYPE_CHECKING:
-    from kiln.api import Services
+    from kiln.api.app import Services
 
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 KEY_ID_HEADER = "X-Kiln-Key-Id"

@@ -21,8 +21,8 @@ from typing import Any
 import falcon
 
 from kiln.api.errors import ApiError
-from kiln.auth import KeyManager, Principal, bind_principal, unbind_principal
-from kiln.quota import Network, QuotaExceeded, client_address
+from kiln.api.quota import Network, QuotaExceeded, client_address
+from kiln.db.api_keys import KeyManager, Principal, bind_principal, unbind_principal
 
 PUBLIC = "public"
 BUILD = "build"

@@ -14,13 +14,13 @@ import falcon
 
 from kiln.api.errors import ApiError, bad_request, not_found, unavailable
 from kiln.api.groups import Callbacks
-from kiln.groups import GroupManager
-from kiln.queue import QueueManager
+from kiln.api.service import BuildService, NoToolchain
+from kiln.artifacts.store import ArtifactStore, StorageError
+from kiln.db.builds import QueueManager
+from kiln.db.groups import GroupManager
 from kiln.readiness import Dependency, describe, probe
-from kiln.service import BuildService, NoToolchain
-from kiln.spec import BuildRequest, BuildSpec, SpecError
-from kiln.storage import ArtifactStore, StorageError
-from kiln.versions import ModuleNotFound, ProxyUnavailable
+from kiln.request.spec import BuildRequest, BuildSpec, SpecError
+from kiln.resolve.resolver import ModuleNotFound, ProxyUnavailable
 
 KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 STREAM_CHUNK = 256 * 1024

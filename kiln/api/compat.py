@@ -9,7 +9,7 @@
 - ``GET /api/versions``: Caddy's versions from the module proxy, newest first.
 
 A held request costs a thread (or greenlet) and no database connection: it waits on the
-process's notification fan-out (kiln/waiter.py). It checks its client's socket between
+process's notification fan-out (kiln/api/waiter.py). It checks its client's socket between
 naps, so a client that goes away frees it within a tick.
 """
 
@@ -28,14 +28,14 @@ import falcon
 
 from kiln.api.builds import serve_artifact, submit
 from kiln.api.errors import ApiError, bad_request, request_id, unavailable
+from kiln.api.service import BuildService
+from kiln.api.waiter import BuildWaiter, WaitResult
 from kiln.api.waiting import WAIT_PARAM, redirect_to_wait
-from kiln.catalog import Catalog, CatalogUnavailable
-from kiln.queue import QueueManager
-from kiln.service import BuildService
-from kiln.spec import CADDY_MODULE, BuildRequest, SpecError, check_module_path
-from kiln.storage import ArtifactStore
-from kiln.versions import ModuleNotFound, ProxyUnavailable, Resolver
-from kiln.waiter import BuildWaiter, WaitResult
+from kiln.artifacts.store import ArtifactStore
+from kiln.db.builds import QueueManager
+from kiln.request.catalog import Catalog, CatalogUnavailable
+from kiln.request.spec import CADDY_MODULE, BuildRequest, SpecError, check_module_path
+from kiln.resolve.resolver import ModuleNotFound, ProxyUnavailable, Resolver
 
 log = logging.getLogger("kiln.api.compat")
 

@@ -9,7 +9,7 @@ that reconnects with ``Last-Event-ID`` therefore gets exactly what it missed: no
 none lost, and a state event only if the state changed meanwhile.
 
 An open stream holds a server thread (or greenlet) but no database connection: it waits on
-the API process's one LISTEN connection (``kiln.notifier``) and borrows a pooled connection
+the API process's one LISTEN connection (``kiln.db.notify``) and borrows a pooled connection
 only to read what a notification announced.
 """
 
@@ -30,9 +30,9 @@ import falcon
 
 from kiln.api.builds import KEY_PATTERN, build_document
 from kiln.api.errors import not_found
-from kiln.buildlog import LOGS_CHANNEL, RESULT_STEP, BuildLogs, LogLine
-from kiln.notifier import Notifier
-from kiln.queue import EVENTS_CHANNEL, FINAL_STATES, QueueManager
+from kiln.db.builds import EVENTS_CHANNEL, FINAL_STATES, QueueManager
+from kiln.db.notify import Notifier
+from kiln.worker.buildlog import LOGS_CHANNEL, RESULT_STEP, BuildLogs, LogLine
 
 KEEPALIVE_SECONDS = 15.0
 #: how often a queued build's position is re-read (other builds' claims move it)

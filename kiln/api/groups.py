@@ -4,7 +4,7 @@
 "plugins": [...]}`` (instead of os/arch/arm) queues one build per platform, all with the
 same Caddy version and plugins, and answers with a group document; ``GET /api/groups/{id}``
 shows it again with each build's current state. ``callback_url`` (with one platform or
-several) is POSTed when each build finishes (kiln/webhooks.py).
+several) is POSTed when each build finishes (kiln/janitor/webhooks.py).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 import falcon
 
 from kiln.api.errors import ApiError, bad_request, not_found
-from kiln.groups import GROUP_PATTERN, MAX_PLATFORMS, GroupManager, group_state
-from kiln.queue import QueueManager
-from kiln.spec import BuildRequest
-from kiln.webhooks import CallbackRefused, Resolver, WebhookManager, check_callback_url
+from kiln.db.builds import QueueManager
+from kiln.db.groups import GROUP_PATTERN, MAX_PLATFORMS, GroupManager, group_state
+from kiln.janitor.webhooks import CallbackRefused, Resolver, WebhookManager, check_callback_url
+from kiln.request.spec import BuildRequest
 
 if TYPE_CHECKING:
     from kiln.api.builds import BuildsResource

@@ -1,4 +1,4 @@
-"""The web UI: static pages from ``kiln/web``, and the small JSON endpoints they use."""
+"""The web UI: static pages from ``kiln/api/web``, and the small JSON endpoints they use."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from importlib import resources
 import falcon
 
 from kiln.api.errors import ApiError, bad_request, not_found
-from kiln.service import BuildService
-from kiln.spec import DEFAULT_ARM, PLATFORMS, SpecError
-from kiln.versions import ModuleNotFound, ProxyUnavailable
+from kiln.api.service import BuildService
+from kiln.request.spec import DEFAULT_ARM, PLATFORMS, SpecError
+from kiln.resolve.resolver import ModuleNotFound, ProxyUnavailable
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -31,8 +31,8 @@ MAX_PLUGIN_VERSIONS = 50
 
 @cache
 def web_file(name: str) -> bytes | None:
-    """Return the bytes of a file of ``kiln/web``, or None."""
-    entry = resources.files("kiln").joinpath("web").joinpath(name)
+    """Return the bytes of a file of ``kiln/api/web``, or None."""
+    entry = resources.files("kiln.api").joinpath("web").joinpath(name)
     return entry.read_bytes() if entry.is_file() else None
 
 

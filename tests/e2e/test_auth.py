@@ -21,7 +21,7 @@ import pytest
 import requests
 from psycopg_pool import ConnectionPool
 
-from kiln.queue import QueueManager
+from kiln.db.builds import QueueManager
 from tests.fixtures import goproxy as gp
 from tests.service import REPO, KilnProcesses
 from tests.service import template_database as _database
@@ -326,9 +326,9 @@ def test_admin_deletes_an_artifact_and_the_next_request_rebuilds(kiln: Kiln) -> 
 def test_private_metrics_need_an_admin_key(kiln: Kiln) -> None:
     from falcon import testing
 
-    from kiln.api import create_app
-    from kiln.app import make_services
+    from kiln.api.app import create_app
     from kiln.config import load_config
+    from kiln.wiring import make_services
 
     config = load_config("/dev/null", env={"KILN_DATABASE__URL": kiln.db_url,
                                            "KILN_METRICS__PUBLIC": "false"})

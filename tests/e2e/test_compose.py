@@ -38,7 +38,7 @@ import pytest
 import requests
 import yaml
 
-from kiln.sandbox.base import SANDBOX_LABEL
+from kiln.worker.sandbox.base import SANDBOX_LABEL
 from tests.dockerutil import REPO, REQUIRE_ENV, docker_required, require_docker
 from tests.fixtures import goproxy as gp
 from tests.service import free_port
@@ -188,7 +188,7 @@ class Stack:
 
         After PostgreSQL restarts (or the stack comes up), each API process finds its pooled
         connections broken on first use, and one that found the database unreachable
-        answers 503 at once for a moment (kiln/db.py): /healthz answering in one process
+        answers 503 at once for a moment (kiln/db/pool.py): /healthz answering in one process
         does not mean every process has reconnected.
         """
         deadline = time.monotonic() + UP_SECONDS

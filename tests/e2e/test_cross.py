@@ -19,9 +19,9 @@ from platform import machine
 
 import pytest
 
-from kiln.builder import BuildFailure
-from kiln.sandbox import Sandbox
-from kiln.spec import PLATFORMS, BuildSpec, ResolvedPlugin
+from kiln.request.spec import PLATFORMS, BuildSpec, ResolvedPlugin
+from kiln.worker.builder import BuildFailure
+from kiln.worker.sandbox import Sandbox
 from tests import binfmt
 from tests.dockerutil import docker_available, docker_required, ensure_sandbox_image
 from tests.fixtures import goproxy as gp
@@ -64,7 +64,7 @@ def sandbox(go_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
     if not docker_available() and not docker_required():
         yield process_sandbox(go_cache_dir), proxy
         return
-    from kiln.sandbox.docker import docker_client
+    from kiln.worker.sandbox.docker import docker_client
 
     image = ensure_sandbox_image()
     client = docker_client(required=True)

@@ -25,14 +25,14 @@ import pytest
 import requests
 
 from kiln.config import BuildConfig, DockerSandboxConfig
-from kiln.sandbox import SANDBOX_LABEL, SandboxError, make_sandbox
-from kiln.sandbox.process import ProcessSandbox
+from kiln.worker.sandbox import SANDBOX_LABEL, SandboxError, make_sandbox
+from kiln.worker.sandbox.process import ProcessSandbox
 from tests.dockerutil import ensure_sandbox_image
 from tests.fixtures import goproxy as gp
 from tests.service import KilnProcesses
 from tests.service import template_database as database
 
-#: labels the worker puts on its containers (kiln/sandbox/docker.py's WORKER_LABEL)
+#: labels the worker puts on its containers (kiln/worker/sandbox/docker.py's WORKER_LABEL)
 WORKER_LABEL = "dev.kiln.worker"
 RUN = uuid.uuid4().hex[:8]
 WORKER_ID = f"kiln-test-docker-{RUN}"
@@ -139,7 +139,7 @@ def containers_of(client: Any, worker_id: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def client(image: str) -> Iterator[Any]:
-    from kiln.sandbox.docker import docker_client
+    from kiln.worker.sandbox.docker import docker_client
 
     engine = docker_client(required=True)
     assert engine is not None
@@ -268,7 +268,7 @@ def test_a_worker_that_cannot_hand_its_directories_to_the_step_user_is_refused(
         tmp_path: Path) -> None:
     if os.geteuid() == 1000:
         pytest.skip("this worker runs as the step user: nothing to hand over")
-    from kiln.sandbox.docker import DockerSandbox
+    from kiln.worker.sandbox.docker import DockerSandbox
 
     root = os.geteuid() == 0
     if root:  # a root test runner plays a worker running as nobody, for a moment

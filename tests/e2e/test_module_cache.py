@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln.builder import Builder
-from kiln.spec import BuildSpec, ResolvedPlugin
+from kiln.request.spec import BuildSpec, ResolvedPlugin
+from kiln.worker.builder import Builder
 from tests.fixtures import goproxy as gp
 from tests.sandboxes import COMPILE_TIMEOUT_SECONDS, FETCH_TIMEOUT_SECONDS, process_sandbox
 

@@ -21,10 +21,10 @@ import pytest
 import requests
 from falcon import inspect
 
-from kiln.api import create_app
+from kiln.api.app import create_app
 from kiln.api.openapi import openapi_spec
-from kiln.app import make_services
 from kiln.config import load_config
+from kiln.wiring import make_services
 from tests.fixtures import goproxy as gp
 from tests.service import REPO, KilnProcesses, template_database
 

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from kiln.preemption import AwsSpotDetector, AzureDetector, GceDetector, Notice
+from kiln.worker.preemption import AwsSpotDetector, AzureDetector, GceDetector, Notice
 from tests.fixtures import goproxy as gp
 from tests.processes import sandbox_processes
 from tests.service import KilnProcesses, template_database

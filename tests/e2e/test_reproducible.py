@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from kiln.sandbox import Sandbox
-from kiln.spec import BuildSpec, ResolvedPlugin
+from kiln.request.spec import BuildSpec, ResolvedPlugin
+from kiln.worker.sandbox import Sandbox
 from tests import binfmt
 from tests.dockerutil import ensure_sandbox_image
 from tests.fixtures import goproxy as gp
@@ -40,7 +40,7 @@ def spec_for(sandbox: Sandbox) -> BuildSpec:
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[Any]:
-    from kiln.sandbox.docker import docker_client
+    from kiln.worker.sandbox.docker import docker_client
 
     ensure_sandbox_image()
     engine = docker_client(required=True)

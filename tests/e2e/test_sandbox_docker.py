@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 from docker.errors import NotFound
 
-from kiln.sandbox.base import COMPILE, FETCH, SANDBOX_LABEL, SandboxError, Step, StepResult
-from kiln.sandbox.docker import (
+from kiln.worker.sandbox.base import COMPILE, FETCH, SANDBOX_LABEL, SandboxError, Step, StepResult
+from kiln.worker.sandbox.docker import (
     DEADLINE_LABEL,
     HOST_LABEL,
     PID_LABEL,

@@ -23,10 +23,10 @@ import requests
 from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 
-from kiln.attest import Attestor
-from kiln.sandbox.base import COMPILE, Step
-from kiln.sandbox.process import ProcessSandbox, find_go
-from kiln.spec import BuildSpec
+from kiln.request.spec import BuildSpec
+from kiln.worker.attest import Attestor
+from kiln.worker.sandbox.base import COMPILE, Step
+from kiln.worker.sandbox.process import ProcessSandbox, find_go
 from tests.fixtures import goproxy as gp
 from tests.service import REPO, KilnProcesses, template_database
 
@@ -304,7 +304,7 @@ def test_a_process_sandbox_step_sees_no_key_in_its_environment(
 def test_a_docker_sandbox_step_can_read_neither_key_file_nor_key(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, keys: dict[str, Path],
         built: dict[str, Any]) -> None:
-    from kiln.sandbox.docker import DockerSandbox, docker_client
+    from kiln.worker.sandbox.docker import DockerSandbox, docker_client
     from tests.dockerutil import ensure_sandbox_image
 
     image = ensure_sandbox_image()

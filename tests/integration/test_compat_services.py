@@ -17,13 +17,13 @@ import pytest
 from falcon import testing
 from psycopg_pool import ConnectionPool
 
-from kiln.catalog import Catalog, CatalogMirror, CatalogStore
+from kiln.api.waiter import BuildWaiter
 from kiln.config import load_config
-from kiln.db import connect
-from kiln.notifier import Notifier
-from kiln.queue import EVENTS_CHANNEL, QueueManager
-from kiln.versions import MemoryResolutionCache, ModuleProxy, Resolver
-from kiln.waiter import BuildWaiter
+from kiln.db.builds import EVENTS_CHANNEL, QueueManager
+from kiln.db.notify import Notifier
+from kiln.db.pool import connect
+from kiln.request.catalog import Catalog, CatalogMirror, CatalogStore
+from kiln.resolve.resolver import MemoryResolutionCache, ModuleProxy, Resolver
 from tests.fixtures import goproxy as gp
 
 KEY = hashlib.sha256(b"compat").hexdigest()
@@ -171,8 +171,8 @@ def test_the_mirror_copies_upstream_and_adds_kiln_downloads(queue: QueueManager)
 
 def test_the_api_answers_503_in_the_error_shape_when_the_database_is_down(
         tmp_path: Path) -> None:
-    from kiln.api import create_app
-    from kiln.app import make_services
+    from kiln.api.app import create_app
+    from kiln.wiring import make_services
 
     config = load_config(env={"CONFIG_PATH": "/dev/null",
                               "KILN_DATABASE__URL": "postgresql://kiln@127.0.0.1:1/kiln",

@@ -1,12 +1,12 @@
-"""Kiln's connection pools (kiln.db.make_pool) on a real PostgreSQL."""
+"""Kiln's connection pools (kiln.db.pool.make_pool) on a real PostgreSQL."""
 
 from __future__ import annotations
 
 import psycopg
 import pytest
 
-from kiln import db
 from kiln.config import DatabaseConfig
+from kiln.db import pool as db
 
 
 def _backend_pid(pool: object) -> int:

@@ -22,11 +22,11 @@ import pytest
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from kiln.gc import Pruner, StorageCollector
-from kiln.janitor import Janitor, Job, Maintenance
-from kiln.queue import QUEUE_CHANNEL, QueueManager
-from kiln.queue import queries as queue_queries
-from kiln.storage import LocalStore, file_sha256
+from kiln.artifacts.store import LocalStore, file_sha256
+from kiln.db.builds import QUEUE_CHANNEL, QueueManager
+from kiln.db.builds import queries as queue_queries
+from kiln.janitor.gc import Pruner, StorageCollector
+from kiln.janitor.scheduler import Janitor, Job, Maintenance
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = {"os": "linux", "arch": "amd64"}
@@ -170,7 +170,7 @@ def test_retries_wait_out_their_backoff_and_end_with_the_last_error(
 
 
 def test_backoff_doubles_with_jitter() -> None:
-    from kiln.worker import backoff
+    from kiln.worker.loop import backoff
 
     assert [backoff(n, 10.0, rand=lambda: 0.5) for n in (1, 2, 3, 4)] == [10, 20, 40, 80]
     assert backoff(3, 10.0, rand=lambda: 0.0) == 20.0  # -50%

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from kiln.queue import QueueManager
+from kiln.db.builds import QueueManager
 
 
 def key_of(n: int) -> str:

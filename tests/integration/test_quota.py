@@ -13,9 +13,9 @@ import pytest
 import requests
 from psycopg_pool import ConnectionPool
 
-from kiln.auth import KeyManager, Principal
-from kiln.queue import QUEUE_CHANNEL, QueueManager
-from kiln.quota import QuotaExceeded, QuotaManager
+from kiln.api.quota import QuotaExceeded, QuotaManager
+from kiln.db.api_keys import KeyManager, Principal
+from kiln.db.builds import QUEUE_CHANNEL, QueueManager
 from tests.service import KilnProcesses
 
 SPEC = {"os": "linux", "arch": "amd64"}

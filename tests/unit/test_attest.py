@@ -22,20 +22,7 @@ from cyclonedx.validation.json import JsonStrictValidator
 
 from kiln.api.errors import ApiError
 from kiln.api.groups import platform_requests
-from kiln.attest import (
-    SLSA_PROVENANCE_V1,
-    STATEMENT_TYPE,
-    checksum_line,
-    cyclonedx_sbom,
-    go_sum_dependencies,
-    h1_hex,
-    parse_go_version_m,
-    provenance_statement,
-)
-from kiln.builder import BuildOutput
-from kiln.groups import group_id, group_state
-from kiln.sandbox.process import find_go
-from kiln.signing import (
+from kiln.artifacts.signing import (
     EnvelopeError,
     PublicKey,
     Signer,
@@ -45,8 +32,21 @@ from kiln.signing import (
     open_envelope,
     signer_from_settings,
 )
-from kiln.spec import BuildSpec, ResolvedPlugin
-from kiln.webhooks import CallbackRefused, check_callback_url, sign_body, verify_body
+from kiln.db.groups import group_id, group_state
+from kiln.janitor.webhooks import CallbackRefused, check_callback_url, sign_body, verify_body
+from kiln.request.spec import BuildSpec, ResolvedPlugin
+from kiln.worker.attest import (
+    SLSA_PROVENANCE_V1,
+    STATEMENT_TYPE,
+    checksum_line,
+    cyclonedx_sbom,
+    go_sum_dependencies,
+    h1_hex,
+    parse_go_version_m,
+    provenance_statement,
+)
+from kiln.worker.builder import BuildOutput
+from kiln.worker.sandbox.process import find_go
 
 H1 = "h1:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
 H1_HEX = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
@@ -129,7 +129,7 @@ def test_dsse_envelope_verifies_and_any_change_fails() -> None:
     signer = Signer(load_private_key(openssl("genpkey", "-algorithm", "ed25519")))
     other = Signer(load_private_key(openssl("genpkey", "-algorithm", "ed25519")))
     envelope = signer.envelope(b'{"a":1}')
-    # the signature covers DSSE's PAE, written out here independently of kiln.signing
+    # the signature covers DSSE's PAE, written out here independently of kiln.artifacts.signing
     pae = b"DSSEv1 28 application/vnd.in-toto+json 7 {\"a\":1}"
     assert signer.public.verify(base64.b64decode(envelope["signatures"][0]["sig"]), pae)
     assert open_envelope(envelope, signer.public) == ("application/vnd.in-toto+json", b'{"a":1}')

@@ -7,10 +7,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from kiln.builder import Builder
-from kiln.sandbox import Step, StepResult
-from kiln.sandbox.base import EachStep
-from kiln.spec import BuildSpec, ResolvedPlugin
+from kiln.request.spec import BuildSpec, ResolvedPlugin
+from kiln.worker.builder import Builder
+from kiln.worker.sandbox import Step, StepResult
+from kiln.worker.sandbox.base import EachStep
 
 CADDY = "github.com/caddyserver/caddy/v2"
 

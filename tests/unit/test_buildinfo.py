@@ -1,4 +1,4 @@
-"""Reading Go build information from binaries in pure Python (kiln/buildinfo.py).
+"""Reading Go build information from binaries in pure Python (kiln/gomod/buildinfo.py).
 
 Real binaries only: the go command itself, and (marked slow) a tiny program
 (testdata/buildinfo: a module dependency from the synthetic proxy, one replaced by a local
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.buildinfo import (
+from kiln.gomod.buildinfo import (
     MAGIC,
     NotGoBinary,
     decode_build_info,
@@ -22,7 +22,7 @@ from kiln.buildinfo import (
     parse_go_version_m,
     read_build_info,
 )
-from kiln.sandbox.process import find_go
+from kiln.worker.sandbox.process import find_go
 from tests.fixtures import goproxy as gp
 
 TESTDATA = Path(__file__).parent / "testdata" / "buildinfo"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from kiln.caddyproxy import (
+from kiln.client.caddyproxy import (
     LEAF_DAYS,
     RENEW_DAYS,
     TARGET_HOST,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.catalog import (
+from kiln.request.catalog import (
     Catalog,
     CatalogError,
     CatalogIndex,
@@ -17,7 +17,7 @@ from kiln.catalog import (
     parse_packages,
     read_catalog_file,
 )
-from kiln.spec import BuildRequest
+from kiln.request.spec import BuildRequest
 
 DNS = "github.com/acme/dns/v2"
 DNS_PROVIDER = f"{DNS}/providers/example"

@@ -36,7 +36,7 @@ import yaml
 from pydantic import BaseModel
 
 from kiln.config import ENV_PREFIX, Config, load_config
-from kiln.sandbox.process import find_go
+from kiln.worker.sandbox.process import find_go
 from tests.dockerutil import docker_required
 from tests.realcaddy import go_env
 

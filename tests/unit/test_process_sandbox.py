@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln.sandbox import Step
-from kiln.sandbox.process import ProcessSandbox, find_go
+from kiln.worker.sandbox import Step
+from kiln.worker.sandbox.process import ProcessSandbox, find_go
 
 
 @pytest.fixture(scope="module")

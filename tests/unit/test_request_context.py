@@ -8,9 +8,9 @@ import logging
 
 import pytest
 
+from kiln.api.quota import address_group, client_address, parse_networks
 from kiln.config import ConfigError, LoggingConfig, load_config
 from kiln.logconfig import log_context, setup_logging
-from kiln.quota import address_group, client_address, parse_networks
 
 TRUSTED = parse_networks(["10.0.0.0/8", "fd00::/8"])
 

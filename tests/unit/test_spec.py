@@ -1,4 +1,4 @@
-"""Validation tables, semver semantics and build-key stability for kiln.spec."""
+"""Validation tables, semver semantics and build-key stability for kiln.request.spec."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from kiln.spec import (
+from kiln.request.spec import (
     CADDY_MODULE,
     DEFAULT_TAGS,
     PLATFORMS,

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln.buildinfo import BuildInfo
-from kiln.client import ClientError
-from kiln.upgrade import (
+from kiln.client.builds import ClientError
+from kiln.client.upgrade import (
     Installed,
     Listed,
     Plugin,
@@ -28,6 +27,7 @@ from kiln.upgrade import (
     planned_outcome,
     replace_binary,
 )
+from kiln.gomod.buildinfo import BuildInfo
 from tests.fixtures import goproxy as gp
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from kiln.spec import CADDY_MODULE, BuildRequest, PluginRequest, ResolvedPlugin, SpecError
-from kiln.versions import (
+from kiln.request.spec import CADDY_MODULE, BuildRequest, PluginRequest, ResolvedPlugin, SpecError
+from kiln.resolve.resolver import (
     MemoryResolutionCache,
     ModuleNotFound,
     ModuleProxy,

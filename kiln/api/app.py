@@ -1,0 +1,132 @@
+"""The Falcon WSGI application: ``create_app`` takes its collaborators, reads nothing."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import falcon
+
+from kiln.api import admin, events, ui
+from kiln.api.auth import AuthMiddleware
+from kiln.api.builds import ArtifactResource, BuildsResource, HealthResource
+from kiln.api.compat import add_routes as add_compat_routes
+from kiln.api.errors import REQUEST_ID_HEADER, handle_unexpected, request_id, serialize_error
+from kiln.api.quota import parse_networks
+from kiln.api.service import BuildService
+from kiln.api.waiter import BuildWaiter
+from kiln.artifacts.store import ArtifactStore
+from kiln.config import Config
+from kiln.db.api_keys import KeyManager
+from kiln.db.builds import QueueManager
+from kiln.db.notify import Notifier
+from kiln.logconfig import bind_context, unbind_context
+from kiln.metrics import MetricsMiddleware, MetricsRecorder
+from kiln.readiness import Dependency, schema_check
+from kiln.request.catalog import Catalog
+from kiln.worker.buildlog import BuildLogs
+
+log = logging.getLogger("kiln.api")
+
+
+@dataclass
+class Services:
+    """What the API's resources are built from."""
+
+    config: Config
+    queue: QueueManager
+    service: BuildService
+    store: ArtifactStore
+    #: the plugin catalog (/api/packages); None: no catalog configured
+    catalog: Catalog | None = None
+    #: the process's one LISTEN connection, fanned out to held requests and live watchers
+    notifier: Notifier | None = None
+    #: build logs (plain text and live events)
+    logs: BuildLogs | None = None
+    #: API keys; None: made from the queue's pool
+    keys: KeyManager | None = None
+    #: this process's metrics recorder; None: made from the queue's pool (not flushed on a timer)
+    metrics: MetricsRecorder | None = None
+
+
+class RequestIdMiddleware:
+    """Give every request an id, echo it, and log one line per request."""
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.started = time.perf_counter()
+        resp.set_header(REQUEST_ID_HEADER, request_id(req))
+        # every line logged while serving this request carries its id
+        req.context.log_token = bind_context(request_id=request_id(req))
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
+                         req_succeeded: bool) -> None:
+        token = req.context.get("log_token")
+        if token is not None:
+            unbind_context(token)
+            req.context.log_token = None
+        started = req.context.get("started")
+        if started is None:
+            return
+        log.debug("%s %s %s", req.method, req.relative_uri, resp.status,
+                  extra={"request_id": request_id(req),
+                         "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+
+
+def readiness(services: Services) -> list[Dependency]:
+    """What /healthz checks beside the database: Kiln's schema in it, and the store."""
+    pool = services.queue.pool
+    return [Dependency("schema", schema_check(lambda: pool.connection(timeout=2),
+                                              "the database")),
+            Dependency("store", services.store.check)]
+
+
+def create_app(services: Services) -> falcon.App:
+    """Return the WSGI app serving Kiln's HTTP API."""
+    config = services.config
+    keys = services.keys or KeyManager(services.queue.pool)
+    metrics = services.metrics or MetricsRecorder(services.queue.pool)
+    middleware: list[Any] = [
+        RequestIdMiddleware(),
+        MetricsMiddleware(metrics),
+        AuthMiddleware(keys=keys, mode=config.auth.mode,
+                       trusted_proxies=parse_networks(config.api.trusted_proxies)),
+    ]
+    app = falcon.App(middleware=middleware, cors_enable=False)
+    app.req_options.strip_url_path_trailing_slash = True
+    app.req_options.auto_parse_qs_csv = False
+    app.resp_options.secure_cookies_by_default = False
+    app.set_error_serializer(serialize_error)
+    app.add_error_handler(Exception, handle_unexpected)
+    app.add_route("/healthz", HealthResource(queue=services.queue, checks=readiness(services)))
+    # callbacks and several platforms per request; signing and attestation routes
+    from kiln.api import attest
+
+    extras = attest.build_extras(services)
+    attest.add_routes(app, services, groups=extras["groups"])
+    app.add_route("/api/builds", BuildsResource(
+        service=services.service, queue=services.queue,
+        max_body_bytes=config.api.max_body_bytes, max_plugins=config.build.max_plugins,
+        **extras))
+    app.add_route("/api/builds/{key}", admin.CancellableBuildResource(queue=services.queue))
+    app.add_route("/api/builds/{key}/artifact", ArtifactResource(
+        queue=services.queue, store=services.store,
+        redirect=config.storage.serve == "redirect"))
+    if services.logs is not None:
+        events.add_routes(app, queue=services.queue, logs=services.logs,
+                          notifier=services.notifier,
+                          keepalive=config.build_logs.keepalive_seconds)
+    ui.add_routes(app, service=services.service)
+    add_compat_routes(
+        app, service=services.service, queue=services.queue, store=services.store,
+        waiter=BuildWaiter(queue=services.queue, notifier=services.notifier,
+                           worker_live_seconds=config.janitor.worker_gone_seconds,
+                           worker_wait=config.api.worker_wait),
+        catalog=services.catalog, max_wait=config.api.max_wait,
+        max_plugins=config.build.max_plugins, redirect=config.storage.serve == "redirect",
+        public_url=config.api.public_url, wait_redirects=config.api.wait_redirects)
+    admin.install(app, queue=services.queue, store=services.store, metrics=metrics,
+                  auth_mode=config.auth.mode, metrics_public=config.metrics.public,
+                  worker_live_seconds=config.janitor.worker_gone_seconds)
+    return app

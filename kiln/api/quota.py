@@ -1,0 +1,201 @@
+"""Quotas: how many new builds a key or a client address may start per window.
+
+Counters live in PostgreSQL (kiln_quota_usage), one row per subject and fixed window, so
+the limits hold across any number of API processes. A new build is counted in the same
+transaction that queues it, after the insert and before the commit: a request over the
+limit rolls the insert back, so the build is never queued and no worker hears of it. A
+request served from the store, or joining a build already queued, queues nothing and is not
+counted (only the optional limit on all requests, ``quota.requests``, counts it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from kiln.db.api_keys import Principal
+from kiln.db.builds import queries
+
+if TYPE_CHECKING:
+    from kiln.config import QuotaConfig
+
+SQL_FILE = "quota.sql"
+#: IPv6 clients are counted per /64: one host usually holds a whole /64
+IPV6_PREFIX = 64
+#: expired counters deleted whenever a subject opens a new window (keeps the table small
+#: without a scheduled job: each new row pays for removing old ones)
+PRUNE_BATCH = 100
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class QuotaExceeded(Exception):
+    """A subject used up its window; ``retry_after`` is seconds until the next one."""
+
+    def __init__(self, message: str, *, retry_after: int, limit: str = "builds") -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        #: which limit: "builds" (new builds) or "requests" (all build requests)
+        self.limit = limit
+
+
+def parse_networks(cidrs: Iterable[str]) -> list[Network]:
+    """Return the networks of ``api.trusted_proxies``."""
+    return [ipaddress.ip_network(c, strict=False) for c in cidrs]
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    text = text.strip()
+    if text.startswith("[") and "]" in text:  # [v6]:port
+        text = text[1:text.index("]")]
+    elif text.count(":") == 1:  # v4:port
+        text = text.split(":", 1)[0]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def client_address(peer: str, forwarded_for: str | None, trusted: Sequence[Network]) -> str:
+    """Return the client's address.
+
+    That is the TCP peer, unless the peer is a trusted proxy: then X-Forwarded-For is read
+    from the right (each proxy appends the address it saw) and the first hop that is not a
+    trusted proxy is the client. A hop that is not an address stops the walk, since what lies
+    before it cannot be believed.
+    """
+    address = _ip(peer)
+    if address is None:
+        return peer
+    if not forwarded_for or not any(address in net for net in trusted):
+        return str(address)
+    for hop in reversed(forwarded_for.split(",")):
+        ip = _ip(hop)
+        if ip is None:
+            break
+        address = ip
+        if not any(ip in net for net in trusted):
+            break
+    return str(address)
+
+
+def address_group(address: str) -> str:
+    """Return what a client address is counted as: itself, or its /64 for IPv6."""
+    ip = _ip(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
+    return str(ip) if ip is not None else address
+
+
+class QuotaManager:
+    """Enforce the per-window limits of ``quota`` (table kiln_quota_usage)."""
+
+    def __init__(self, pool: ConnectionPool, *, window_seconds: int = 3600,
+                 anonymous_builds: int = 0, key_builds: int = 0, requests: int = 0) -> None:
+        self.pool = pool
+        self.window_seconds = window_seconds
+        self.anonymous_builds = anonymous_builds
+        self.key_builds = key_builds
+        self.requests = requests
+
+    @classmethod
+    def from_config(cls, pool: ConnectionPool, config: QuotaConfig) -> QuotaManager:
+        """Return a manager with the configured limits."""
+        return cls(pool, window_seconds=config.window_seconds,
+                   anonymous_builds=config.anonymous_builds, key_builds=config.key_builds,
+                   requests=config.requests)
+
+    # limits -------------------------------------------------------------------------
+
+    def build_limit(self, principal: Principal) -> int:
+        """Return the new builds ``principal`` may start per window (0: no limit)."""
+        if principal.key is None:
+            return self.anonymous_builds
+        if principal.is_admin:
+            return 0
+        if principal.key.builds_per_window is not None:
+            return principal.key.builds_per_window
+        return self.key_builds
+
+    @staticmethod
+    def subject(principal: Principal) -> str:
+        """Return the counter name of a principal's new builds."""
+        if principal.key is not None:
+            return f"key:{principal.key.id}"
+        return f"addr:{address_group(principal.address)}"
+
+    # enforcement --------------------------------------------------------------------
+
+    def admitter(self, principal: Principal) -> Callable[[psycopg.Cursor[Any]], None] | None:
+        """Return the check QueueManager.enqueue runs before queueing a new build, or None."""
+        limit = self.build_limit(principal)
+        if limit <= 0:
+            return None
+        subject = self.subject(principal)
+
+        def admit(cur: psycopg.Cursor[Any]) -> None:
+            if not self._consume(cur, subject, limit):
+                left = self._window_left(cur)
+                raise QuotaExceeded(
+                    f"{principal.describe()} has started the {limit} new build(s) allowed per "
+                    f"{self.window_seconds} s; try again in {left} s. Builds that already "
+                    "exist are still served." + ("" if principal.key else
+                                                 " An API key may have a higher limit."),
+                    retry_after=left)
+
+        return admit
+
+    def check_request(self, principal: Principal) -> None:
+        """Count one build request of any kind; raise QuotaExceeded over ``quota.requests``."""
+        if self.requests <= 0 or principal.is_admin:
+            return
+        subject = "req:" + self.subject(principal)
+        with self.pool.connection() as conn, conn.transaction(), \
+                conn.cursor(row_factory=dict_row) as cur:
+            if self._consume(cur, subject, self.requests):
+                return
+            left = self._window_left(cur)
+        raise QuotaExceeded(
+            f"{principal.describe()} has made the {self.requests} build requests allowed per "
+            f"{self.window_seconds} s; try again in {left} s.", retry_after=left,
+            limit="requests")
+
+    def usage(self, principal: Principal) -> int:
+        """Return how many new builds ``principal`` started in the current window."""
+        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(queries(SQL_FILE)["usage"], {"subject": self.subject(principal),
+                                                     "window": self.window_seconds})
+            row = cur.fetchone()
+        return int(row["used"]) if row else 0
+
+    def prune(self, cur: psycopg.Cursor[Any], *, limit: int = PRUNE_BATCH) -> None:
+        """Delete up to ``limit`` counters of ended windows."""
+        cur.execute(queries(SQL_FILE)["prune"], {"window": self.window_seconds, "limit": limit})
+
+    def _consume(self, cur: psycopg.Cursor[Any], subject: str, limit: int) -> bool:
+        cur.execute(queries(SQL_FILE)["consume"], {"subject": subject, "limit": limit,
+                                                   "window": self.window_seconds})
+        row = cur.fetchone()
+        if row is None:
+            return False
+        used = row["used"] if isinstance(row, dict) else row[0]
+        if used == 1:
+            self.prune(cur)
+        return True
+
+    def _window_left(self, cur: psycopg.Cursor[Any]) -> int:
+        cur.execute(queries(SQL_FILE)["window_left"], {"window": self.window_seconds})
+        row = cur.fetchone()
+        assert row is not None
+        seconds = row["seconds"] if isinstance(row, dict) else row[0]
+        return max(1, math.ceil(float(seconds)))

@@ -1,0 +1,274 @@
+"""The queue manager: every query Kiln runs on builds, attempts and workers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+QUEUE_CHANNEL = "kiln_queue"
+EVENTS_CHANNEL = "kiln_events"
+#: payload: the key of a running build that was cancelled; its worker stops it
+CANCEL_CHANNEL = "kiln_cancel"
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+@cache
+def queries(filename: str = "queries.sql") -> dict[str, str]:
+    """Return the named queries of ``kiln/db/sql/<filename>``."""
+    text = resources.files("kiln.db").joinpath(f"sql/{filename}").read_text()
+    found: dict[str, str] = {}
+    for block in re.split(r"^-- name: ", text, flags=re.M)[1:]:
+        name, _, body = block.partition("\n")
+        found[name.strip()] = body.strip().rstrip(";")
+    return found
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A build a worker now holds."""
+
+    key: str
+    spec: dict[str, Any]
+    attempt: int
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    build: dict[str, Any]
+    #: true when this call put the build on the queue (a new key, or a requeue)
+    queued: bool
+
+
+class QueueManager:
+    """All access to kiln_builds, kiln_attempts, kiln_workers and kiln_resolutions."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    @contextmanager
+    def _conn(self) -> Iterator[psycopg.Connection]:
+        with self.pool.connection() as conn:
+            yield conn
+
+    def _one(self, name: str, params: dict[str, Any]) -> dict[str, Any] | None:
+        with self._conn() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(queries()[name], params)
+            return cur.fetchone()
+
+    def _all(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        with self._conn() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(queries()[name], params)
+            return cur.fetchall()
+
+    # builds -------------------------------------------------------------------------
+
+    def enqueue(self, key: str, spec: dict[str, Any], *, priority: int = 0,
+                max_attempts: int = 3, requested_by: str | None = None,
+                admit: Callable[[psycopg.Cursor[Any]], None] | None = None) -> EnqueueResult:
+        """Queue a build once per key; NOTIFY workers in the same transaction.
+
+        ``admit`` runs in that transaction when the call would queue the build; raising
+        from it undoes the insert (quotas are enforced this way).
+        """
+        existing = self.get(key)
+        if existing is not None and _enqueue_keeps(existing):
+            # a cached, queued or running build (the common case) is answered by one read:
+            # the insert would lock the row, wait for whoever holds it (a download being
+            # counted) and make its commit wait for a WAL flush (bench/: download lookup)
+            return EnqueueResult(build=existing, queued=False)
+        with self._conn() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(queries()["enqueue"], {
+                "key": key, "spec": Jsonb(spec), "priority": priority,
+                "max_attempts": max_attempts, "requested_by": requested_by,
+            })
+            queued = cur.fetchone() is not None
+            if queued and admit is not None:
+                admit(cur)
+            if queued:
+                cur.execute(queries()["notify_queued"], {"key": key})
+            cur.execute(queries()["get_build"], {"key": key})
+            build = cur.fetchone()
+        assert build is not None
+        return EnqueueResult(build=build, queued=queued)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """Return a build row, or None."""
+        return self._one("get_build", {"key": key})
+
+    def queue_position(self, key: str) -> int:
+        """Return how many queued builds will be claimed before this one."""
+        row = self._one("queue_position", {"key": key})
+        return int(row["count"]) if row else 0
+
+    def list_builds(self, *, limit: int = 50) -> list[dict[str, Any]]:
+        """Return the most recent builds."""
+        return self._all("list_builds", {"limit": limit})
+
+    def admin_list_builds(self, *, limit: int = 50, state: str | None = None,
+                          requested_by: str | None = None,
+                          before: dt.datetime | None = None) -> list[dict[str, Any]]:
+        """Return recent builds with who asked for them, newest first, optionally filtered."""
+        return self._all("admin_list_builds", {"limit": limit, "state": state,
+                                               "requested_by": requested_by,
+                                               "before": before})
+
+    def cancel(self, key: str, *, reason: str) -> dict[str, Any] | None:
+        """Cancel a queued or running build; NOTIFY its worker. None if neither."""
+        return self._one("cancel", {"key": key, "reason": reason})
+
+    def force_rebuild(self, key: str) -> bool:
+        """Queue a finished build again, whatever its outcome; False if it is not finished."""
+        return self._one("force_rebuild", {"key": key}) is not None
+
+    def forget_artifact(self, key: str) -> bool:
+        """Detach a succeeded build from its artifact (the next request rebuilds it)."""
+        return self._one("forget_artifact", {"key": key}) is not None
+
+    def attempts(self, key: str) -> list[dict[str, Any]]:
+        """Return every attempt of a build, oldest first."""
+        return self._all("attempts", {"key": key})
+
+    def record_download(self, key: str) -> None:
+        """Count a download and remember when it happened (for storage GC)."""
+        self._one_exec("record_download", {"key": key})
+
+    def _one_exec(self, name: str, params: dict[str, Any]) -> None:
+        with self._conn() as conn:
+            conn.execute(queries()[name], params)
+
+    # claiming and finishing ---------------------------------------------------------
+
+    def claim(self, worker_id: str, *, limit: int, lease_seconds: float) -> list[Claimed]:
+        """Claim up to ``limit`` queued builds for ``worker_id`` with a lease."""
+        rows = self._all("claim", {"worker_id": worker_id, "limit": limit,
+                                   "lease_seconds": lease_seconds})
+        return [Claimed(r["key"], r["spec"], r["number"], r["max_attempts"]) for r in rows]
+
+    def extend_leases(self, worker_id: str, keys: list[str], *,
+                      lease_seconds: float) -> set[str]:
+        """Extend the leases of ``keys``; return the keys this worker still holds."""
+        if not keys:
+            return set()
+        rows = self._all("extend_leases", {"worker_id": worker_id, "keys": keys,
+                                           "lease_seconds": lease_seconds})
+        return {r["key"] for r in rows}
+
+    def complete(self, key: str, worker_id: str, *, artifact_path: str, artifact_size: int,
+                 artifact_sha256: str) -> bool:
+        """Mark a build succeeded; False if this worker no longer held it."""
+        row = self._one("complete", {"key": key, "worker_id": worker_id,
+                                     "artifact_path": artifact_path,
+                                     "artifact_size": artifact_size,
+                                     "artifact_sha256": artifact_sha256})
+        return row is not None
+
+    def fail(self, key: str, worker_id: str, *, error: str, retryable: bool,
+             retry_after: float = 0.0) -> str | None:
+        """Record a failure; return the new state (queued when it will be retried)."""
+        row = self._one("fail", {"key": key, "worker_id": worker_id, "error": error,
+                                 "retryable": retryable, "retry_after": retry_after})
+        return row["state"] if row else None
+
+    def release(self, key: str, worker_id: str, *, outcome: str = "preempted",
+                spend: bool = False) -> bool:
+        """Hand a running build back to the queue at once."""
+        row = self._one("release", {"key": key, "worker_id": worker_id, "outcome": outcome,
+                                    "spend": spend})
+        return row is not None
+
+    def requeue_expired(self) -> list[dict[str, Any]]:
+        """Requeue (or fail, past max_attempts) running builds whose lease expired."""
+        return self._all("requeue_expired", {})
+
+    def next_run_after(self) -> float | None:
+        """Return seconds until the earliest delayed queued build may be claimed."""
+        row = self._one("next_run_after", {})
+        value = row["?column?"] if row else None
+        if value is None:
+            return None
+        assert isinstance(value, dt.timedelta)
+        return value.total_seconds()
+
+    # workers ------------------------------------------------------------------------
+
+    def register_worker(self, worker_id: str, *, hostname: str, pid: int, concurrency: int,
+                        sandbox: str, go_version: str) -> None:
+        """Record a worker as active."""
+        self._one_exec("register_worker", {"id": worker_id, "hostname": hostname, "pid": pid,
+                                           "concurrency": concurrency, "sandbox": sandbox,
+                                           "go_version": go_version})
+
+    def toolchain(self, *, live_seconds: float) -> tuple[str, str] | None:
+        """Return (sandbox identity, Go version) new builds are keyed with, or None."""
+        row = self._one("toolchain", {"seconds": live_seconds})
+        return (row["sandbox"], row["go_version"]) if row else None
+
+    def worker_heartbeat(self, worker_id: str) -> None:
+        """Note that a worker is alive."""
+        self._one_exec("worker_heartbeat", {"id": worker_id})
+
+    def set_worker_state(self, worker_id: str, state: str) -> None:
+        """Mark a worker active, draining or gone."""
+        self._one_exec("set_worker_state", {"id": worker_id, "state": state})
+
+    def mark_gone_workers(self, *, seconds: float) -> list[str]:
+        """Mark workers without a heartbeat for ``seconds`` as gone; return their ids."""
+        return [r["id"] for r in self._all("mark_gone_workers", {"seconds": seconds})]
+
+    def list_workers(self) -> list[dict[str, Any]]:
+        """Return every known worker with how many builds it runs."""
+        return self._all("list_workers", {})
+
+    def live_workers(self, *, seconds: float) -> int:
+        """Return how many active workers sent a heartbeat within ``seconds``."""
+        row = self._one("live_workers", {"seconds": seconds})
+        return int(row["count"]) if row else 0
+
+    # version resolutions ------------------------------------------------------------
+
+    def get_resolution(self, module: str, query: str) -> tuple[str, float] | None:
+        """Return a cached, unexpired resolution and when it was made (epoch seconds)."""
+        row = self._one("get_resolution", {"module": module, "query": query})
+        return (row["version"], row["stored_at"]) if row else None
+
+    def put_resolution(self, module: str, query: str, version: str, *, stored_at: float,
+                       ttl: float | None) -> None:
+        """Cache a resolution; ``ttl`` None keeps it for good."""
+        self._one_exec("put_resolution", {"module": module, "query": query,
+                                          "version": version, "stored_at": stored_at,
+                                          "ttl": ttl})
+
+    def expire_resolutions(self) -> None:
+        """Delete expired resolutions."""
+        self._one_exec("expire_resolutions", {})
+
+
+def _enqueue_keeps(build: dict[str, Any]) -> bool:
+    """Tell whether enqueueing this build again leaves it as it is (see the enqueue query)."""
+    state = build["state"]
+    if state == "succeeded":
+        return build["artifact_path"] is not None
+    if state == "failed":
+        return build["error_kind"] != "retryable"
+    return state in ("queued", "running")
+
+
+def parse_event(payload: str) -> tuple[str, str]:
+    """Return (key, state) from a kiln_events payload."""
+    data = json.loads(payload)
+    return data["key"], data["state"]

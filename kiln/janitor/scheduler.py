@@ -1,0 +1,374 @@
+"""The janitor: keeps the queue and storage healthy, on a schedule or once per invocation.
+
+Jobs (each with its own interval, see ``janitor`` in the config):
+
+- ``requeue_expired``: running builds whose lease ran out (worker killed or cut off) go back
+  to the queue at once, the attempt recorded as lost; past ``max_attempts`` they fail.
+- ``mark_gone_workers``: workers without a heartbeat are marked gone.
+- ``expire_resolutions``: "latest" resolutions past their TTL are deleted.
+- ``storage_gc``: artifacts past their retention, then over the size budget, are deleted
+  (kiln/janitor/gc.py); the build row stays, so the next request rebuilds it.
+- ``prune``: build log lines, attempt history and gone workers past their retention.
+- ``deliver_webhooks``: callbacks of finished builds are POSTed, retried with backoff
+  (kiln/janitor/webhooks.py).
+
+Retries of retryable failures are not a janitor job: the worker that saw the failure puts
+the build back in the same statement, with ``run_after`` set by exponential backoff with
+jitter (kiln/worker/loop.py ``backoff``), so a client never sees a "failed" that later turns
+into "queued". Migrations are applied at start.
+
+Any number of janitors may run at once. Each job runs under a PostgreSQL advisory lock
+(another janitor skips it meanwhile) and takes its turn from ``kiln_janitor_runs``, so that
+between them all, janitors run each job about once per interval; the queries themselves are
+safe to run concurrently as well (``FOR UPDATE SKIP LOCKED``, row locks).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import schedule
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from kiln.config import Config
+from kiln.db.builds import QueueManager
+from kiln.db.builds import queries as named_queries
+from kiln.db.pool import make_pool, migrate
+from kiln.janitor.webhooks import make_deliverer
+
+log = logging.getLogger(__name__)
+
+#: first argument of the two-key advisory locks that guard janitor jobs ("jnt" in ASCII)
+LOCK_CLASS = 0x6A6E74
+#: a job's turn is free again after this fraction of its interval, so that one janitor's
+#: schedule (which fires a little early or late) never skips a turn, while several janitors
+#: (or one-shot runs more frequent than the interval) run the job about once per interval
+TURN_GAP_FRACTION = 0.8
+#: delay between attempts to apply migrations at start while the database is unreachable
+MIGRATE_RETRY_SECONDS = 2.0
+#: longest a job's result is kept in kiln_janitor_runs
+RESULT_CHARS = 1000
+#: rows deleted per statement when pruning
+PRUNE_BATCH = 5000
+
+
+def queries() -> dict[str, str]:
+    """Return the named queries of ``kiln/db/sql/janitor.sql``."""
+    return named_queries("janitor.sql")
+
+
+def lock_id(job: str) -> int:
+    """Return the stable signed 32-bit advisory lock id of a job name."""
+    value = zlib.crc32(job.encode())
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+class Maintenance:
+    """All access the janitor's own jobs make to the database (kiln/db/sql/janitor.sql)."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    def _all(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(queries()[name], params)
+            return cur.fetchall() if cur.description else []
+
+    def _count(self, name: str, params: dict[str, Any]) -> int:
+        with self.pool.connection() as conn:
+            return conn.execute(queries()[name], params).rowcount
+
+    # job locks and turns ------------------------------------------------------------
+
+    @contextmanager
+    def job_lock(self, job: str) -> Iterator[bool]:
+        """Hold the job's advisory lock while the block runs; yield False if another has it."""
+        params = {"class": LOCK_CLASS, "id": lock_id(job)}
+        with self.pool.connection() as conn:
+            row = conn.execute(queries()["try_lock"], params).fetchone()
+            locked = bool(row and row[0])
+            try:
+                yield locked
+            finally:
+                if locked:
+                    try:
+                        conn.execute(queries()["unlock"], params)
+                    except psycopg.Error as exc:
+                        # closing ends the session, which releases the lock; the pool then
+                        # drops the connection instead of lending it out still locked
+                        log.warning("could not release the lock of %s: %s", job, exc)
+                        conn.close()
+
+    def take_turn(self, job: str, *, min_gap: float) -> bool:
+        """Record that ``job`` starts now, unless it started within ``min_gap`` seconds."""
+        return bool(self._all("take_turn", {"job": job, "min_gap": min_gap}))
+
+    def finish_turn(self, job: str, *, ok: bool, result: str) -> None:
+        """Record how a job's run ended."""
+        self._count("finish_turn", {"job": job, "ok": ok, "result": result[:RESULT_CHARS]})
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Return the last run of every job."""
+        return self._all("runs", {})
+
+    def db_now(self) -> Any:
+        """Return the database's clock (timestamps compared with rows come from it)."""
+        return self._all("db_now", {})[0]["now"]
+
+    # storage GC ---------------------------------------------------------------------
+
+    def expired_artifacts(self, *, seconds: float, limit: int) -> list[str]:
+        """Return builds whose artifact was not used within ``seconds``, oldest first."""
+        return [r["key"] for r in self._all("expired_artifacts",
+                                            {"seconds": seconds, "limit": limit})]
+
+    def artifacts_by_last_use(self) -> Iterator[str]:
+        """Yield the keys of builds holding an artifact, least recently used first."""
+        after_used: Any = "-infinity"
+        after_key = ""
+        while True:
+            page = self._all("artifacts_by_last_use", {"after_used": after_used,
+                                                       "after_key": after_key, "limit": 1000})
+            for row in page:
+                yield row["key"]
+            if len(page) < 1000:
+                return
+            after_used, after_key = page[-1]["last_used"], page[-1]["key"]
+
+    @contextmanager
+    def locked_artifact(self, key: str, *, older_than: float | None) -> Iterator[bool]:
+        """Lock a build that still holds a collectable artifact; detach it if the block ends.
+
+        Yields False (and changes nothing) when the build no longer qualifies. The row lock
+        is held until the block returns, so no request can queue a rebuild of the key while
+        its objects are being deleted.
+        """
+        with self.pool.connection() as conn, conn.transaction():
+            row = conn.execute(queries()["lock_artifact"],
+                               {"key": key, "older_than": older_than}).fetchone()
+            if row is None:
+                yield False
+                return
+            yield True
+            conn.execute(queries()["detach_artifact"], {"key": key})
+
+    @contextmanager
+    def locked_build(self, key: str) -> Iterator[tuple[dict[str, Any] | None, Callable[[], None]]]:
+        """Lock a build row (None if there is none); yield it and a function detaching it."""
+        with self.pool.connection() as conn, conn.transaction(), \
+                conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(queries()["lock_build"], {"key": key})
+            row = cur.fetchone()
+
+            def detach() -> None:
+                conn.execute(queries()["detach_artifact"], {"key": key})
+
+            yield row, detach
+
+    def published(self) -> dict[str, tuple[str, Any]]:
+        """Return {key: (artifact path, finished at)} of every build holding an artifact."""
+        return {r["key"]: (r["artifact_path"], r["finished_at"])
+                for r in self._all("published", {})}
+
+    # pruning ------------------------------------------------------------------------
+
+    def prune_attempts(self, *, seconds: float) -> int:
+        """Delete finished attempts older than ``seconds``; return how many."""
+        return self._batched("prune_attempts", seconds)
+
+    def prune_workers(self, *, seconds: float) -> int:
+        """Delete gone workers older than ``seconds`` (never the newest); return how many."""
+        return self._count("prune_workers", {"seconds": seconds})
+
+    def prune_logs(self, *, seconds: float) -> int:
+        """Delete build log lines older than ``seconds``, if Kiln keeps logs; return how many."""
+        present = self._all("table_exists", {"name": "kiln_build_logs"})
+        if not present or not present[0]["present"]:
+            return 0
+        return self._batched("prune_logs", seconds)
+
+    def _batched(self, name: str, seconds: float) -> int:
+        total = 0
+        while True:
+            deleted = self._count(name, {"seconds": seconds, "batch": PRUNE_BATCH})
+            total += deleted
+            if deleted < PRUNE_BATCH:
+                return total
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    interval: float
+    run: Callable[[], object]
+
+
+def describe(result: object) -> str:
+    """Return a short text for what a job did (logged and kept in kiln_janitor_runs)."""
+    if result is None:
+        return ""
+    if isinstance(result, list | tuple | set):
+        items = [str(r) for r in list(result)[:10]]
+        return f"{len(result)}: " + ", ".join(items) + (", ..." if len(result) > 10 else "")
+    return str(result)
+
+
+class Janitor:
+    """Run maintenance jobs; any number of janitors may run at once without acting twice."""
+
+    def __init__(self, *, queue: QueueManager, migrate: Callable[[], list[str]],
+                 jobs: list[Job], maintenance: Maintenance | None = None) -> None:
+        self.queue = queue
+        self.migrate = migrate
+        self.jobs = jobs
+        self.maintenance = maintenance or Maintenance(queue.pool)
+        self._stop = threading.Event()
+        self._threads: dict[str, threading.Thread] = {}
+        self._unreachable = False
+        self.scheduler = schedule.Scheduler()
+
+    @classmethod
+    def from_config(cls, config: Config, *, url: str) -> Janitor:
+        """Wire a janitor and its jobs from the config."""
+        from kiln.artifacts.store import make_store
+        from kiln.janitor.gc import Pruner, StorageCollector
+
+        # each running job holds one connection for its lock and uses at most one more
+        pool = make_pool(url, config.database, application="kiln-janitor",
+                         min_size=1, max_size=16)
+        queue = QueueManager(pool)
+        maintenance = Maintenance(pool)
+        jc = config.janitor
+        collector = StorageCollector(
+            maintenance=maintenance, store=make_store(config.storage),
+            retention=jc.artifact_retention, budget_bytes=jc.storage_budget_bytes,
+            grace_seconds=jc.gc_grace_seconds)
+        pruner = Pruner(maintenance=maintenance, log_retention=jc.log_retention,
+                        attempt_retention=jc.attempt_retention)
+        jobs = [
+            Job("requeue_expired", jc.requeue_interval, queue.requeue_expired),
+            Job("mark_gone_workers", jc.worker_interval,
+                lambda: queue.mark_gone_workers(seconds=jc.worker_gone_seconds)),
+            Job("expire_resolutions", jc.resolutions_interval, queue.expire_resolutions),
+            Job("storage_gc", jc.gc_interval, collector.collect),
+            Job("prune", jc.prune_interval, pruner.prune),
+            # callbacks of finished builds (kiln/janitor/webhooks.py)
+            Job("deliver_webhooks", config.webhooks.interval,
+                make_deliverer(config, pool=pool).run_once),
+        ]
+        if config.plugins.catalog_url:
+            from kiln.request.catalog import CatalogMirror, CatalogStore
+
+            # the mirror behind /api/packages and plugins.allow
+            mirror = CatalogMirror(store=CatalogStore(queue.pool), url=config.plugins.catalog_url)
+            jobs.append(Job("refresh_catalog", config.plugins.catalog_refresh, mirror.refresh))
+        return cls(queue=queue, migrate=lambda: migrate(url, config.database), jobs=jobs,
+                   maintenance=maintenance)
+
+    def job(self, name: str) -> Job:
+        """Return the job called ``name``; KeyError lists the known ones."""
+        for job in self.jobs:
+            if job.name == name:
+                return job
+        raise KeyError(f"no janitor job {name!r}; jobs: {', '.join(j.name for j in self.jobs)}")
+
+    def run_job(self, job: Job, *, force: bool = False) -> str:
+        """Run one job if it is due (or ``force``) and no other janitor runs it.
+
+        Returns "done", "failed", "busy" (another janitor holds it) or "not due".
+        """
+        try:
+            with self.maintenance.job_lock(job.name) as locked:
+                if self._unreachable:
+                    log.info("the database is reachable again")
+                    self._unreachable = False
+                if not locked:
+                    log.debug("janitor job %s: another janitor is running it", job.name)
+                    return "busy"
+                gap = 0.0 if force else job.interval * TURN_GAP_FRACTION
+                if not self.maintenance.take_turn(job.name, min_gap=gap):
+                    log.debug("janitor job %s: not due", job.name)
+                    return "not due"
+                started = time.monotonic()
+                try:
+                    result = job.run()
+                except Exception as exc:
+                    log.exception("janitor job %s failed", job.name)
+                    self.maintenance.finish_turn(job.name, ok=False,
+                                                 result=f"{type(exc).__name__}: {exc}")
+                    return "failed"
+                text = describe(result)
+                self.maintenance.finish_turn(job.name, ok=True, result=text)
+                # quiet when there was nothing to do; every action is worth a line
+                log.log(logging.INFO if result else logging.DEBUG, "janitor job %s (%.2fs): %s",
+                        job.name, time.monotonic() - started, text or "nothing to do")
+                return "done"
+        except psycopg.Error as exc:
+            # the database is unreachable: the next turn tries again (one warning an outage)
+            log.log(logging.DEBUG if self._unreachable else logging.WARNING,
+                    "janitor job %s skipped: %s", job.name, exc)
+            self._unreachable = True
+            return "failed"
+
+    def run_once(self, *, only: Sequence[str] = ()) -> dict[str, str]:
+        """Apply migrations, then run every due job (or the ``only`` ones, due or not)."""
+        applied = self.migrate()
+        if applied:
+            log.info("applied migrations: %s", ", ".join(applied))
+        chosen = [self.job(name) for name in only] if only else self.jobs
+        return {job.name: self.run_job(job, force=bool(only)) for job in chosen}
+
+    def stop(self) -> None:
+        """Stop run_forever (safe from a signal handler)."""
+        self._stop.set()
+
+    def _migrate_until_done(self) -> bool:
+        while not self._stop.is_set():
+            try:
+                applied = self.migrate()
+            except psycopg.OperationalError as exc:
+                log.warning("cannot apply migrations yet (%s); retrying", exc)
+                self._stop.wait(MIGRATE_RETRY_SECONDS)
+                continue
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+            return True
+        return False
+
+    def _spawn(self, job: Job) -> None:
+        # one thread per job, so a long storage GC never delays the lease-expiry sweep
+        running = self._threads.get(job.name)
+        if running is not None and running.is_alive():
+            return
+        thread = threading.Thread(target=self.run_job, args=(job,),
+                                  name=f"kiln-janitor-{job.name}", daemon=True)
+        self._threads[job.name] = thread
+        thread.start()
+
+    def run_forever(self) -> None:
+        """Apply migrations, then run each job on its interval until stopped."""
+        if not self._migrate_until_done():
+            return
+        log.info("janitor ready: %s", ", ".join(f"{j.name} every {j.interval:g}s"
+                                               for j in self.jobs))
+        for job in self.jobs:
+            self._spawn(job)
+            # schedule takes float intervals although its annotation says int
+            self.scheduler.every(job.interval).seconds.do(  # type: ignore[arg-type]
+                self._spawn, job)
+        while not self._stop.is_set():
+            self.scheduler.run_pending()
+            idle = self.scheduler.idle_seconds
+            self._stop.wait(min(max(idle or 1.0, 0.05), 1.0))
+        for thread in list(self._threads.values()):
+            thread.join(timeout=10)
+        log.info("janitor stopped")

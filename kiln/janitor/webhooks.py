@@ -1,0 +1,351 @@
+"""Webhooks: POST a signed JSON document to a build's ``callback_url`` when it finishes.
+
+A request's callback is stored as 'waiting' (sql/webhooks.sql, kiln_webhooks). The
+janitor's ``deliver_webhooks`` job turns the callbacks of finished builds into 'pending'
+deliveries with a snapshot of the outcome, then POSTs them, retrying with exponential
+backoff until one answers 2xx or ``webhooks.max_attempts`` is spent. The body is signed:
+``X-Kiln-Signature: sha256=<hex HMAC-SHA256 of the body with webhooks.secret>``.
+
+Callback hosts are resolved when the build is requested and again before each delivery;
+unless ``webhooks.allow_private`` is set, every address must be public, and the
+connection goes to the address that was checked (a DNS answer cannot change in between).
+Redirects are not followed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import http.client
+import ipaddress
+import json
+import logging
+import random
+import socket
+import ssl
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from kiln.config import Config
+from kiln.db.builds import queries as named_queries
+from kiln.request.spec import BuildSpec, SpecError
+from kiln.worker.attest import kiln_version
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Kiln-Signature"
+EVENT_HEADER = "X-Kiln-Event"
+DELIVERY_HEADER = "X-Kiln-Delivery"
+EVENT = "build.finished"
+MAX_URL_LENGTH = 2048
+#: deliveries one sweep sends, and how many at once
+BATCH = 32
+PARALLEL = 8
+#: bytes of a receiver's answer read (and kept in last_error when it is not 2xx)
+RESPONSE_BYTES = 4096
+
+Resolver = Callable[..., list[Any]]
+
+
+class CallbackRefused(ValueError):
+    """A callback URL Kiln will not call; the message says what to change."""
+
+
+def _is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def resolve_host(host: str, port: int, *, allow_private: bool,
+                 resolve: Resolver = socket.getaddrinfo) -> list[str]:
+    """Return the addresses of ``host``; refuse non-public ones unless ``allow_private``."""
+    try:
+        infos = resolve(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, ValueError) as exc:
+        raise CallbackRefused(f"callback_url host {host!r} does not resolve: {exc}") from None
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if not addresses:
+        raise CallbackRefused(f"callback_url host {host!r} has no address")
+    if not allow_private:
+        private = [a for a in addresses if not _is_public(a)]
+        if private:
+            raise CallbackRefused(
+                f"callback_url host {host!r} is a private, loopback or link-local address "
+                f"({private[0]}): use a public address (operators: webhooks.allow_private)")
+    return addresses
+
+
+def check_callback_url(url: object, *, allow_private: bool,
+                       resolve: Resolver = socket.getaddrinfo) -> str:
+    """Return ``url`` if Kiln may POST to it; raise CallbackRefused saying why not."""
+    if not isinstance(url, str) or not url:
+        raise CallbackRefused("callback_url must be a string like https://example.com/hook")
+    if len(url) > MAX_URL_LENGTH:
+        raise CallbackRefused(f"callback_url is over {MAX_URL_LENGTH} characters")
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise CallbackRefused("callback_url must not contain spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as exc:  # e.g. an unclosed [IPv6 literal
+        raise CallbackRefused(f"callback_url is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise CallbackRefused("callback_url must be an http:// or https:// URL")
+    if parts.username is not None or parts.password is not None:
+        raise CallbackRefused("leave credentials out of callback_url; check the "
+                              f"{SIGNATURE_HEADER} header instead")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise CallbackRefused("callback_url has an invalid port") from None
+    if not host:
+        raise CallbackRefused("callback_url has no host")
+    resolve_host(host, port, allow_private=allow_private, resolve=resolve)
+    return url
+
+
+def sign_body(secret: str, body: bytes) -> str:
+    """Return the X-Kiln-Signature value of a body: ``sha256=<hex HMAC-SHA256>``."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify_body(secret: str, body: bytes, header: str | None) -> bool:
+    """Tell whether an X-Kiln-Signature header is the body's signature (constant time)."""
+    return header is not None and hmac.compare_digest(sign_body(secret, body), header)
+
+
+def payload(snapshot: dict[str, Any], base_url: str) -> dict[str, Any]:
+    """Return the JSON document POSTed for a finished build."""
+    key = snapshot["key"]
+    base = f"{base_url.rstrip('/')}/api/builds/{key}"
+    filename = None
+    with contextlib.suppress(SpecError):
+        filename = BuildSpec.from_dict(snapshot.get("spec") or {}).filename
+    doc: dict[str, Any] = {
+        "event": EVENT,
+        "key": key,
+        "state": snapshot["state"],
+        "error": snapshot.get("error"),
+        "sha256": snapshot.get("sha256"),
+        "size": snapshot.get("size"),
+        "filename": filename if snapshot["state"] == "succeeded" else None,
+        "finished_at": snapshot.get("finished_at"),
+        "links": {"self": base},
+    }
+    if snapshot["state"] == "succeeded":
+        doc["links"].update({
+            "artifact": f"{base}/artifact",
+            "signature": f"{base}/artifact.sig",
+            "checksum": f"{base}/artifact.sha256",
+            "provenance": f"{base}/provenance",
+            "sbom": f"{base}/sbom",
+        })
+    return doc
+
+
+class WebhookManager:
+    """The kiln_webhooks table (queries in sql/webhooks.sql)."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    def _rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        conn: psycopg.Connection
+        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(named_queries("webhooks.sql")[name], params)
+            return cur.fetchall() if cur.description else []
+
+    def subscribe(self, build_key: str, url: str, *, base_url: str) -> None:
+        """Call ``url`` when the build next reaches a final state (once per build and URL)."""
+        self._rows("subscribe", {"build_key": build_key, "url": url, "base_url": base_url})
+
+    def fire(self) -> int:
+        """Turn the callbacks of finished builds into pending deliveries; return how many."""
+        return len(self._rows("fire", {}))
+
+    def claim(self, *, limit: int, lease_seconds: float) -> list[dict[str, Any]]:
+        """Take due deliveries (counting the attempt) so no other sweep sends them meanwhile."""
+        return self._rows("claim", {"limit": limit, "lease_seconds": lease_seconds})
+
+    def delivered(self, delivery_id: int, *, status: int) -> None:
+        """Record a 2xx answer."""
+        self._rows("delivered", {"id": delivery_id, "status": status})
+
+    def retry(self, delivery_id: int, *, status: int | None, error: str, delay: float,
+              final: bool) -> None:
+        """Record a failed attempt: try again after ``delay`` seconds, or give up."""
+        self._rows("retry", {"id": delivery_id, "status": status, "error": error[:2000],
+                             "delay": delay, "final": final})
+
+    def for_build(self, build_key: str) -> list[dict[str, Any]]:
+        """Return a build's callbacks and their delivery state."""
+        return self._rows("for_build", {"build_key": build_key})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int | None
+    error: str = ""
+    #: a refusal that another attempt cannot change (the host became private)
+    permanent: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float,
+         allow_private: bool, resolve: Resolver = socket.getaddrinfo) -> Outcome:
+    """POST ``body`` to ``url`` through an address checked just before; never follow redirects."""
+    parts = urlsplit(url)
+    https = parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
+    host = parts.hostname or ""
+    try:
+        addresses = resolve_host(host, port, allow_private=allow_private, resolve=resolve)
+    except CallbackRefused as exc:
+        return Outcome(None, str(exc), permanent="does not resolve" not in str(exc))
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    error = ""
+    for address in addresses:
+        conn: http.client.HTTPConnection
+        if https:
+            conn = http.client.HTTPSConnection(host, port, timeout=timeout,
+                                               context=ssl.create_default_context())
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+
+        # connect to the address that was checked; Host and TLS SNI keep the name
+        def pinned(_addr: object, timeout: float | None = timeout, source: Any = None,
+                   _ip: str = address) -> socket.socket:
+            return socket.create_connection((_ip, port), timeout, source)
+
+        conn._create_connection = pinned  # type: ignore[attr-defined]
+        try:
+            conn.request("POST", path, body=body, headers=headers)
+            resp = conn.getresponse()
+            answer = resp.read(RESPONSE_BYTES)
+            if 200 <= resp.status < 300:
+                return Outcome(resp.status)
+            text = answer.decode("utf-8", "replace").strip()
+            return Outcome(resp.status, f"HTTP {resp.status}: {text[:500]}")
+        except (OSError, http.client.HTTPException) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            conn.close()
+    return Outcome(None, error)
+
+
+class Deliverer:
+    """Send pending deliveries; one ``run_once`` is one sweep (the janitor's job)."""
+
+    def __init__(
+        self,
+        *,
+        manager: WebhookManager,
+        secret: str,
+        allow_private: bool,
+        timeout: float = 10.0,
+        max_attempts: int = 8,
+        retry_base_seconds: float = 10.0,
+        max_retry_seconds: float = 3600.0,
+        rand: Callable[[], float] = random.random,
+        resolve: Resolver = socket.getaddrinfo,
+    ) -> None:
+        self.manager = manager
+        self.secret = secret
+        self.allow_private = allow_private
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.retry_base_seconds = retry_base_seconds
+        self.max_retry_seconds = max_retry_seconds
+        self.rand = rand
+        self.resolve = resolve
+
+    def backoff(self, attempt: int) -> float:
+        """Return seconds before the next attempt: exponential with ±50% jitter, capped."""
+        delay = self.retry_base_seconds * (2 ** max(attempt - 1, 0)) * (0.5 + self.rand())
+        return min(delay, self.max_retry_seconds)
+
+    def body(self, row: dict[str, Any]) -> bytes:
+        """Return the bytes POSTed for one delivery (the same on every attempt)."""
+        doc = payload(row["payload"], row["base_url"])
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    def headers(self, row: dict[str, Any], body: bytes) -> dict[str, str]:
+        """Return the request headers of one delivery."""
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"Kiln-Webhook/{kiln_version()}",
+            EVENT_HEADER: EVENT,
+            DELIVERY_HEADER: str(row["id"]),
+        }
+        if self.secret:
+            headers[SIGNATURE_HEADER] = sign_body(self.secret, body)
+        return headers
+
+    def deliver(self, row: dict[str, Any]) -> Outcome:
+        """Send one delivery and record its outcome."""
+        body = self.body(row)
+        outcome = post(row["url"], body, self.headers(row, body), timeout=self.timeout,
+                       allow_private=self.allow_private, resolve=self.resolve)
+        if outcome.ok:
+            assert outcome.status is not None
+            self.manager.delivered(row["id"], status=outcome.status)
+            log.info("webhook %s for build %s delivered (%s)", row["id"], row["build_key"],
+                     outcome.status, extra={"build_key": row["build_key"]})
+            return outcome
+        final = outcome.permanent or row["attempts"] >= self.max_attempts
+        delay = 0.0 if final else self.backoff(row["attempts"])
+        self.manager.retry(row["id"], status=outcome.status, error=outcome.error, delay=delay,
+                           final=final)
+        log.warning("webhook %s for build %s: attempt %d failed (%s)%s", row["id"],
+                    row["build_key"], row["attempts"], outcome.error,
+                    "; giving up" if final else f"; retrying in {delay:.0f}s",
+                    extra={"build_key": row["build_key"]})
+        return outcome
+
+    def run_once(self) -> dict[str, int]:
+        """Queue deliveries for finished builds, then send the due ones (in parallel)."""
+        fired = self.manager.fire()
+        # a claim holds a delivery a little longer than one attempt can take
+        rows = self.manager.claim(limit=BATCH, lease_seconds=self.timeout * 2 + 30)
+        if not rows:
+            return {"fired": fired} if fired else {}
+        with ThreadPoolExecutor(min(PARALLEL, len(rows)),
+                                thread_name_prefix="kiln-webhook") as pool:
+            outcomes = list(pool.map(self._safe_deliver, rows))
+        sent = sum(1 for o in outcomes if o is not None and o.ok)
+        return {"fired": fired, "delivered": sent, "failed": len(rows) - sent}
+
+    def _safe_deliver(self, row: dict[str, Any]) -> Outcome | None:
+        try:
+            return self.deliver(row)
+        except Exception:  # one bad row must not stop the others; its lease lapses
+            log.exception("webhook %s could not be processed", row.get("id"))
+            return None
+
+
+def make_deliverer(config: Config, *, pool: ConnectionPool) -> Deliverer:
+    """Return the janitor's Deliverer wired from the config."""
+    settings = config.webhooks
+    if not settings.secret:
+        log.warning("webhooks.secret is empty: callbacks are sent without %s",
+                    SIGNATURE_HEADER)
+    return Deliverer(
+        manager=WebhookManager(pool), secret=settings.secret,
+        allow_private=settings.allow_private, timeout=settings.timeout,
+        max_attempts=settings.max_attempts, retry_base_seconds=settings.retry_base_seconds,
+        max_retry_seconds=settings.max_retry_seconds,
+    )
+

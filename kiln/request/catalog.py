@@ -1,0 +1,545 @@
+"""The plugin catalog: what /api/packages lists and what ``plugins.allow: registered`` admits.
+
+caddyserver.com keeps a registry of plugin *packages* (import paths), each with the Caddy
+modules it registers. Kiln reads a catalog of the same shape from a file the operator
+keeps (``plugins.catalog_file``), from a copy of an upstream /api/packages that the janitor
+mirrors into the database (``plugins.catalog_url``), or both; the file's entries win.
+
+Clients name plugins in more ways than the catalog lists them, so requests are mapped:
+
+- a module root whose registered packages live in subpackages (``caddy upgrade`` sends
+  module paths, e.g. ``example.com/dns/v2`` for ``example.com/dns/v2/providers/x``)
+  becomes those packages, at the version asked for; without this the upgraded binary
+  would silently lose the plugin;
+- ``base@v2.x`` matches a package registered as ``base/v2`` and the other way round (paths
+  are compared without their ``/vN`` elements);
+- a Caddy module ID (``dns.providers.x``) becomes the one package that registers it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import yaml
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from kiln.api.service import BuildService, NoToolchain
+from kiln.db.builds import queries as named_queries
+from kiln.request.spec import (
+    BuildRequest,
+    PluginRequest,
+    Replacement,
+    SpecError,
+    is_core_package,
+    parse_plugin,
+)
+
+log = logging.getLogger(__name__)
+
+#: seconds one request for the upstream catalog may take
+MIRROR_TIMEOUT_SECONDS = 30.0
+#: largest upstream catalog accepted (caddyserver.com's is a few MB)
+MIRROR_MAX_BYTES = 64 * 1024 * 1024
+USER_AGENT = "kiln (plugin catalog mirror)"
+#: seconds a catalog is reused by default
+CATALOG_TTL_SECONDS = 60.0
+
+# A path element that is a major version suffix (/v2, /v10): compared away, so that
+# base@v2.x, base/v2 and base name one plugin family.
+_MAJOR_ELEMENT = re.compile(r"v(?:[2-9]|[1-9][0-9]+)")
+
+
+class CatalogError(ValueError):
+    """A catalog document is not in /api/packages' shape; the message says where."""
+
+
+class CatalogUnavailable(NoToolchain):
+    """The catalog cannot be read now (and none was read before).
+
+    A NoToolchain, so every path that submits builds answers 503 with this message.
+    """
+
+
+class PackageNotRegistered(SpecError):
+    """A plugin is not in the catalog while ``plugins.allow`` is ``registered``."""
+
+
+def queries() -> dict[str, str]:
+    """Return the named queries of ``kiln/db/sql/catalog.sql``."""
+    return named_queries("catalog.sql")
+
+
+# ---------------------------------------------------------------------------
+# Documents
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CatalogModule:
+    """A Caddy module a package registers."""
+
+    name: str
+    docs: str
+    package: str
+    repo: str
+
+    def to_dict(self) -> dict[str, str]:
+        """Return the module in /api/packages' shape."""
+        return {"name": self.name, "docs": self.docs, "package": self.package,
+                "repo": self.repo}
+
+
+@dataclass(frozen=True)
+class Package:
+    """One catalog entry: a plugin package and the Caddy modules it registers."""
+
+    id: str
+    path: str
+    repo: str
+    downloads: int = 0
+    listed: bool = True
+    available: bool = True
+    published: str | None = None
+    updated: str | None = None
+    modules: tuple[CatalogModule, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the entry in /api/packages' shape."""
+        return {
+            "id": self.id, "path": self.path, "repo": self.repo,
+            "downloads": self.downloads, "listed": self.listed, "available": self.available,
+            "published": self.published, "updated": self.updated,
+            "modules": [m.to_dict() for m in self.modules],
+        }
+
+    @property
+    def paths(self) -> list[str]:
+        """Return the package path and the packages of its modules, each once."""
+        out = [self.path]
+        out += [m.package for m in self.modules if m.package not in out]
+        return out
+
+
+def _package_path(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise CatalogError(f"{what} must be a string")
+    try:
+        plugin = parse_plugin(value, field=what)
+    except SpecError as exc:
+        raise CatalogError(f"{what}: {exc}") from None
+    if plugin.query != "latest":
+        raise CatalogError(f"{what} {value!r} must be a package path without @version")
+    return plugin.path
+
+
+def _text(item: dict[str, Any], name: str, default: str | None) -> str | None:
+    value = item.get(name, default)
+    if value is not None and not isinstance(value, str):
+        raise CatalogError(f"{name} must be a string")
+    return value if value is not None else default
+
+
+def _flag(item: dict[str, Any], name: str) -> bool:
+    value = item.get(name, True)
+    if not isinstance(value, bool):
+        raise CatalogError(f"{name} must be true or false")
+    return value
+
+
+def parse_package(item: object) -> Package:
+    """Return one /api/packages entry as a Package; raise CatalogError if malformed."""
+    if not isinstance(item, dict):
+        raise CatalogError("a package must be an object with at least a path")
+    path = _package_path(item.get("path"), "path")
+    repo = _text(item, "repo", None) or f"https://{path}"
+    downloads = item.get("downloads", 0)
+    if isinstance(downloads, bool) or not isinstance(downloads, int | float) or downloads < 0:
+        raise CatalogError(f"{path}: downloads must be a number >= 0")
+    modules = []
+    raw_modules = item.get("modules") or []
+    if not isinstance(raw_modules, list):
+        raise CatalogError(f"{path}: modules must be a list")
+    for raw in raw_modules:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not raw["name"]:
+            raise CatalogError(f"{path}: each module needs a name")
+        package = raw.get("package") or path
+        modules.append(CatalogModule(
+            name=raw["name"], docs=str(raw.get("docs") or ""),
+            package=_package_path(package, f"{path}: module {raw['name']}'s package"),
+            repo=str(raw.get("repo") or repo)))
+    return Package(
+        id=_text(item, "id", None) or str(uuid.uuid5(uuid.NAMESPACE_URL, path)),
+        path=path, repo=repo, downloads=int(downloads),
+        listed=_flag(item, "listed"), available=_flag(item, "available"),
+        published=_text(item, "published", None), updated=_text(item, "updated", None),
+        modules=tuple(modules),
+    )
+
+
+def parse_packages(data: object, *, source: str, strict: bool) -> list[Package]:
+    """Read ``{"result": [...]}`` or a bare list of packages.
+
+    ``strict`` (an operator's file) refuses any bad entry; otherwise (an upstream mirror)
+    bad entries are skipped with a warning. A later entry for a path wins.
+    """
+    items = data.get("result") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise CatalogError(f"{source}: expected {{\"result\": [packages]}} or a list of "
+                           "packages, as /api/packages answers")
+    found: dict[str, Package] = {}
+    for number, item in enumerate(items, 1):
+        try:
+            package = parse_package(item)
+        except CatalogError as exc:
+            if strict:
+                raise CatalogError(f"{source}: package #{number}: {exc}") from None
+            log.warning("%s: skipping package #%d: %s", source, number, exc)
+            continue
+        found[package.path] = package
+    return list(found.values())
+
+
+def read_catalog_file(path: Path) -> list[Package]:
+    """Read an operator's catalog file (JSON, or YAML for .yml/.yaml); raise CatalogError."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot be read: {exc}") from None
+    try:
+        data = yaml.safe_load(text) if path.suffix in (".yml", ".yaml") else json.loads(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        kind = "YAML" if path.suffix in (".yml", ".yaml") else "JSON"
+        raise CatalogError(f"{path}: not valid {kind}: {exc}") from None
+    return parse_packages(data, source=str(path), strict=True)
+
+
+# ---------------------------------------------------------------------------
+# Matching requests to packages
+# ---------------------------------------------------------------------------
+
+
+def family(path: str) -> str:
+    """Return a path without its /vN elements, so base, base/v2 and base/v3 compare equal."""
+    first, *rest = path.split("/")
+    return "/".join([first, *(e for e in rest if not _MAJOR_ELEMENT.fullmatch(e))])
+
+
+def _join(path: str, inner: str) -> str:
+    """Return ``inner`` (a package inside ``path``'s family) spelled from ``path`` down."""
+    if inner.startswith(path + "/"):
+        return inner
+    # the catalog spells the module part differently (with or without /vN): keep the
+    # request's spelling, which carries the major version it asked for
+    rest = family(inner).split("/")[len(family(path).split("/")):]
+    return "/".join([path, *rest])
+
+
+class CatalogIndex:
+    """The packages of a catalog, indexed for matching request paths."""
+
+    def __init__(self, packages: Iterable[Package]) -> None:
+        self.packages = list(packages)
+        #: family of every registered package path -> (real path, its entry)
+        self._by_family: dict[str, tuple[str, Package]] = {}
+        self._by_module: dict[str, set[str]] = {}
+        for package in self.packages:
+            for path in package.paths:
+                self._by_family.setdefault(family(path), (path, package))
+            for module in package.modules:
+                self._by_module.setdefault(module.name, set()).add(module.package)
+
+    def find(self, path: str) -> Package | None:
+        """Return the entry registering ``path`` or a package it lies inside, if any."""
+        parts = family(path).split("/")
+        for cut in range(len(parts), 0, -1):
+            hit = self._by_family.get("/".join(parts[:cut]))
+            if hit is not None:
+                return hit[1]
+        return None
+
+    def inside(self, path: str) -> list[str]:
+        """Return the registered package paths lying strictly inside ``path``, sorted."""
+        prefix = family(path) + "/"
+        return sorted(real for fam, (real, _) in self._by_family.items()
+                      if fam.startswith(prefix))
+
+    def module_package(self, path: str) -> str | None:
+        """Return the one package registering Caddy module ID ``path``, if it is one."""
+        found = self._by_module.get(path)
+        if "/" not in path and found and len(found) == 1:
+            return next(iter(found))
+        return None
+
+    def map_plugin(self, plugin: PluginRequest) -> list[PluginRequest]:
+        """Return the packages a requested plugin stands for (itself when unknown)."""
+        path = plugin.path
+        named = self.module_package(path)
+        if named is not None:
+            log.info("plugin %s is a Caddy module ID; building its package %s", path, named)
+            return [PluginRequest(named, plugin.query)]
+        if self.find(path) is not None:
+            return [plugin]
+        inner = self.inside(path)
+        return [PluginRequest(_join(path, real), plugin.query) for real in inner] or [plugin]
+
+    def map_request(self, request: BuildRequest) -> BuildRequest:
+        """Return the request with every plugin mapped to the packages it stands for."""
+        plugins: list[PluginRequest] = []
+        for plugin in request.plugins:
+            for mapped in self.map_plugin(plugin):
+                if mapped not in plugins:
+                    plugins.append(mapped)
+        if plugins == list(request.plugins):
+            return request
+        return BuildRequest.create(
+            os=request.os, arch=request.arch, arm=request.arm or None,
+            caddy_version=request.caddy_query, plugins=[str(p) for p in plugins],
+            replacements=[str(r) for r in request.replacements],
+            max_plugins=max(len(plugins), 1),
+        )
+
+    def check(self, request: BuildRequest) -> None:
+        """Refuse a plugin (or replacement target) the catalog does not register."""
+        for i, plugin in enumerate(request.plugins):
+            if is_core_package(plugin.path):
+                continue
+            entry = self.find(plugin.path)
+            if entry is None:
+                raise PackageNotRegistered(f"plugins[{i}]", not_registered(plugin.path))
+            if not entry.available:
+                raise PackageNotRegistered(
+                    f"plugins[{i}]", f"{plugin.path} is registered but not available for "
+                    "builds now (its catalog entry says available: false)")
+        for i, replacement in enumerate(request.replacements):
+            new = replacement.new
+            if (not is_core_package(new) and self.find(new) is None
+                    and not self.inside(new)):
+                raise PackageNotRegistered(f"replacements[{i}]", _replacement_refused(replacement))
+
+
+def not_registered(path: str) -> str:
+    """Return the message for a package outside the catalog (caddyserver.com's words first)."""
+    return (f"{path} is not a registered Caddy module package path: this server builds only "
+            "the packages its catalog lists (GET /api/packages); check the path, or ask the "
+            "operator to add it")
+
+
+def _replacement_refused(replacement: Replacement) -> str:
+    return (f"replacement {replacement}: {replacement.new} is not a registered Caddy module "
+            "package path, and this server builds only registered code (GET /api/packages)")
+
+
+# ---------------------------------------------------------------------------
+# Storage of the mirror
+# ---------------------------------------------------------------------------
+
+
+class CatalogStore:
+    """The mirrored catalogs in kiln_catalog, and download counts of Kiln's own builds."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    @contextmanager
+    def _cursor(self) -> Iterator[psycopg.Cursor[dict[str, Any]]]:
+        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            yield cur
+
+    def get_mirror(self, source: str) -> dict[str, Any] | None:
+        """Return the mirror row of an upstream URL, or None."""
+        with self._cursor() as cur:
+            cur.execute(queries()["get_mirror"], {"source": source})
+            return cur.fetchone()
+
+    def put_mirror(self, source: str, packages: list[dict[str, Any]], *, etag: str | None,
+                   last_modified: str | None) -> None:
+        """Replace the mirror of ``source`` with a fresh copy."""
+        with self._cursor() as cur:
+            cur.execute(queries()["put_mirror"], {
+                "source": source, "packages": Jsonb(packages), "etag": etag,
+                "last_modified": last_modified})
+
+    def touch_mirror(self, source: str, *, error: str | None) -> None:
+        """Record a refresh that changed nothing, or failed with ``error``."""
+        with self._cursor() as cur:
+            cur.execute(queries()["touch_mirror"], {"source": source, "error": error})
+
+    def package_downloads(self) -> dict[str, int]:
+        """Return how often Kiln's builds were downloaded, per plugin package."""
+        with self._cursor() as cur:
+            cur.execute(queries()["package_downloads"], {})
+            return {r["package"]: int(r["downloads"]) for r in cur.fetchall()}
+
+
+class CatalogMirror:
+    """Copy an upstream /api/packages into the database (a janitor job)."""
+
+    def __init__(self, *, store: CatalogStore, url: str,
+                 timeout: float = MIRROR_TIMEOUT_SECONDS,
+                 max_bytes: int = MIRROR_MAX_BYTES) -> None:
+        self.store = store
+        self.url = url
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        # one opener: it honours HTTPS_PROXY/NO_PROXY from the environment
+        self._opener = urllib.request.build_opener()
+
+    def refresh(self) -> str:
+        """Fetch the upstream catalog (conditionally) and store it; return what happened."""
+        row = self.store.get_mirror(self.url)
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        if row and row["fetched_at"] is not None:
+            if row["etag"]:
+                headers["If-None-Match"] = row["etag"]
+            if row["last_modified"]:
+                headers["If-Modified-Since"] = row["last_modified"]
+        request = urllib.request.Request(self.url, headers=headers)
+        try:
+            with self._opener.open(request, timeout=self.timeout) as resp:
+                body = resp.read(self.max_bytes + 1)
+                etag, modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code == 304:
+                self.store.touch_mirror(self.url, error=None)
+                return "unchanged"
+            return self._failed(f"{self.url} answered {exc.code}")
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            return self._failed(f"{self.url} is unreachable: {getattr(exc, 'reason', exc)}")
+        if len(body) > self.max_bytes:
+            return self._failed(f"{self.url} sent more than {self.max_bytes} bytes")
+        try:
+            packages = parse_packages(json.loads(body), source=self.url, strict=False)
+        except (ValueError, CatalogError) as exc:
+            return self._failed(f"{self.url} did not send a catalog: {exc}")
+        if not packages:
+            return self._failed(f"{self.url} listed no valid package; the last copy is kept")
+        self.store.put_mirror(self.url, [p.to_dict() for p in packages], etag=etag,
+                              last_modified=modified)
+        return f"mirrored {len(packages)} packages from {self.url}"
+
+    def _failed(self, message: str) -> str:
+        log.warning("catalog mirror: %s", message)
+        self.store.touch_mirror(self.url, error=message)
+        return ""
+
+
+# ---------------------------------------------------------------------------
+# The catalog an API process serves
+# ---------------------------------------------------------------------------
+
+
+class Catalog:
+    """The merged catalog (mirror + file + Kiln's own download counts), re-read every ttl."""
+
+    def __init__(self, *, store: CatalogStore | None, file: Path | None = None,
+                 url: str = "", ttl: float = CATALOG_TTL_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.file = file
+        self.url = url
+        self.ttl = ttl
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._loaded: tuple[float, CatalogIndex] | None = None
+        self._file_cache: tuple[float, list[Package]] | None = None
+
+    def packages(self) -> list[Package]:
+        """Return every catalog entry, with Kiln's downloads added to the counts."""
+        return self.index().packages
+
+    def index(self) -> CatalogIndex:
+        """Return the current catalog, reading it again once ttl seconds have passed."""
+        with self._lock:
+            loaded = self._loaded
+            if loaded is not None and self.clock() - loaded[0] < self.ttl:
+                return loaded[1]
+            try:
+                index = self._load()
+            except (CatalogError, psycopg.Error, OSError) as exc:
+                if loaded is None:
+                    raise CatalogUnavailable(f"the plugin catalog cannot be read now: {exc}") from None
+                log.warning("plugin catalog not refreshed, serving the last copy: %s", exc)
+                index = loaded[1]
+            self._loaded = (self.clock(), index)
+            return index
+
+    def _read_file(self) -> list[Package]:
+        assert self.file is not None
+        mtime = self.file.stat().st_mtime
+        if self._file_cache is None or self._file_cache[0] != mtime:
+            self._file_cache = (mtime, read_catalog_file(self.file))
+        return self._file_cache[1]
+
+    def _load(self) -> CatalogIndex:
+        merged: dict[str, Package] = {}
+        if self.url and self.store is not None:
+            row = self.store.get_mirror(self.url)
+            if row is not None:
+                for package in parse_packages(row["packages"], source=self.url, strict=False):
+                    merged[package.path] = package
+        if self.file is not None:
+            for package in self._read_file():
+                merged[package.path] = package
+        index = CatalogIndex(merged.values())
+        if self.store is None or not merged:
+            return index
+        extra: dict[str, int] = {}
+        for path, count in self.store.package_downloads().items():
+            entry = index.find(path)
+            if entry is not None:
+                extra[entry.path] = extra.get(entry.path, 0) + count
+        if not extra:
+            return index
+        return CatalogIndex(dataclasses.replace(p, downloads=p.downloads + extra.get(p.path, 0))
+                            for p in index.packages)
+
+
+class CatalogBuildService(BuildService):
+    """A BuildService that maps plugins through the catalog and enforces ``plugins.allow``.
+
+    Every way of submitting builds (/api/builds, /api/download, /api/compat) goes through
+    ``resolve``, so the policy cannot be side-stepped by choosing another endpoint.
+    """
+
+    def __init__(self, *, catalog: Catalog | None, allow: str = "any", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.catalog = catalog
+        self.allow = allow
+
+    def admit(self, request: BuildRequest) -> BuildRequest:
+        """Map the request's plugins to catalog packages; refuse unregistered ones if asked."""
+        if self.catalog is None:
+            return request
+        try:
+            index = self.catalog.index()
+        except CatalogUnavailable:
+            if self.allow == "registered":
+                raise
+            log.warning("plugin catalog unavailable; building plugins as named", exc_info=True)
+            return request
+        mapped = index.map_request(request)
+        if self.allow == "registered":
+            index.check(mapped)
+        return mapped
+
+    def resolve(self, request: BuildRequest) -> Any:
+        """Admit the request through the catalog, then resolve it."""
+        return super().resolve(self.admit(request))
+

@@ -1,0 +1,340 @@
+"""The worker: LISTEN for queued builds, claim them, build in a sandbox, store, complete."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+
+from kiln.artifacts.store import ArtifactStore, StorageError, file_sha256
+from kiln.db.builds import CANCEL_CHANNEL, QUEUE_CHANNEL, Claimed, QueueManager
+from kiln.logconfig import bind_context, unbind_context
+from kiln.request.spec import BuildSpec
+from kiln.worker.attest import Attestor, utc_now
+from kiln.worker.builder import Builder, BuildFailure, Cancelled, LogSink
+from kiln.worker.sandbox import SandboxError
+
+log = logging.getLogger(__name__)
+
+LEASE_SECONDS = 60.0
+HEARTBEAT_SECONDS = 10.0
+POLL_SECONDS = 5.0
+#: longest the main loop sleeps before checking whether it must stop
+TICK_SECONDS = 0.25
+RECONNECT_SECONDS = 1.0
+
+
+def default_worker_id() -> str:
+    """Return hostname-pid-random: unique across restarts and hosts."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def backoff(attempt: int, base: float, *, rand: Callable[[], float] = random.random) -> float:
+    """Return seconds before retry ``attempt``+1: exponential with ±50% jitter."""
+    return base * (2 ** max(attempt - 1, 0)) * (0.5 + rand())
+
+
+LogSinkFactory = Callable[[str, int], LogSink]
+
+
+def logging_sink(key: str, attempt: int) -> LogSink:
+    """Return a sink that writes build output to the worker's own log at DEBUG."""
+
+    def sink(step: str, line: str) -> None:
+        log.debug("%s", line, extra={"build_key": key, "step": step})
+
+    return sink
+
+
+@dataclass
+class _Running:
+    claimed: Claimed
+    cancel: threading.Event = field(default_factory=threading.Event)
+    #: why it was cancelled: "lost" (lease taken away), "stopping" (worker shutting down)
+    #: or "cancelled" (a user or an admin cancelled it)
+    reason: str = ""
+
+
+class Worker:
+    """Claim and run builds until told to stop."""
+
+    def __init__(
+        self,
+        *,
+        queue: QueueManager,
+        builder: Builder,
+        store: ArtifactStore,
+        listen: Callable[[], psycopg.Connection],
+        work_root: Path,
+        worker_id: str = "",
+        concurrency: int = 2,
+        lease_seconds: float = LEASE_SECONDS,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        poll_seconds: float = POLL_SECONDS,
+        retry_base_seconds: float = 10.0,
+        max_jobs: int = 0,
+        idle_exit: float = 0.0,
+        log_sinks: LogSinkFactory = logging_sink,
+        attestor: Attestor | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.queue = queue
+        self.builder = builder
+        self.store = store
+        self.listen = listen
+        self.work_root = work_root.resolve()
+        self.id = worker_id or default_worker_id()
+        self.concurrency = concurrency
+        self.lease_seconds = lease_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self.poll_seconds = poll_seconds
+        self.retry_base_seconds = retry_base_seconds
+        self.max_jobs = max_jobs
+        self.idle_exit = idle_exit
+        self.log_sinks = log_sinks
+        self.attestor = attestor
+        self.clock = clock
+        self.stopping = threading.Event()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._running: dict[str, _Running] = {}
+        self._started_jobs = 0
+        self._finished_jobs = 0
+        self._last_busy = clock()
+
+    # lifecycle ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop claiming and hand running builds back to the queue (safe from signals)."""
+        self.stopping.set()
+        self._wake.set()
+
+    def run(self) -> None:
+        """Run until stop() is called, max_jobs are done, or idle_exit passes."""
+        sandbox = self.builder.sandbox
+        self.work_root.mkdir(parents=True, exist_ok=True)
+        removed = sandbox.cleanup_orphans()
+        if removed:
+            log.info("removed %d sandbox(es) left by a previous worker", removed)
+        self.queue.register_worker(self.id, hostname=socket.gethostname(), pid=os.getpid(),
+                                   concurrency=self.concurrency, sandbox=sandbox.identity,
+                                   go_version=sandbox.go_version())
+        log.info("worker %s ready: concurrency %d, sandbox %s", self.id, self.concurrency,
+                 sandbox.identity)
+        heart = threading.Thread(target=self._heartbeat_loop, name="kiln-heartbeat", daemon=True)
+        heart.start()
+        listener = threading.Thread(target=self._listen_loop, name="kiln-listen", daemon=True)
+        listener.start()
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="kiln-build")
+        try:
+            self._claim_loop(pool)
+        finally:
+            self.stopping.set()
+            self._hand_back()  # cancel sandboxes first: the state update can wait
+            self._set_state("draining")
+            pool.shutdown(wait=True)
+            self._set_state("gone")
+            log.info("worker %s stopped", self.id)
+
+    def _set_state(self, state: str) -> None:
+        # the database may be down while a preempted worker drains: leases cover that
+        try:
+            self.queue.set_worker_state(self.id, state)
+            log.info("worker %s is %s", self.id, state)
+        except psycopg.Error as exc:
+            log.warning("cannot mark worker %s %s: %s", self.id, state, exc)
+
+    def _done(self) -> bool:
+        if self.stopping.is_set():
+            return True
+        if self.max_jobs and self._finished_jobs >= self.max_jobs:
+            return True
+        with self._lock:
+            idle = not self._running
+        return bool(self.idle_exit and idle and self.clock() - self._last_busy >= self.idle_exit)
+
+    def _claim_loop(self, pool: ThreadPoolExecutor) -> None:
+        next_poll = 0.0
+        while not self._done():
+            with self._lock:
+                free = self.concurrency - len(self._running)
+                if self.max_jobs:
+                    free = min(free, self.max_jobs - self._started_jobs)
+            now = self.clock()
+            if free > 0 and (self._wake.is_set() or now >= next_poll):
+                self._wake.clear()
+                next_poll = now + self.poll_seconds
+                try:
+                    claimed = self.queue.claim(self.id, limit=free,
+                                               lease_seconds=self.lease_seconds)
+                except psycopg.Error as exc:
+                    log.warning("claim failed, retrying: %s", exc)
+                    claimed = []
+                    # retry soon, not after a whole poll: the wake-up that a reconnected
+                    # listener gives may have been spent on this failed claim
+                    next_poll = self.clock() + RECONNECT_SECONDS
+                for job in claimed:
+                    self._start(pool, job)
+                if len(claimed) == free and free > 0:
+                    continue  # there may be more: claim again once a slot frees
+            self._wake.wait(min(TICK_SECONDS, max(next_poll - self.clock(), 0.0)) or TICK_SECONDS)
+
+    def _start(self, pool: ThreadPoolExecutor, job: Claimed) -> None:
+        running = _Running(job)
+        with self._lock:
+            self._running[job.key] = running
+            self._started_jobs += 1
+            self._last_busy = self.clock()
+        pool.submit(self._execute, running)
+
+    # notifications and heartbeats ---------------------------------------------------
+
+    def _listen_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                with self.listen() as conn:
+                    conn.execute(f"LISTEN {QUEUE_CHANNEL}")
+                    conn.execute(f"LISTEN {CANCEL_CHANNEL}")
+                    self._wake.set()  # a notification may have been missed while away
+                    while not self.stopping.is_set():
+                        for note in conn.notifies(timeout=TICK_SECONDS * 4):
+                            if note.channel == CANCEL_CHANNEL:
+                                self.cancel(note.payload)
+                            else:
+                                self._wake.set()
+            except psycopg.Error as exc:
+                if self.stopping.is_set():
+                    return
+                log.warning("listener lost its connection, reconnecting: %s", exc)
+                self.stopping.wait(RECONNECT_SECONDS)
+
+    def cancel(self, key: str) -> bool:
+        """Stop build ``key`` if this worker runs it (it was cancelled); tell whether it did."""
+        with self._lock:
+            running = self._running.get(key)
+        if running is None or running.reason:
+            return False
+        log.info("build %s was cancelled; stopping it", key, extra={"build_key": key})
+        running.reason = "cancelled"
+        running.cancel.set()
+        return True
+
+    def _heartbeat_loop(self) -> None:
+        while not self.stopping.wait(self.heartbeat_seconds):
+            self.heartbeat()
+
+    def heartbeat(self) -> None:
+        """Extend the leases of running builds; cancel those this worker lost."""
+        with self._lock:
+            keys = list(self._running)
+        try:
+            self.queue.worker_heartbeat(self.id)
+            held = self.queue.extend_leases(self.id, keys, lease_seconds=self.lease_seconds)
+        except psycopg.Error as exc:
+            log.warning("heartbeat failed: %s", exc)
+            return
+        for key in set(keys) - held:
+            with self._lock:
+                running = self._running.get(key)
+            if running is not None and not running.reason:
+                log.warning("build %s was taken away from this worker; stopping it", key,
+                            extra={"build_key": key})
+                running.reason = "lost"
+                running.cancel.set()
+
+    def _hand_back(self) -> None:
+        with self._lock:
+            running = list(self._running.values())
+        for r in running:
+            if not r.reason:
+                r.reason = "stopping"
+            r.cancel.set()
+
+    # one build ----------------------------------------------------------------------
+
+    def _execute(self, running: _Running) -> None:
+        job = running.claimed
+        key = job.key
+        sink = self.log_sinks(key, job.attempt)
+        workdir = self.work_root / f"{key[:16]}-{job.attempt}-{uuid.uuid4().hex[:8]}"
+        context = bind_context(build_key=key)  # on every line logged about this build
+        try:
+            self._build(job, sink, workdir, running.cancel)
+        except Cancelled:
+            if running.reason == "stopping":
+                self.queue.release(key, self.id, outcome="preempted")
+                sink("result", "worker stopped; build handed back to the queue")
+                log.info("handed %s back to the queue", key, extra={"build_key": key})
+            elif running.reason == "cancelled":  # the database already says cancelled
+                sink("result", "cancelled; the sandbox was stopped")
+        except BuildFailure as exc:
+            self._fail(job, sink, exc.message, retryable=exc.retryable)
+        except (StorageError, SandboxError) as exc:
+            self._fail(job, sink, f"{type(exc).__name__}: {exc}", retryable=True)
+        except Exception as exc:  # a bug or an infrastructure fault: retry, keep the worker up
+            log.exception("build %s failed unexpectedly", key, extra={"build_key": key})
+            self._fail(job, sink, f"internal error: {exc}", retryable=True)
+        finally:
+            _remove_tree(workdir)
+            with self._lock:
+                self._running.pop(key, None)
+                self._finished_jobs += 1
+                self._last_busy = self.clock()
+            self._wake.set()
+            unbind_context(context)
+
+    def _fail(self, job: Claimed, sink: LogSink, message: str, *, retryable: bool) -> None:
+        delay = backoff(job.attempt, self.retry_base_seconds)
+        state = self.queue.fail(job.key, self.id, error=message, retryable=retryable,
+                                retry_after=delay)
+        sink("result", f"failed: {message}")
+        log.info("build %s failed (%s): %s", job.key, state, message.splitlines()[0] if message
+                 else "", extra={"build_key": job.key})
+
+    def _build(self, job: Claimed, sink: LogSink, workdir: Path,
+               cancel: threading.Event) -> None:
+        spec = BuildSpec.from_dict(job.spec)
+        sink("resolve", f"caddy {spec.caddy_version} for {spec.os}/{spec.arch}"
+             + (f"/v{spec.arm}" if spec.arm else ""))
+        for plugin in spec.plugins:
+            sink("resolve", f"plugin {plugin.package} ({plugin.module} {plugin.version})")
+        started_at = utc_now()
+        output = self.builder.build(spec, key=job.key, workdir=workdir, log=sink, cancel=cancel)
+        sink("upload", f"storing {spec.filename}")
+        digest = file_sha256(output.binary)
+        stored = self.store.put(job.key, spec.filename, output.binary, sha256=digest)
+        if self.attestor is not None:  # checksum, signature, provenance, SBOM (kiln/worker/attest.py)
+            self.attestor.publish(key=job.key, spec=spec, output=output, sha256=digest,
+                                  sandbox=self.builder.sandbox, worker_id=self.id,
+                                  attempt=job.attempt, started_at=started_at, log=sink)
+        if cancel.is_set():
+            raise Cancelled()
+        if not self.queue.complete(job.key, self.id, artifact_path=stored.path,
+                                   artifact_size=stored.size, artifact_sha256=digest):
+            log.warning("build %s finished after its lease was taken away",
+                        job.key, extra={"build_key": job.key})
+            return
+        sink("result", f"succeeded: {stored.size} bytes, sha256 {digest}")
+        log.info("built %s in %.1fs", job.key, sum(output.timings.values()),
+                 extra={"build_key": job.key})
+
+
+def _remove_tree(path: Path) -> None:
+    if not path.exists():
+        return
+    for dirpath, _dirs, _files in os.walk(path):
+        with contextlib.suppress(OSError):
+            os.chmod(dirpath, 0o755)
+    shutil.rmtree(path, ignore_errors=True)
