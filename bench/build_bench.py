@@ -146,7 +146,8 @@ def docker_sandbox(cache_dir: Path, proxy: str, *, gosumdb: str = "sum.golang.or
     """
     try:
         from kiln.config import BuildConfig
-        from kiln.worker.sandbox.docker import DockerSandbox, docker_client
+        from kiln.worker.sandbox.docker import DockerSandbox
+        from kiln.worker.sandbox.docker_engine import docker_client
     except ImportError as exc:
         return f"docker SDK missing: {exc}"
     client = docker_client(required=False)

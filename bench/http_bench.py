@@ -41,10 +41,12 @@ from bench.infra import (
     wait_http,
     wrk,
 )
-from kiln.artifacts.store import LocalStore, file_sha256
+from kiln.artifacts.local import LocalStore
+from kiln.artifacts.store import file_sha256
 from kiln.config import DatabaseConfig, load_config
 from kiln.db.builds import QueueManager
-from kiln.db.pool import Migrator, make_pool
+from kiln.db.migrate import Migrator
+from kiln.db.pool import make_pool
 from kiln.request.spec import BuildSpec, ResolvedPlugin
 from kiln.standalone import gunicorn_command
 from tests.fixtures import goproxy as gp

@@ -28,8 +28,10 @@ from psycopg.types.json import Jsonb
 from bench.infra import Child, Postgres, base_env, bench_queries, cpu_seconds, peak_rss_mib
 from bench.report import percentile
 from kiln.config import DatabaseConfig
-from kiln.db.builds import QueueManager, queries
-from kiln.db.pool import Migrator, make_pool
+from kiln.db.builds import QueueManager
+from kiln.db.migrate import Migrator
+from kiln.db.pool import make_pool
+from kiln.db.sql import queries
 from kiln.request.spec import BuildSpec, ResolvedPlugin
 
 #: seconds a worker process may take to start and LISTEN

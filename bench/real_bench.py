@@ -471,8 +471,9 @@ def end_to_end(*, db_url: str, root: Path, cache_dir: Path, caddy_version: str,
     import psycopg
 
     from kiln.config import DatabaseConfig
-    from kiln.db.pool import Migrator, make_pool
-    from kiln.worker.buildlog import BuildLogs
+    from kiln.db.build_logs import BuildLogs
+    from kiln.db.migrate import Migrator
+    from kiln.db.pool import make_pool
     from tests.service import KilnProcesses
 
     with psycopg.connect(db_url, autocommit=True) as conn:

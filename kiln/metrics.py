@@ -16,18 +16,14 @@ with ``max``, not ``sum``).
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -39,11 +35,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from kiln.db.builds import STATES, queries
-from kiln.worker.sandbox.base import OutputCallback, Sandbox, Step, StepResult
-
-if TYPE_CHECKING:
-    import falcon
+from kiln.db.builds import STATES
+from kiln.db.sql import queries
 
 log = logging.getLogger(__name__)
 
@@ -172,29 +165,6 @@ class MetricsRecorder:
 # -- the API side -------------------------------------------------------------------------
 
 
-class MetricsMiddleware:
-    """Record each request's time to response headers by method, route and status."""
-
-    def __init__(self, recorder: MetricsRecorder,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
-        self.recorder = recorder
-        self.clock = clock
-
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        req.context.metrics_started = self.clock()
-
-    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
-                         req_succeeded: bool) -> None:
-        started = req.context.get("metrics_started")
-        if started is None:
-            return
-        route = req.uri_template if resource is not None and req.uri_template else "unmatched"
-        self.recorder.observe(
-            "kiln_http_request_duration_seconds",
-            {"method": req.method, "route": route, "status": str(resp.status_code)},
-            self.clock() - started, HTTP_BUCKETS)
-
-
 class KilnCollector(Collector):
     """Read every metric from the database at scrape time."""
 
@@ -295,80 +265,4 @@ def _cumulative(bounds: Sequence[float], counts: Sequence[float]) -> list[tuple[
     return out
 
 
-class MetricsResource:
-    """``/metrics``: Prometheus text exposition of the whole deployment."""
-
-    def __init__(self, *, recorder: MetricsRecorder, collector: KilnCollector) -> None:
-        #: requirements for kiln.api.auth (empty: public)
-        self.auth: dict[str, str] = {}
-        self.recorder = recorder
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(collector)
-
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        # this process's latest counts belong in the answer it gives
-        self.recorder.flush()
-        resp.content_type = CONTENT_TYPE_LATEST
-        resp.data = generate_latest(self.registry)
-
-
 # -- the worker side ----------------------------------------------------------------------
-
-
-class _MeteredSession:
-    """A sandbox session whose steps are recorded."""
-
-    def __init__(self, sandbox: MeteredSandbox, inner: Any) -> None:
-        self.sandbox = sandbox
-        self.inner = inner
-
-    def run(self, step: Step, *, on_output: OutputCallback | None = None,
-            cancel: threading.Event | None = None) -> StepResult:
-        """Run the step in the wrapped session and record it."""
-        return self.sandbox.observe(step, lambda: self.inner.run(step, on_output=on_output,
-                                                                 cancel=cancel))
-
-
-class MeteredSandbox:
-    """A sandbox that records each step's duration and result; otherwise the one it wraps."""
-
-    def __init__(self, inner: Sandbox, recorder: MetricsRecorder) -> None:
-        self.inner = inner
-        self.recorder = recorder
-        self.identity = inner.identity
-
-    def go_version(self) -> str:
-        """Return the wrapped sandbox's Go version."""
-        return self.inner.go_version()
-
-    def cleanup_orphans(self) -> int:
-        """Clean up what the wrapped sandbox left behind."""
-        return self.inner.cleanup_orphans()
-
-    def run(self, step: Step, *, workdir: Path, on_output: OutputCallback | None = None,
-            cancel: threading.Event | None = None) -> StepResult:
-        """Run the step in the wrapped sandbox and record how long it took and how it ended."""
-        return self.observe(step, lambda: self.inner.run(step, workdir=workdir,
-                                                         on_output=on_output, cancel=cancel))
-
-    @contextlib.contextmanager
-    def session(self, name: str, **kwargs: Any) -> Iterator[_MeteredSession]:
-        """Open the wrapped sandbox's session; its steps are recorded like run()'s."""
-        with self.inner.session(name, **kwargs) as inner:
-            yield _MeteredSession(self, inner)
-
-    def observe(self, step: Step, call: Callable[[], StepResult]) -> StepResult:
-        """Run ``call`` (one step) and record its duration and how it ended."""
-        started = time.monotonic()
-        result = "error"
-        try:
-            outcome = call()
-            result = outcome.killed or ("ok" if outcome.ok else "failed")
-            return outcome
-        finally:
-            self.recorder.observe("kiln_build_step_duration_seconds",
-                                  {"step": step.name, "result": result},
-                                  time.monotonic() - started, STEP_BUCKETS)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)

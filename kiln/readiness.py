@@ -20,7 +20,8 @@ import psycopg
 from psycopg_pool import PoolTimeout
 
 from kiln.config import Config, DatabaseConfig
-from kiln.db.pool import MIGRATIONS_DIR, MigrationError, connect, load_migrations
+from kiln.db.migrate import MIGRATIONS_DIR, MigrationError, load_migrations
+from kiln.db.pool import connect
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def store_check(config: Config) -> Callable[[], None]:
     """Make the configured store and ask it whether it can be written."""
 
     def check() -> None:
-        from kiln.artifacts.store import make_store
+        from kiln.wiring import make_store
 
         make_store(config.storage).check()
 
@@ -145,7 +146,7 @@ def _explained() -> tuple[type[Exception], ...]:
     """Kiln's errors whose message already says what is wrong (no type name needed)."""
     from kiln.artifacts.store import StorageError
     from kiln.config import ConfigError
-    from kiln.db.pool import MigrationError
+    from kiln.db.migrate import MigrationError
     from kiln.worker.sandbox import SandboxError
 
     return (NotReady, ConfigError, MigrationError, SandboxError, StorageError)

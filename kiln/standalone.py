@@ -12,11 +12,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from kiln.config import Config, ServeConfig
-from kiln.db.pool import migrate
+from kiln.db.embedded import start_embedded_postgres
+from kiln.db.migrate import migrate
 
 log = logging.getLogger(__name__)
 
@@ -24,21 +23,6 @@ log = logging.getLogger(__name__)
 STOP_GRACE_SECONDS = 20.0
 #: seconds between looks at the children
 POLL_SECONDS = 0.2
-
-
-def start_embedded_postgres(data_dir: Path) -> tuple[Any, str]:
-    """Start (or reuse) an embedded PostgreSQL in ``data_dir``; return (server, url)."""
-    try:
-        import pgserver
-    except ImportError:
-        raise SystemExit(
-            "no database.url and pgserver is not installed: `pip install pgserver`, "
-            "or set database.url"
-        ) from None
-    data_dir = data_dir.resolve()
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(data_dir, cleanup_mode="stop")
-    return server, server.get_uri()
 
 
 def child_environment(url: str) -> dict[str, str]:

@@ -2,26 +2,45 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
 from kiln.api.app import Services
 from kiln.api.quota import QuotaManager
-from kiln.artifacts.store import make_store
+from kiln.api.service import CatalogBuildService
+from kiln.artifacts.local import LocalStore
+from kiln.artifacts.provenance import DEFAULT_BUILDER_ID
+from kiln.artifacts.signing import SigningKeyError, signer_from_settings
+from kiln.artifacts.store import ArtifactStore
 from kiln.config import Config
 from kiln.db.api_keys import KeyManager
-from kiln.db.builds import EVENTS_CHANNEL, QueueManager
-from kiln.db.notify import Notifier
+from kiln.db.attestations import AttestManager
+from kiln.db.build_logs import LOGS_CHANNEL, BuildLogs
+from kiln.db.builds import QueueManager
+from kiln.db.catalog import CatalogStore
+from kiln.db.notify import EVENTS_CHANNEL, Notifier
 from kiln.db.pool import connect, make_pool
-from kiln.metrics import MeteredSandbox, MetricsRecorder
-from kiln.request.catalog import Catalog, CatalogBuildService, CatalogStore
+from kiln.db.webhooks import WebhookManager
+from kiln.janitor.webhooks import Deliverer
+from kiln.metrics import MetricsRecorder
+from kiln.request.callbacks import SIGNATURE_HEADER
+from kiln.request.catalog import Catalog
 from kiln.resolve.cache import DatabaseResolutionCache
-from kiln.resolve.resolver import ModuleProxy, Resolver
+from kiln.resolve.proxy import ModuleProxy
+from kiln.resolve.resolver import Resolver
+from kiln.worker.attest import Attestor
 from kiln.worker.builder import Builder
-from kiln.worker.buildlog import LOGS_CHANNEL, BuildLogs, LogWriter
-from kiln.worker.sandbox import make_sandbox
+from kiln.worker.buildlog import LogWriter
+from kiln.worker.metered import MeteredSandbox
+from kiln.worker.sandbox import docker_unavailable
+from kiln.worker.sandbox.base import Sandbox, SandboxError
+
+if TYPE_CHECKING:
+    from kiln.config import BuildConfig
 
 
 def database_url(config: Config) -> str:
@@ -96,7 +115,7 @@ def make_worker(config: Config, *, max_jobs: int = 0, idle_exit: float = 0.0) ->
     def listen() -> psycopg.Connection:
         return connect(url, config.database, application="kiln-worker-listen")
 
-    from kiln.worker.attest import make_attestor
+
 
     store = make_store(config.storage)
     return Worker(
@@ -113,4 +132,94 @@ def make_worker(config: Config, *, max_jobs: int = 0, idle_exit: float = 0.0) ->
             flush_seconds=config.build_logs.flush_seconds,
             max_line_length=config.build_logs.max_line_length,
             max_lines=config.build_logs.max_lines),
+    )
+
+log = logging.getLogger(__name__)
+
+
+def builder_id_of(config: Config) -> str:
+    """Return the provenance builder.id: signing.builder_id, api.public_url, or the default."""
+    return config.signing.builder_id or config.api.public_url.rstrip("/") or DEFAULT_BUILDER_ID
+
+
+def make_attestor(config: Config, *, pool: ConnectionPool, store: ArtifactStore) -> Attestor:
+    """Return the worker's Attestor; exit with the field at fault if the key is unreadable."""
+    try:
+        signer = signer_from_settings(
+            key=config.signing.key,
+            key_file=Path(config.signing.key_file) if config.signing.key_file else None)
+    except SigningKeyError as exc:
+        raise SystemExit(f"kiln worker: {exc}") from None
+    attestor = Attestor(store=store, signer=signer, records=AttestManager(pool),
+                        builder_id=builder_id_of(config))
+    if signer is None:
+        log.warning("no signing key (signing.key or signing.key_file): artifacts get "
+                    "checksums, provenance and SBOMs, but no signatures")
+        return attestor
+    log.info("signing artifacts with ed25519 key %s", signer.key_id)
+    try:
+        attestor.register()
+    except psycopg.Error as exc:  # the schema may not be migrated yet: publish retries it
+        log.warning("cannot record the signing key yet: %s", exc)
+    return attestor
+
+
+def make_store(config: object) -> ArtifactStore:
+    """Return the store ``storage.backend`` names."""
+    from kiln.config import StorageConfig
+
+    assert isinstance(config, StorageConfig)
+    if config.backend == "s3":
+        from kiln.artifacts.s3 import S3Store
+
+        return S3Store.from_config(config)
+    return LocalStore(config.local.path)
+
+
+def make_sandbox(config: BuildConfig, *, worker_id: str = "") -> Sandbox:
+    """Return the sandbox ``build.sandbox`` names.
+
+    ``auto`` picks docker when an engine answers and the sandbox image is there, else
+    the process sandbox, and logs why; ``docker`` raises SandboxError saying what is
+    missing.
+    """
+    from kiln.worker.sandbox.process import ProcessSandbox, find_go
+
+    kind = config.sandbox
+    if kind == "auto":
+        reason = docker_unavailable(config)
+        if reason is None:
+            kind = "docker"
+        else:
+            log.warning("build.sandbox auto: using the process sandbox, which isolates the "
+                        "environment but not the machine: %s", reason)
+    if kind == "docker":
+        try:
+            from kiln.worker.sandbox.docker import DockerSandbox
+            from kiln.worker.sandbox.docker_engine import docker_client
+        except ImportError as exc:
+            raise SandboxError(
+                f"build.sandbox docker: the docker SDK is not installed ({exc}): "
+                "pip install docker"
+            ) from exc
+        client = docker_client(required=True)
+        assert client is not None
+        sandbox = DockerSandbox.from_config(config, client=client, worker_id=worker_id)
+        log.info("build.sandbox %s: docker, image %s (%s)", config.sandbox,
+                 config.docker.image, sandbox.image_id)
+        return sandbox
+    return ProcessSandbox(go=find_go(config.go), cache_dir=config.cache_dir)
+
+
+def make_deliverer(config: Config, *, pool: ConnectionPool) -> Deliverer:
+    """Return the janitor's Deliverer wired from the config."""
+    settings = config.webhooks
+    if not settings.secret:
+        log.warning("webhooks.secret is empty: callbacks are sent without %s",
+                    SIGNATURE_HEADER)
+    return Deliverer(
+        manager=WebhookManager(pool), secret=settings.secret,
+        allow_private=settings.allow_private, timeout=settings.timeout,
+        max_attempts=settings.max_attempts, retry_base_seconds=settings.retry_base_seconds,
+        max_retry_seconds=settings.max_retry_seconds,
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from kiln.db.pool import Migrator
+from kiln.db.migrate import Migrator
 from tests.fixtures import goproxy
 from tests.service import database_url
 

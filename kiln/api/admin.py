@@ -15,9 +15,10 @@ from kiln.api import auth as api_auth
 from kiln.api.auth import ADMIN, KEY, forbidden, principal_of
 from kiln.api.builds import KEY_PATTERN, BuildResource, build_document
 from kiln.api.errors import ApiError, bad_request, not_found, unavailable
+from kiln.api.metrics import MetricsResource
 from kiln.artifacts.store import ArtifactStore, StorageError
 from kiln.db.builds import STATES, QueueManager
-from kiln.metrics import KilnCollector, MetricsRecorder, MetricsResource
+from kiln.metrics import KilnCollector, MetricsRecorder
 
 #: builds one listing returns by default, and at most
 LIST_LIMIT = 50

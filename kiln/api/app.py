@@ -14,19 +14,20 @@ from kiln.api.auth import AuthMiddleware
 from kiln.api.builds import ArtifactResource, BuildsResource, HealthResource
 from kiln.api.compat import add_routes as add_compat_routes
 from kiln.api.errors import REQUEST_ID_HEADER, handle_unexpected, request_id, serialize_error
-from kiln.api.quota import parse_networks
+from kiln.api.metrics import MetricsMiddleware
+from kiln.api.principal import parse_networks
 from kiln.api.service import BuildService
 from kiln.api.waiter import BuildWaiter
 from kiln.artifacts.store import ArtifactStore
 from kiln.config import Config
 from kiln.db.api_keys import KeyManager
+from kiln.db.build_logs import BuildLogs
 from kiln.db.builds import QueueManager
 from kiln.db.notify import Notifier
 from kiln.logconfig import bind_context, unbind_context
-from kiln.metrics import MetricsMiddleware, MetricsRecorder
+from kiln.metrics import MetricsRecorder
 from kiln.readiness import Dependency, schema_check
 from kiln.request.catalog import Catalog
-from kiln.worker.buildlog import BuildLogs
 
 log = logging.getLogger("kiln.api")
 

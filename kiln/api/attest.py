@@ -24,20 +24,21 @@ import falcon
 from kiln.api.builds import _load, build_links
 from kiln.api.errors import not_found, unavailable
 from kiln.api.groups import Callbacks, GroupResource
-from kiln.artifacts.signing import PublicKey, load_public_key
-from kiln.artifacts.store import ArtifactStore, StorageError
-from kiln.db.builds import QueueManager
-from kiln.db.groups import GroupManager
-from kiln.janitor.webhooks import WebhookManager
-from kiln.request.spec import BuildSpec, SpecError
-from kiln.worker.attest import (
+from kiln.artifacts.provenance import (
     DSSE_MEDIA_TYPE,
     PROVENANCE_NAME,
     SBOM_MEDIA_TYPE,
     SBOM_NAME,
-    AttestManager,
     checksum_line,
 )
+from kiln.artifacts.signing import PublicKey, load_public_key
+from kiln.artifacts.store import ArtifactStore, StorageError
+from kiln.db.attestations import AttestManager
+from kiln.db.builds import QueueManager
+from kiln.db.groups import GroupManager
+from kiln.db.webhooks import WebhookManager
+from kiln.errors import SpecError
+from kiln.request.spec import BuildSpec
 
 if TYPE_CHECKING:
     from kiln.api.app import Services

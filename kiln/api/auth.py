@@ -21,8 +21,9 @@ from typing import Any
 import falcon
 
 from kiln.api.errors import ApiError
-from kiln.api.quota import Network, QuotaExceeded, client_address
-from kiln.db.api_keys import KeyManager, Principal, bind_principal, unbind_principal
+from kiln.api.principal import Network, Principal, bind_principal, client_address, unbind_principal
+from kiln.api.quota import QuotaExceeded
+from kiln.db.api_keys import KeyManager
 
 PUBLIC = "public"
 BUILD = "build"

@@ -18,9 +18,11 @@ from kiln.api.service import BuildService, NoToolchain
 from kiln.artifacts.store import ArtifactStore, StorageError
 from kiln.db.builds import QueueManager
 from kiln.db.groups import GroupManager
+from kiln.errors import SpecError
 from kiln.readiness import Dependency, describe, probe
-from kiln.request.spec import BuildRequest, BuildSpec, SpecError
-from kiln.resolve.resolver import ModuleNotFound, ProxyUnavailable
+from kiln.request.catalog import CatalogUnavailable
+from kiln.request.spec import BuildRequest, BuildSpec
+from kiln.resolve.proxy import ModuleNotFound, ProxyUnavailable
 
 KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 STREAM_CHUNK = 256 * 1024
@@ -147,7 +149,7 @@ def submit(service: BuildService, request: BuildRequest, **kwargs: Any) -> Any:
         raise bad_request(str(exc)) from None
     except ProxyUnavailable as exc:
         raise ApiError(falcon.HTTP_502, f"the Go module proxy cannot be reached: {exc}") from None
-    except NoToolchain as exc:
+    except (NoToolchain, CatalogUnavailable) as exc:
         raise unavailable(str(exc)) from None
 
 

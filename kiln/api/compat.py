@@ -33,9 +33,12 @@ from kiln.api.waiter import BuildWaiter, WaitResult
 from kiln.api.waiting import WAIT_PARAM, redirect_to_wait
 from kiln.artifacts.store import ArtifactStore
 from kiln.db.builds import QueueManager
+from kiln.errors import SpecError
+from kiln.gomod.module import check_module_path
 from kiln.request.catalog import Catalog, CatalogUnavailable
-from kiln.request.spec import CADDY_MODULE, BuildRequest, SpecError, check_module_path
-from kiln.resolve.resolver import ModuleNotFound, ProxyUnavailable, Resolver
+from kiln.request.spec import CADDY_MODULE, BuildRequest
+from kiln.resolve.proxy import ModuleNotFound, ProxyUnavailable
+from kiln.resolve.resolver import Resolver
 
 log = logging.getLogger("kiln.api.compat")
 

@@ -30,9 +30,9 @@ import falcon
 
 from kiln.api.builds import KEY_PATTERN, build_document
 from kiln.api.errors import not_found
-from kiln.db.builds import EVENTS_CHANNEL, FINAL_STATES, QueueManager
-from kiln.db.notify import Notifier
-from kiln.worker.buildlog import LOGS_CHANNEL, RESULT_STEP, BuildLogs, LogLine
+from kiln.db.build_logs import LOGS_CHANNEL, RESULT_STEP, BuildLogs, LogLine
+from kiln.db.builds import FINAL_STATES, QueueManager
+from kiln.db.notify import EVENTS_CHANNEL, Notifier
 
 KEEPALIVE_SECONDS = 15.0
 #: how often a queued build's position is re-read (other builds' claims move it)

@@ -9,15 +9,18 @@ several) is POSTed when each build finishes (kiln/janitor/webhooks.py).
 
 from __future__ import annotations
 
+import re
 import socket
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import falcon
 
 from kiln.api.errors import ApiError, bad_request, not_found
 from kiln.db.builds import QueueManager
-from kiln.db.groups import GROUP_PATTERN, MAX_PLATFORMS, GroupManager, group_state
-from kiln.janitor.webhooks import CallbackRefused, Resolver, WebhookManager, check_callback_url
+from kiln.db.groups import GroupManager
+from kiln.db.webhooks import WebhookManager
+from kiln.request.callbacks import AddressResolver, CallbackRefused, check_callback_url
 from kiln.request.spec import BuildRequest
 
 if TYPE_CHECKING:
@@ -30,7 +33,7 @@ class Callbacks:
     """Check a request's ``callback_url`` before queueing; register it for each build after."""
 
     def __init__(self, *, webhooks: WebhookManager, allow_private: bool, public_url: str = "",
-                 resolve: Resolver = socket.getaddrinfo) -> None:
+                 resolve: AddressResolver = socket.getaddrinfo) -> None:
         self.webhooks = webhooks
         self.allow_private = allow_private
         self.public_url = public_url
@@ -147,3 +150,20 @@ class GroupResource:
         if keys is None:
             raise not_found(f"no group {gid}")
         resp.media = group_document(gid, keys, queue=self.queue)
+
+
+#: platforms one request may ask for (Kiln offers about thirty)
+MAX_PLATFORMS = 32
+GROUP_PATTERN = re.compile(r"^g_[0-9a-f]{32}$")
+
+
+def group_state(states: Iterable[str]) -> str:
+    """Summarize the builds' states: queued, running, succeeded, or failed if any did not."""
+    found = set(states)
+    if found <= {"succeeded"}:
+        return "succeeded"
+    if "running" in found or ({"queued"} & found and found - {"queued"}):
+        return "running"
+    if found == {"queued"}:
+        return "queued"
+    return "failed"

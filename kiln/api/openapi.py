@@ -14,7 +14,7 @@ from typing import Any
 
 import falcon
 
-from kiln.request.spec import PLATFORMS
+from kiln.request.platforms import PLATFORMS
 
 OSES = sorted({os_ for os_, _arch in PLATFORMS})
 ARCHS = sorted({arch for _os, arch in PLATFORMS})

@@ -10,29 +10,24 @@ counted (only the optional limit on all requests, ``quota.requests``, counts it)
 
 from __future__ import annotations
 
-import ipaddress
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from kiln.db.api_keys import Principal
-from kiln.db.builds import queries
+from kiln.api.principal import Principal, address_group
+from kiln.db.sql import queries
 
 if TYPE_CHECKING:
     from kiln.config import QuotaConfig
 
 SQL_FILE = "quota.sql"
-#: IPv6 clients are counted per /64: one host usually holds a whole /64
-IPV6_PREFIX = 64
 #: expired counters deleted whenever a subject opens a new window (keeps the table small
 #: without a scheduled job: each new row pays for removing old ones)
 PRUNE_BATCH = 100
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class QuotaExceeded(Exception):
@@ -44,57 +39,6 @@ class QuotaExceeded(Exception):
         self.retry_after = retry_after
         #: which limit: "builds" (new builds) or "requests" (all build requests)
         self.limit = limit
-
-
-def parse_networks(cidrs: Iterable[str]) -> list[Network]:
-    """Return the networks of ``api.trusted_proxies``."""
-    return [ipaddress.ip_network(c, strict=False) for c in cidrs]
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    text = text.strip()
-    if text.startswith("[") and "]" in text:  # [v6]:port
-        text = text[1:text.index("]")]
-    elif text.count(":") == 1:  # v4:port
-        text = text.split(":", 1)[0]
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
-def client_address(peer: str, forwarded_for: str | None, trusted: Sequence[Network]) -> str:
-    """Return the client's address.
-
-    That is the TCP peer, unless the peer is a trusted proxy: then X-Forwarded-For is read
-    from the right (each proxy appends the address it saw) and the first hop that is not a
-    trusted proxy is the client. A hop that is not an address stops the walk, since what lies
-    before it cannot be believed.
-    """
-    address = _ip(peer)
-    if address is None:
-        return peer
-    if not forwarded_for or not any(address in net for net in trusted):
-        return str(address)
-    for hop in reversed(forwarded_for.split(",")):
-        ip = _ip(hop)
-        if ip is None:
-            break
-        address = ip
-        if not any(ip in net for net in trusted):
-            break
-    return str(address)
-
-
-def address_group(address: str) -> str:
-    """Return what a client address is counted as: itself, or its /64 for IPv6."""
-    ip = _ip(address)
-    if isinstance(ip, ipaddress.IPv6Address):
-        return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
-    return str(ip) if ip is not None else address
 
 
 class QuotaManager:

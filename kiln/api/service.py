@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kiln.api.principal import current_principal
 from kiln.api.quota import QuotaExceeded
-from kiln.db.api_keys import current_principal
 from kiln.db.builds import QueueManager
+from kiln.request.catalog import Catalog, CatalogUnavailable
 from kiln.request.spec import BuildRequest, BuildSpec
 from kiln.resolve.resolver import Resolver, resolve_spec
 
 if TYPE_CHECKING:
+    from kiln.api.principal import Principal
     from kiln.api.quota import QuotaManager
-    from kiln.db.api_keys import Principal
     from kiln.metrics import MetricsRecorder
 
 #: seconds the sandbox identity read from the workers table is reused
@@ -119,3 +121,38 @@ class BuildService:
                        else "joined" if state in ("queued", "running") else "finished")
             self.metrics.inc("kiln_build_requests_total", {"result": outcome})
         return Submitted(key=key, build=result.build, queued=result.queued, spec=spec)
+
+log = logging.getLogger(__name__)
+
+
+class CatalogBuildService(BuildService):
+    """A BuildService that maps plugins through the catalog and enforces ``plugins.allow``.
+
+    Every way of submitting builds (/api/builds, /api/download, /api/compat) goes through
+    ``resolve``, so the policy cannot be side-stepped by choosing another endpoint.
+    """
+
+    def __init__(self, *, catalog: Catalog | None, allow: str = "any", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.catalog = catalog
+        self.allow = allow
+
+    def admit(self, request: BuildRequest) -> BuildRequest:
+        """Map the request's plugins to catalog packages; refuse unregistered ones if asked."""
+        if self.catalog is None:
+            return request
+        try:
+            index = self.catalog.index()
+        except CatalogUnavailable:
+            if self.allow == "registered":
+                raise
+            log.warning("plugin catalog unavailable; building plugins as named", exc_info=True)
+            return request
+        mapped = index.map_request(request)
+        if self.allow == "registered":
+            index.check(mapped)
+        return mapped
+
+    def resolve(self, request: BuildRequest) -> Any:
+        """Admit the request through the catalog, then resolve it."""
+        return super().resolve(self.admit(request))

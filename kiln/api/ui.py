@@ -11,8 +11,9 @@ import falcon
 
 from kiln.api.errors import ApiError, bad_request, not_found
 from kiln.api.service import BuildService
-from kiln.request.spec import DEFAULT_ARM, PLATFORMS, SpecError
-from kiln.resolve.resolver import ModuleNotFound, ProxyUnavailable
+from kiln.errors import SpecError
+from kiln.request.platforms import DEFAULT_ARM, PLATFORMS
+from kiln.resolve.proxy import ModuleNotFound, ProxyUnavailable
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kiln.db.builds import EVENTS_CHANNEL, FINAL_STATES, QueueManager
-from kiln.db.notify import RESYNC, Notifier
+from kiln.db.builds import FINAL_STATES, QueueManager
+from kiln.db.notify import EVENTS_CHANNEL, RESYNC, Notifier
 
 log = logging.getLogger(__name__)
 

@@ -28,24 +28,17 @@ installed file is as it was), 2 usage or a refusal, 3 the server cannot be reach
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
-import hashlib
 import os
 import shutil
-import stat
-import subprocess
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.artifacts.signing import SigningKeyError
 from kiln.client.builds import (
     EXIT_FAILED,
     EXIT_OK,
-    EXIT_USAGE,
     FINAL_STATES,
     ClientError,
     KilnClient,
@@ -53,72 +46,14 @@ from kiln.client.builds import (
     common_options,
     follow,
     handle_errors,
-    host_platform,
     human_size,
 )
-from kiln.client.verify import (
-    Report,
-    VerifyError,
-    check_checksum,
-    check_provenance,
-    check_signature,
-    fetch_evidence,
-    load_keys,
-)
-from kiln.gomod.buildinfo import BuildInfo, NotGoBinary, decode_build_info, init_packages
-from kiln.request.spec import CADDY_MODULE, SpecError, parse_plugin
+from kiln.client.install import BACKUP_SUFFIX, check_installed, replace_binary, verify_download
+from kiln.client.installed import Installed, _refuse, inspect
+from kiln.errors import SpecError
+from kiln.request.spec import CADDY_MODULE, parse_plugin
 
-#: how ``caddy upgrade`` asks a binary for its plugins (Caddy v2.11.9 cmd/packagesfuncs.go)
-LIST_PLUGINS = ("list-modules", "--packages", "--versions", "--skip-standard")
-#: seconds ``caddy version`` or ``caddy list-modules`` may take
-RUN_TIMEOUT_SECONDS = 60.0
-#: the name the old binary keeps with --keep-backup
-BACKUP_SUFFIX = ".bak"
 LATEST = "latest"
-
-
-@dataclass(frozen=True)
-class Listed:
-    """One line of ``caddy list-modules --packages --versions``."""
-
-    module_id: str
-    version: str = ""
-    path: str = ""
-    replaced: bool = False
-    #: why Caddy could not load the module (its "unknown modules")
-    error: str = ""
-
-
-@dataclass(frozen=True)
-class Plugin:
-    """A plugin built into a binary: its Go module, version and the packages imported."""
-
-    module: str
-    version: str
-    packages: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Installed:
-    """What an installed Caddy binary holds."""
-
-    path: Path
-    info: BuildInfo
-    caddy_version: str
-    goos: str
-    goarch: str
-    goarm: str
-    plugins: tuple[Plugin, ...]
-
-    @property
-    def platform(self) -> str:
-        """Return GOOS/GOARCH (and GOARM) as Kiln writes them."""
-        return f"{self.goos}/{self.goarch}" + (f"/v{self.goarm}" if self.goarm else "")
-
-    def find(self, path: str) -> Plugin | None:
-        """Return the plugin whose module is ``path`` or holds the package ``path``."""
-        return next((p for p in self.plugins
-                     if path == p.module or path.startswith(p.module + "/")), None)
 
 
 @dataclass
@@ -151,111 +86,6 @@ class Plan:
 
 
 # -- reading the installed binary ----------------------------------------------------------
-
-
-def parse_list_modules(text: str) -> list[Listed]:
-    """Parse ``list-modules`` output: ``ID [VERSION] [GO-MODULE [=> REPLACEMENT]] [[error]]``."""
-    out = []
-    for line in text.splitlines():
-        if not line.strip() or line.startswith(" "):  # blank, or "  Standard modules: N"
-            continue
-        text, _, error = line.partition(" [")
-        fields = text.split()
-        replaced = "=>" in fields
-        if replaced:
-            fields = fields[: fields.index("=>")]
-        fields += ["", ""]
-        out.append(Listed(fields[0], fields[1], fields[2], replaced=replaced,
-                          error=error.removesuffix("]")))
-    return out
-
-
-def run_caddy(path: Path, *args: str, platform: str = "") -> str:
-    """Run the binary with ``args``; return its standard output or raise ClientError."""
-    try:
-        result = subprocess.run([str(path), *args], capture_output=True, text=True,
-                                timeout=RUN_TIMEOUT_SECONDS, stdin=subprocess.DEVNULL)
-    except OSError as exc:
-        if exc.errno != errno.ENOEXEC:
-            raise ClientError(EXIT_USAGE, f"cannot run {path}: {exc.strerror or exc}") from None
-        here = "/".join(filter(None, host_platform()))
-        built = f" is Caddy for {platform} and" if platform else ""
-        raise ClientError(EXIT_USAGE, f"{path}{built} cannot run on this machine ({here}): "
-                          f"{exc.strerror or exc}; run kiln where that binary runs") from None
-    except subprocess.TimeoutExpired:
-        raise ClientError(EXIT_FAILED, f"`{path.name} {' '.join(args)}` did not finish in "
-                          f"{RUN_TIMEOUT_SECONDS:.0f} s") from None
-    if result.returncode != 0:
-        raise ClientError(EXIT_FAILED, f"`{path.name} {' '.join(args)}` exited with "
-                          f"{result.returncode}: {(result.stderr or result.stdout).strip()[-500:]}")
-    return result.stdout
-
-
-def _refuse(message: str) -> ClientError:
-    return ClientError(EXIT_USAGE, message)
-
-
-def inspect(path: Path) -> Installed:
-    """Read what the installed binary holds; raise ClientError where Kiln cannot rebuild it."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise _refuse(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        info = decode_build_info(data)
-    except NotGoBinary as exc:
-        raise _refuse(f"{path} is not a Go binary Kiln can read: {exc}") from None
-    caddy = info.dep(CADDY_MODULE)
-    if caddy is None:
-        main = info.main.path if info.main else info.path or "?"
-        if main == CADDY_MODULE:
-            raise _refuse(f"{path} was built inside Caddy's own source tree (version "
-                          f"{info.main.version if info.main else '?'}), not by xcaddy or "
-                          "Kiln: its plugins and version cannot be told apart")
-        raise _refuse(f"{path} is a Go program ({main}) but not Caddy: it holds no "
-                      f"{CADDY_MODULE}")
-    replaced = [m for m in info.deps if m.replace is not None]
-    if replaced:
-        raise _refuse(f"{path} was built with replaced modules, which a rebuild cannot keep: "
-                      + "; ".join(f"{m.path} {m.version} => {m.replace.path} "
-                                  f"{m.replace.version}".rstrip()
-                                  for m in replaced if m.replace is not None))
-    goos, goarch = info.setting("GOOS") or "", info.setting("GOARCH") or ""
-    if not goos or not goarch:
-        raise _refuse(f"{path} does not record its GOOS and GOARCH")
-    goarm = (info.setting("GOARM") or "")[:1] if goarch == "arm" else ""
-    platform = f"{goos}/{goarch}" + (f"/v{goarm}" if goarm else "")
-    listed = parse_list_modules(run_caddy(path, *LIST_PLUGINS, platform=platform))
-    inits = init_packages(data)
-    plugins: dict[str, Plugin] = {}
-    for item in listed:
-        if item.error:  # not loadable, so not a plugin caddy upgrade would keep either
-            continue
-        if item.replaced:
-            raise _refuse(f"Caddy module {item.module_id} comes from {item.path}, which was "
-                          "replaced when the binary was built: a rebuild cannot keep it")
-        module = info.module_of(item.path) if item.path else None
-        if module is None:
-            raise _refuse(f"Caddy module {item.module_id} is not from a Go module the binary "
-                          "depends on (built into its main package?): Kiln cannot rebuild it")
-        if module.path == CADDY_MODULE or module.path in plugins:
-            continue
-        plugins[module.path] = Plugin(module.path, module.version,
-                                      _packages_of(module.path, inits, info))
-    return Installed(path=path, info=info, caddy_version=caddy.version, goos=goos,
-                     goarch=goarch, goarm=goarm,
-                     plugins=tuple(sorted(plugins.values(), key=lambda p: p.module)))
-
-
-def _packages_of(module: str, inits: Iterable[str], info: BuildInfo) -> tuple[str, ...]:
-    """Return the packages of ``module`` that run an init (its root when none is found)."""
-    found = sorted(
-        p for p in inits
-        if (p == module or p.startswith(module + "/"))
-        and "internal" not in p[len(module):].split("/")
-        and (held := info.module_of(p)) is not None and held.path == module
-    )
-    return tuple(found) or (module,)
 
 
 # -- planning ------------------------------------------------------------------------------
@@ -410,117 +240,6 @@ def latest_caddy(client: KilnClient) -> str | None:
 # -- verifying and installing --------------------------------------------------------------
 
 
-def verify_download(file: Path, *, server: str, build: str, key_source: str,
-                    doc: dict[str, Any]) -> Report:
-    """Check a downloaded build's sha256, signature, provenance and build information."""
-    data = file.read_bytes()
-    sha256 = hashlib.sha256(data).hexdigest()
-    report = Report()
-    try:
-        keys = load_keys(key_source or server)
-        evidence = fetch_evidence(server, sha256=sha256, build=build)
-    except (VerifyError, SigningKeyError, ValueError, KeyError) as exc:
-        raise ClientError(EXIT_FAILED, f"cannot verify build {build}: {exc}; the installed "
-                          "binary was not touched (--no-verify installs it unverified)"
-                          ) from None
-    assert evidence.checksum is not None and evidence.signature is not None
-    assert evidence.provenance is not None
-    check_checksum(report, evidence.checksum, sha256, file.name)
-    check_signature(report, data, evidence.signature, keys, evidence.signature_key_id)
-    check_provenance(report, evidence.provenance, sha256, keys, build)
-    check_build_info(report, data, doc)
-    return report
-
-
-def check_build_info(report: Report, data: bytes, doc: dict[str, Any]) -> None:
-    """Check the binary records the platform and Caddy version the build was asked for."""
-    try:
-        info = decode_build_info(data)
-    except NotGoBinary as exc:
-        report.add(False, "build info", str(exc))
-        return
-    caddy = info.dep(CADDY_MODULE)
-    found = (info.setting("GOOS"), info.setting("GOARCH"), caddy.version if caddy else None)
-    wanted = (doc.get("os"), doc.get("arch"), doc.get("caddy_version"))
-    if found != wanted:
-        report.add(False, "build info", "it holds Caddy {2} for {0}/{1}, ".format(*found)
-                   + "not {2} for {0}/{1}".format(*wanted))
-    else:
-        report.add(True, "build info", f"Caddy {found[2]} for {found[0]}/{found[1]}, "
-                   f"{info.go_version}")
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform syncs a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
-def _hold(target: Path, backup: Path) -> None:
-    """Make ``backup`` another name of the installed file (a copy where links cannot be)."""
-    staged = backup.with_name(backup.name + ".kiln-tmp")
-    staged.unlink(missing_ok=True)
-    try:
-        os.link(target, staged)
-    except OSError:
-        shutil.copy2(target, staged)
-        _fsync(staged)
-    os.replace(staged, backup)
-
-
-def replace_binary(target: Path, new: Path, *, backup: Path, keep_backup: bool,
-                   check: Callable[[Path], None]) -> None:
-    """Put ``new`` in place of ``target`` atomically; restore the old one if ``check`` fails."""
-    st = target.stat()
-    with contextlib.suppress(OSError):  # the owner stays where this user may set it
-        os.chown(new, st.st_uid, st.st_gid)
-    os.chmod(new, stat.S_IMODE(st.st_mode))
-    _fsync(new)
-    _hold(target, backup)
-    try:
-        os.replace(new, target)
-        _fsync_dir(target.parent)
-        check(target)
-    except BaseException:
-        os.replace(backup, target)
-        _fsync_dir(target.parent)
-        raise
-    if not keep_backup:
-        backup.unlink()
-        _fsync_dir(target.parent)
-
-
-def check_installed(path: Path, doc: dict[str, Any], out: Callable[[str], None]) -> None:
-    """Run the new binary's ``version`` and ``list-modules``; raise unless all asked is there."""
-    version = run_caddy(path, "version").strip()
-    out(f"version: {version}")
-    if version.split(" ", 1)[0] != doc.get("caddy_version"):
-        raise ClientError(EXIT_FAILED, f"the new binary says it is Caddy {version!r}, not "
-                          f"{doc.get('caddy_version')}")
-    text = run_caddy(path, *LIST_PLUGINS)
-    listed = parse_list_modules(text)
-    for item in listed:
-        out(f"  {item.module_id} {item.version} {item.path}".rstrip())
-    versions = {item.path: item.version for item in listed}
-    for p in doc.get("plugins") or []:
-        module, version = p["module"], p["version"]
-        if module not in versions:
-            raise ClientError(EXIT_FAILED, f"the new binary has no Caddy module from "
-                              f"{module}: {p['package']} registers none (is the plugin in "
-                              "a subpackage? name that package)")
-        if versions[module] != version:
-            raise ClientError(EXIT_FAILED, f"the new binary lists {module} at "
-                              f"{versions[module]}, not {version}")
-
-
 # -- the commands --------------------------------------------------------------------------
 
 
@@ -666,4 +385,3 @@ def add_commands(sub: Any) -> None:
                        help="the caddy binary (default: caddy on PATH)")
         _options(p, caddy_default="the installed one")
         p.set_defaults(func=handle_errors(handler))
-

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kiln.artifacts.provenance import SLSA_PROVENANCE_V1, STATEMENT_TYPE
 from kiln.artifacts.signing import (
     INTOTO_PAYLOAD_TYPE,
     EnvelopeError,
@@ -35,8 +36,8 @@ from kiln.artifacts.signing import (
     load_public_key,
     open_envelope,
 )
-from kiln.request.spec import BuildSpec, SpecError
-from kiln.worker.attest import SLSA_PROVENANCE_V1, STATEMENT_TYPE
+from kiln.errors import SpecError
+from kiln.request.spec import BuildSpec
 
 EXIT_OK = 0
 EXIT_FAILED = 1

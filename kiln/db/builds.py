@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 from typing import Any
 
 import psycopg
@@ -17,24 +13,10 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-QUEUE_CHANNEL = "kiln_queue"
-EVENTS_CHANNEL = "kiln_events"
-#: payload: the key of a running build that was cancelled; its worker stops it
-CANCEL_CHANNEL = "kiln_cancel"
+from kiln.db.sql import queries
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-
-
-@cache
-def queries(filename: str = "queries.sql") -> dict[str, str]:
-    """Return the named queries of ``kiln/db/sql/<filename>``."""
-    text = resources.files("kiln.db").joinpath(f"sql/{filename}").read_text()
-    found: dict[str, str] = {}
-    for block in re.split(r"^-- name: ", text, flags=re.M)[1:]:
-        name, _, body = block.partition("\n")
-        found[name.strip()] = body.strip().rstrip(";")
-    return found
 
 
 @dataclass(frozen=True)
@@ -266,9 +248,3 @@ def _enqueue_keeps(build: dict[str, Any]) -> bool:
     if state == "failed":
         return build["error_kind"] != "retryable"
     return state in ("queued", "running")
-
-
-def parse_event(payload: str) -> tuple[str, str]:
-    """Return (key, state) from a kiln_events payload."""
-    data = json.loads(payload)
-    return data["key"], data["state"]

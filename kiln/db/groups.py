@@ -3,36 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from kiln.db.builds import queries as named_queries
-
-#: platforms one request may ask for (Kiln offers about thirty)
-MAX_PLATFORMS = 32
-GROUP_PATTERN = re.compile(r"^g_[0-9a-f]{32}$")
+from kiln.db.sql import queries as named_queries
 
 
 def group_id(keys: Sequence[str]) -> str:
     """Return the id of the group of these build keys: the same keys, the same group."""
     return "g_" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:32]
-
-
-def group_state(states: Iterable[str]) -> str:
-    """Summarize the builds' states: queued, running, succeeded, or failed if any did not."""
-    found = set(states)
-    if found <= {"succeeded"}:
-        return "succeeded"
-    if "running" in found or ({"queued"} & found and found - {"queued"}):
-        return "running"
-    if found == {"queued"}:
-        return "queued"
-    return "failed"
 
 
 class GroupManager:

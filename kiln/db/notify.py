@@ -151,3 +151,15 @@ class Notifier:
                 self._broadcast(RESYNC)
                 self._stop.wait(RECONNECT_SECONDS)
         self.connected.clear()
+
+
+QUEUE_CHANNEL = "kiln_queue"
+EVENTS_CHANNEL = "kiln_events"
+#: payload: the key of a running build that was cancelled; its worker stops it
+CANCEL_CHANNEL = "kiln_cancel"
+
+
+def parse_event(payload: str) -> tuple[str, str]:
+    """Return (key, state) from a kiln_events payload."""
+    data = json.loads(payload)
+    return data["key"], data["state"]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from kiln.artifacts.store import ArtifactStore, StorageError
 
 if TYPE_CHECKING:
-    from kiln.janitor.scheduler import Maintenance
+    from kiln.janitor.maintenance import Maintenance
 
 log = logging.getLogger(__name__)
 
@@ -175,38 +175,3 @@ class StorageCollector:
             log.warning("the store holds %s, over its budget of %s, but every artifact "
                         "left was used within the last %gs", _mb(total),
                         _mb(self.budget_bytes), self.grace_seconds)
-
-
-@dataclass
-class PruneReport:
-    """What one pruning removed."""
-
-    log_lines: int = 0
-    attempts: int = 0
-    workers: int = 0
-
-    def __str__(self) -> str:
-        return (f"{self.log_lines} log lines, {self.attempts} attempts, "
-                f"{self.workers} gone workers")
-
-    def __bool__(self) -> bool:
-        return bool(self.log_lines or self.attempts or self.workers)
-
-
-class Pruner:
-    """Delete build logs, attempt history and gone workers past their retention."""
-
-    def __init__(self, *, maintenance: Maintenance, log_retention: float,
-                 attempt_retention: float) -> None:
-        self.maintenance = maintenance
-        self.log_retention = log_retention
-        self.attempt_retention = attempt_retention
-
-    def prune(self) -> PruneReport:
-        """Delete what is past its retention."""
-        m = self.maintenance
-        return PruneReport(
-            log_lines=m.prune_logs(seconds=self.log_retention),
-            attempts=m.prune_attempts(seconds=self.attempt_retention),
-            workers=m.prune_workers(seconds=self.attempt_retention),
-        )

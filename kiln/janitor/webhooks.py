@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import hmac
 import http.client
-import ipaddress
 import json
 import logging
 import random
@@ -30,88 +29,22 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import psycopg
-from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
-
-from kiln.config import Config
-from kiln.db.builds import queries as named_queries
-from kiln.request.spec import BuildSpec, SpecError
-from kiln.worker.attest import kiln_version
+from kiln.artifacts.provenance import kiln_version
+from kiln.db.webhooks import WebhookManager
+from kiln.errors import SpecError
+from kiln.request.callbacks import SIGNATURE_HEADER, AddressResolver, CallbackRefused, resolve_host
+from kiln.request.spec import BuildSpec
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-Kiln-Signature"
 EVENT_HEADER = "X-Kiln-Event"
 DELIVERY_HEADER = "X-Kiln-Delivery"
 EVENT = "build.finished"
-MAX_URL_LENGTH = 2048
 #: deliveries one sweep sends, and how many at once
 BATCH = 32
 PARALLEL = 8
 #: bytes of a receiver's answer read (and kept in last_error when it is not 2xx)
 RESPONSE_BYTES = 4096
-
-Resolver = Callable[..., list[Any]]
-
-
-class CallbackRefused(ValueError):
-    """A callback URL Kiln will not call; the message says what to change."""
-
-
-def _is_public(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
-
-
-def resolve_host(host: str, port: int, *, allow_private: bool,
-                 resolve: Resolver = socket.getaddrinfo) -> list[str]:
-    """Return the addresses of ``host``; refuse non-public ones unless ``allow_private``."""
-    try:
-        infos = resolve(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError, ValueError) as exc:
-        raise CallbackRefused(f"callback_url host {host!r} does not resolve: {exc}") from None
-    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-    if not addresses:
-        raise CallbackRefused(f"callback_url host {host!r} has no address")
-    if not allow_private:
-        private = [a for a in addresses if not _is_public(a)]
-        if private:
-            raise CallbackRefused(
-                f"callback_url host {host!r} is a private, loopback or link-local address "
-                f"({private[0]}): use a public address (operators: webhooks.allow_private)")
-    return addresses
-
-
-def check_callback_url(url: object, *, allow_private: bool,
-                       resolve: Resolver = socket.getaddrinfo) -> str:
-    """Return ``url`` if Kiln may POST to it; raise CallbackRefused saying why not."""
-    if not isinstance(url, str) or not url:
-        raise CallbackRefused("callback_url must be a string like https://example.com/hook")
-    if len(url) > MAX_URL_LENGTH:
-        raise CallbackRefused(f"callback_url is over {MAX_URL_LENGTH} characters")
-    if any(c.isspace() or not c.isprintable() for c in url):
-        raise CallbackRefused("callback_url must not contain spaces or control characters")
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError as exc:  # e.g. an unclosed [IPv6 literal
-        raise CallbackRefused(f"callback_url is not a URL: {exc}") from None
-    if parts.scheme not in ("http", "https"):
-        raise CallbackRefused("callback_url must be an http:// or https:// URL")
-    if parts.username is not None or parts.password is not None:
-        raise CallbackRefused("leave credentials out of callback_url; check the "
-                              f"{SIGNATURE_HEADER} header instead")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise CallbackRefused("callback_url has an invalid port") from None
-    if not host:
-        raise CallbackRefused("callback_url has no host")
-    resolve_host(host, port, allow_private=allow_private, resolve=resolve)
-    return url
 
 
 def sign_body(secret: str, body: bytes) -> str:
@@ -153,45 +86,6 @@ def payload(snapshot: dict[str, Any], base_url: str) -> dict[str, Any]:
     return doc
 
 
-class WebhookManager:
-    """The kiln_webhooks table (queries in sql/webhooks.sql)."""
-
-    def __init__(self, pool: ConnectionPool) -> None:
-        self.pool = pool
-
-    def _rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        conn: psycopg.Connection
-        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(named_queries("webhooks.sql")[name], params)
-            return cur.fetchall() if cur.description else []
-
-    def subscribe(self, build_key: str, url: str, *, base_url: str) -> None:
-        """Call ``url`` when the build next reaches a final state (once per build and URL)."""
-        self._rows("subscribe", {"build_key": build_key, "url": url, "base_url": base_url})
-
-    def fire(self) -> int:
-        """Turn the callbacks of finished builds into pending deliveries; return how many."""
-        return len(self._rows("fire", {}))
-
-    def claim(self, *, limit: int, lease_seconds: float) -> list[dict[str, Any]]:
-        """Take due deliveries (counting the attempt) so no other sweep sends them meanwhile."""
-        return self._rows("claim", {"limit": limit, "lease_seconds": lease_seconds})
-
-    def delivered(self, delivery_id: int, *, status: int) -> None:
-        """Record a 2xx answer."""
-        self._rows("delivered", {"id": delivery_id, "status": status})
-
-    def retry(self, delivery_id: int, *, status: int | None, error: str, delay: float,
-              final: bool) -> None:
-        """Record a failed attempt: try again after ``delay`` seconds, or give up."""
-        self._rows("retry", {"id": delivery_id, "status": status, "error": error[:2000],
-                             "delay": delay, "final": final})
-
-    def for_build(self, build_key: str) -> list[dict[str, Any]]:
-        """Return a build's callbacks and their delivery state."""
-        return self._rows("for_build", {"build_key": build_key})
-
-
 @dataclass(frozen=True)
 class Outcome:
     status: int | None
@@ -205,7 +99,7 @@ class Outcome:
 
 
 def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float,
-         allow_private: bool, resolve: Resolver = socket.getaddrinfo) -> Outcome:
+         allow_private: bool, resolve: AddressResolver = socket.getaddrinfo) -> Outcome:
     """POST ``body`` to ``url`` through an address checked just before; never follow redirects."""
     parts = urlsplit(url)
     https = parts.scheme == "https"
@@ -260,7 +154,7 @@ class Deliverer:
         retry_base_seconds: float = 10.0,
         max_retry_seconds: float = 3600.0,
         rand: Callable[[], float] = random.random,
-        resolve: Resolver = socket.getaddrinfo,
+        resolve: AddressResolver = socket.getaddrinfo,
     ) -> None:
         self.manager = manager
         self.secret = secret
@@ -334,18 +228,3 @@ class Deliverer:
         except Exception:  # one bad row must not stop the others; its lease lapses
             log.exception("webhook %s could not be processed", row.get("id"))
             return None
-
-
-def make_deliverer(config: Config, *, pool: ConnectionPool) -> Deliverer:
-    """Return the janitor's Deliverer wired from the config."""
-    settings = config.webhooks
-    if not settings.secret:
-        log.warning("webhooks.secret is empty: callbacks are sent without %s",
-                    SIGNATURE_HEADER)
-    return Deliverer(
-        manager=WebhookManager(pool), secret=settings.secret,
-        allow_private=settings.allow_private, timeout=settings.timeout,
-        max_attempts=settings.max_attempts, retry_base_seconds=settings.retry_base_seconds,
-        max_retry_seconds=settings.max_retry_seconds,
-    )
-

@@ -24,31 +24,26 @@ import logging
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import yaml
-from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
 
-from kiln.api.service import BuildService, NoToolchain
-from kiln.db.builds import queries as named_queries
+from kiln.errors import KilnError, SpecError
 from kiln.request.spec import (
     BuildRequest,
     PluginRequest,
     Replacement,
-    SpecError,
     is_core_package,
     parse_plugin,
 )
+
+if TYPE_CHECKING:
+    from kiln.db.catalog import CatalogStore
 
 log = logging.getLogger(__name__)
 
@@ -69,20 +64,12 @@ class CatalogError(ValueError):
     """A catalog document is not in /api/packages' shape; the message says where."""
 
 
-class CatalogUnavailable(NoToolchain):
-    """The catalog cannot be read now (and none was read before).
-
-    A NoToolchain, so every path that submits builds answers 503 with this message.
-    """
+class CatalogUnavailable(KilnError):
+    """The catalog cannot be read now (and none was read before): the API answers 503."""
 
 
 class PackageNotRegistered(SpecError):
     """A plugin is not in the catalog while ``plugins.allow`` is ``registered``."""
-
-
-def queries() -> dict[str, str]:
-    """Return the named queries of ``kiln/db/sql/catalog.sql``."""
-    return named_queries("catalog.sql")
 
 
 # ---------------------------------------------------------------------------
@@ -350,96 +337,6 @@ def _replacement_refused(replacement: Replacement) -> str:
 # ---------------------------------------------------------------------------
 
 
-class CatalogStore:
-    """The mirrored catalogs in kiln_catalog, and download counts of Kiln's own builds."""
-
-    def __init__(self, pool: ConnectionPool) -> None:
-        self.pool = pool
-
-    @contextmanager
-    def _cursor(self) -> Iterator[psycopg.Cursor[dict[str, Any]]]:
-        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            yield cur
-
-    def get_mirror(self, source: str) -> dict[str, Any] | None:
-        """Return the mirror row of an upstream URL, or None."""
-        with self._cursor() as cur:
-            cur.execute(queries()["get_mirror"], {"source": source})
-            return cur.fetchone()
-
-    def put_mirror(self, source: str, packages: list[dict[str, Any]], *, etag: str | None,
-                   last_modified: str | None) -> None:
-        """Replace the mirror of ``source`` with a fresh copy."""
-        with self._cursor() as cur:
-            cur.execute(queries()["put_mirror"], {
-                "source": source, "packages": Jsonb(packages), "etag": etag,
-                "last_modified": last_modified})
-
-    def touch_mirror(self, source: str, *, error: str | None) -> None:
-        """Record a refresh that changed nothing, or failed with ``error``."""
-        with self._cursor() as cur:
-            cur.execute(queries()["touch_mirror"], {"source": source, "error": error})
-
-    def package_downloads(self) -> dict[str, int]:
-        """Return how often Kiln's builds were downloaded, per plugin package."""
-        with self._cursor() as cur:
-            cur.execute(queries()["package_downloads"], {})
-            return {r["package"]: int(r["downloads"]) for r in cur.fetchall()}
-
-
-class CatalogMirror:
-    """Copy an upstream /api/packages into the database (a janitor job)."""
-
-    def __init__(self, *, store: CatalogStore, url: str,
-                 timeout: float = MIRROR_TIMEOUT_SECONDS,
-                 max_bytes: int = MIRROR_MAX_BYTES) -> None:
-        self.store = store
-        self.url = url
-        self.timeout = timeout
-        self.max_bytes = max_bytes
-        # one opener: it honours HTTPS_PROXY/NO_PROXY from the environment
-        self._opener = urllib.request.build_opener()
-
-    def refresh(self) -> str:
-        """Fetch the upstream catalog (conditionally) and store it; return what happened."""
-        row = self.store.get_mirror(self.url)
-        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
-        if row and row["fetched_at"] is not None:
-            if row["etag"]:
-                headers["If-None-Match"] = row["etag"]
-            if row["last_modified"]:
-                headers["If-Modified-Since"] = row["last_modified"]
-        request = urllib.request.Request(self.url, headers=headers)
-        try:
-            with self._opener.open(request, timeout=self.timeout) as resp:
-                body = resp.read(self.max_bytes + 1)
-                etag, modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            if exc.code == 304:
-                self.store.touch_mirror(self.url, error=None)
-                return "unchanged"
-            return self._failed(f"{self.url} answered {exc.code}")
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            return self._failed(f"{self.url} is unreachable: {getattr(exc, 'reason', exc)}")
-        if len(body) > self.max_bytes:
-            return self._failed(f"{self.url} sent more than {self.max_bytes} bytes")
-        try:
-            packages = parse_packages(json.loads(body), source=self.url, strict=False)
-        except (ValueError, CatalogError) as exc:
-            return self._failed(f"{self.url} did not send a catalog: {exc}")
-        if not packages:
-            return self._failed(f"{self.url} listed no valid package; the last copy is kept")
-        self.store.put_mirror(self.url, [p.to_dict() for p in packages], etag=etag,
-                              last_modified=modified)
-        return f"mirrored {len(packages)} packages from {self.url}"
-
-    def _failed(self, message: str) -> str:
-        log.warning("catalog mirror: %s", message)
-        self.store.touch_mirror(self.url, error=message)
-        return ""
-
-
 # ---------------------------------------------------------------------------
 # The catalog an API process serves
 # ---------------------------------------------------------------------------
@@ -509,37 +406,3 @@ class Catalog:
             return index
         return CatalogIndex(dataclasses.replace(p, downloads=p.downloads + extra.get(p.path, 0))
                             for p in index.packages)
-
-
-class CatalogBuildService(BuildService):
-    """A BuildService that maps plugins through the catalog and enforces ``plugins.allow``.
-
-    Every way of submitting builds (/api/builds, /api/download, /api/compat) goes through
-    ``resolve``, so the policy cannot be side-stepped by choosing another endpoint.
-    """
-
-    def __init__(self, *, catalog: Catalog | None, allow: str = "any", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.catalog = catalog
-        self.allow = allow
-
-    def admit(self, request: BuildRequest) -> BuildRequest:
-        """Map the request's plugins to catalog packages; refuse unregistered ones if asked."""
-        if self.catalog is None:
-            return request
-        try:
-            index = self.catalog.index()
-        except CatalogUnavailable:
-            if self.allow == "registered":
-                raise
-            log.warning("plugin catalog unavailable; building plugins as named", exc_info=True)
-            return request
-        mapped = index.map_request(request)
-        if self.allow == "registered":
-            index.check(mapped)
-        return mapped
-
-    def resolve(self, request: BuildRequest) -> Any:
-        """Admit the request through the catalog, then resolve it."""
-        return super().resolve(self.admit(request))
-

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
+from typing import Protocol
 
 import psycopg
 import psycopg_pool
 
 from kiln.db.builds import QueueManager
-from kiln.request.spec import is_semver
-from kiln.resolve.resolver import MemoryResolutionCache
+from kiln.gomod.semver import is_semver
 
 log = logging.getLogger(__name__)
 
@@ -48,3 +50,44 @@ class DatabaseResolutionCache:
             self.queue.put_resolution(module, query, version, stored_at=stored_at, ttl=ttl)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             log.warning("resolution cache unavailable: %s", exc)
+
+
+CACHE_MAX_ENTRIES = 10_000
+
+
+class ResolutionCache(Protocol):
+    """Where resolved versions are kept; stored_at is a reading of the Resolver's clock."""
+
+    def get(self, module: str, query: str) -> tuple[str, float] | None:
+        """Return (version, stored_at) for a module and query, or None."""
+        ...
+
+    def put(self, module: str, query: str, version: str, stored_at: float) -> None:
+        """Store the version a module and query resolved to."""
+        ...
+
+
+class MemoryResolutionCache:
+    """A thread-safe in-process ResolutionCache that forgets its oldest entries past a bound."""
+
+    def __init__(self, *, max_entries: int = CACHE_MAX_ENTRIES) -> None:
+        self._max = max_entries
+        self._lock = threading.Lock()
+        self._data: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
+
+    def get(self, module: str, query: str) -> tuple[str, float] | None:
+        """Return (version, stored_at) for a module and query, or None."""
+        with self._lock:
+            return self._data.get((module, query))
+
+    def put(self, module: str, query: str, version: str, stored_at: float) -> None:
+        """Store the version a module and query resolved to."""
+        with self._lock:
+            self._data[(module, query)] = (version, stored_at)
+            self._data.move_to_end((module, query))
+            while len(self._data) > self._max:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)

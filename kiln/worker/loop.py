@@ -18,11 +18,13 @@ from pathlib import Path
 
 import psycopg
 
+from kiln.artifacts.provenance import utc_now
 from kiln.artifacts.store import ArtifactStore, StorageError, file_sha256
-from kiln.db.builds import CANCEL_CHANNEL, QUEUE_CHANNEL, Claimed, QueueManager
+from kiln.db.builds import Claimed, QueueManager
+from kiln.db.notify import CANCEL_CHANNEL, QUEUE_CHANNEL
 from kiln.logconfig import bind_context, unbind_context
 from kiln.request.spec import BuildSpec
-from kiln.worker.attest import Attestor, utc_now
+from kiln.worker.attest import Attestor
 from kiln.worker.builder import Builder, BuildFailure, Cancelled, LogSink
 from kiln.worker.sandbox import SandboxError
 

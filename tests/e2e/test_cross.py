@@ -19,7 +19,8 @@ from platform import machine
 
 import pytest
 
-from kiln.request.spec import PLATFORMS, BuildSpec, ResolvedPlugin
+from kiln.request.platforms import PLATFORMS
+from kiln.request.spec import BuildSpec, ResolvedPlugin
 from kiln.worker.builder import BuildFailure
 from kiln.worker.sandbox import Sandbox
 from tests import binfmt
@@ -64,7 +65,7 @@ def sandbox(go_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
     if not docker_available() and not docker_required():
         yield process_sandbox(go_cache_dir), proxy
         return
-    from kiln.worker.sandbox.docker import docker_client
+    from kiln.worker.sandbox.docker_engine import docker_client
 
     image = ensure_sandbox_image()
     client = docker_client(required=True)

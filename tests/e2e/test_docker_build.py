@@ -25,7 +25,8 @@ import pytest
 import requests
 
 from kiln.config import BuildConfig, DockerSandboxConfig
-from kiln.worker.sandbox import SANDBOX_LABEL, SandboxError, make_sandbox
+from kiln.wiring import make_sandbox
+from kiln.worker.sandbox import SANDBOX_LABEL, SandboxError
 from kiln.worker.sandbox.process import ProcessSandbox
 from tests.dockerutil import ensure_sandbox_image
 from tests.fixtures import goproxy as gp
@@ -139,7 +140,7 @@ def containers_of(client: Any, worker_id: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def client(image: str) -> Iterator[Any]:
-    from kiln.worker.sandbox.docker import docker_client
+    from kiln.worker.sandbox.docker_engine import docker_client
 
     engine = docker_client(required=True)
     assert engine is not None

@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from kiln.db.pool import MIGRATIONS_DIR, MigrationError, load_migrations
+from kiln.db.migrate import MIGRATIONS_DIR, MigrationError, load_migrations
 from tests.service import REPO
 
 pytestmark = pytest.mark.slow

@@ -27,7 +27,7 @@ import psycopg
 import pytest
 import requests
 
-from kiln.db.pool import Migrator
+from kiln.db.migrate import Migrator
 from tests.fixtures import goproxy as gp
 from tests.processes import kill_sandbox_processes
 from tests.service import REPO, KilnProcesses, free_port

@@ -40,7 +40,7 @@ def spec_for(sandbox: Sandbox) -> BuildSpec:
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[Any]:
-    from kiln.worker.sandbox.docker import docker_client
+    from kiln.worker.sandbox.docker_engine import docker_client
 
     ensure_sandbox_image()
     engine = docker_client(required=True)

@@ -28,12 +28,12 @@ import pytest
 from docker.errors import NotFound
 
 from kiln.worker.sandbox.base import COMPILE, FETCH, SANDBOX_LABEL, SandboxError, Step, StepResult
-from kiln.worker.sandbox.docker import (
+from kiln.worker.sandbox.docker import DockerSandbox
+from kiln.worker.sandbox.docker_engine import (
     DEADLINE_LABEL,
     HOST_LABEL,
     PID_LABEL,
     WORKER_LABEL,
-    DockerSandbox,
     docker_client,
 )
 from tests.dockerutil import ensure_sandbox_image, require_docker

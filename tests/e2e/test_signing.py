@@ -304,7 +304,8 @@ def test_a_process_sandbox_step_sees_no_key_in_its_environment(
 def test_a_docker_sandbox_step_can_read_neither_key_file_nor_key(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, keys: dict[str, Path],
         built: dict[str, Any]) -> None:
-    from kiln.worker.sandbox.docker import DockerSandbox, docker_client
+    from kiln.worker.sandbox.docker import DockerSandbox
+    from kiln.worker.sandbox.docker_engine import docker_client
     from tests.dockerutil import ensure_sandbox_image
 
     image = ensure_sandbox_image()

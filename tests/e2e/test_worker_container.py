@@ -28,7 +28,7 @@ import psycopg
 import pytest
 import requests
 
-from kiln.db.pool import Migrator, load_migrations
+from kiln.db.migrate import Migrator, load_migrations
 from tests.dockerutil import REPO, ensure_sandbox_image, require_docker
 from tests.fixtures import goproxy as gp
 from tests.service import KilnProcesses, free_port

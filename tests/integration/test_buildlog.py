@@ -12,9 +12,10 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from kiln.api.events import BuildWatch, Cursor
+from kiln.db.build_logs import LOGS_CHANNEL, BuildLogs
 from kiln.db.builds import QueueManager
 from kiln.request.spec import BuildSpec
-from kiln.worker.buildlog import LOGS_CHANNEL, BuildLogs, LogWriter
+from kiln.worker.buildlog import LogWriter
 
 SPEC = BuildSpec(os="linux", arch="amd64", arm="", caddy_version="v2.8.4", plugins=(),
                  replacements=(), go_version="go1.27.3", sandbox="process")

@@ -19,11 +19,15 @@ from psycopg_pool import ConnectionPool
 
 from kiln.api.waiter import BuildWaiter
 from kiln.config import load_config
-from kiln.db.builds import EVENTS_CHANNEL, QueueManager
-from kiln.db.notify import Notifier
+from kiln.db.builds import QueueManager
+from kiln.db.catalog import CatalogStore
+from kiln.db.notify import EVENTS_CHANNEL, Notifier
 from kiln.db.pool import connect
-from kiln.request.catalog import Catalog, CatalogMirror, CatalogStore
-from kiln.resolve.resolver import MemoryResolutionCache, ModuleProxy, Resolver
+from kiln.janitor.catalog_mirror import CatalogMirror
+from kiln.request.catalog import Catalog
+from kiln.resolve.cache import MemoryResolutionCache
+from kiln.resolve.proxy import ModuleProxy
+from kiln.resolve.resolver import Resolver
 from tests.fixtures import goproxy as gp
 
 KEY = hashlib.sha256(b"compat").hexdigest()

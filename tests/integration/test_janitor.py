@@ -22,11 +22,15 @@ import pytest
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from kiln.artifacts.store import LocalStore, file_sha256
-from kiln.db.builds import QUEUE_CHANNEL, QueueManager
-from kiln.db.builds import queries as queue_queries
-from kiln.janitor.gc import Pruner, StorageCollector
-from kiln.janitor.scheduler import Janitor, Job, Maintenance
+from kiln.artifacts.local import LocalStore
+from kiln.artifacts.store import file_sha256
+from kiln.db.builds import QueueManager
+from kiln.db.notify import QUEUE_CHANNEL
+from kiln.db.sql import queries as queue_queries
+from kiln.janitor.gc import StorageCollector
+from kiln.janitor.maintenance import Maintenance
+from kiln.janitor.prune import Pruner
+from kiln.janitor.scheduler import Janitor, Job
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = {"os": "linux", "arch": "amd64"}

@@ -7,7 +7,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from kiln.db.pool import MIGRATIONS_DIR, MigrationError, Migrator, load_migrations
+from kiln.db.migrate import MIGRATIONS_DIR, MigrationError, Migrator, load_migrations
 
 
 def test_migrations_from_zero_build_the_schema(empty_db_url: str) -> None:

@@ -11,7 +11,8 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from kiln.db.builds import QUEUE_CHANNEL, QueueManager
+from kiln.db.builds import QueueManager
+from kiln.db.notify import QUEUE_CHANNEL
 
 
 def key_of(n: int) -> str:
@@ -137,8 +138,7 @@ def test_notify_wakes_a_listener(queue: QueueManager, db_url: str) -> None:
 
 
 def test_notifier_fans_out_to_subscribers_of_a_key(queue: QueueManager, db_url: str) -> None:
-    from kiln.db.builds import EVENTS_CHANNEL, parse_event
-    from kiln.db.notify import Notifier
+    from kiln.db.notify import EVENTS_CHANNEL, Notifier, parse_event
 
     notifier = Notifier(lambda: psycopg.connect(db_url, autocommit=True),
                         channels=[EVENTS_CHANNEL])

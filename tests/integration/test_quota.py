@@ -13,9 +13,11 @@ import pytest
 import requests
 from psycopg_pool import ConnectionPool
 
+from kiln.api.principal import Principal
 from kiln.api.quota import QuotaExceeded, QuotaManager
-from kiln.db.api_keys import KeyManager, Principal
-from kiln.db.builds import QUEUE_CHANNEL, QueueManager
+from kiln.db.api_keys import KeyManager
+from kiln.db.builds import QueueManager
+from kiln.db.notify import QUEUE_CHANNEL
 from tests.service import KilnProcesses
 
 SPEC = {"os": "linux", "arch": "amd64"}

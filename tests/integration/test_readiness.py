@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from kiln.config import DatabaseConfig
-from kiln.db.pool import migrate
+from kiln.db.migrate import migrate
 from tests.dockerutil import require_docker
 from tests.service import REPO, KilnProcesses, free_port, wait_for
 

@@ -15,9 +15,11 @@ import boto3
 import pytest
 import requests
 
+from kiln.artifacts.local import LocalStore
 from kiln.artifacts.s3 import MIN_PART_BYTES, S3Store
-from kiln.artifacts.store import ArtifactStore, LocalStore, StorageError, StoredObject, make_store
+from kiln.artifacts.store import ArtifactStore, StorageError, StoredObject
 from kiln.config import ConfigError, LocalStorageConfig, S3StorageConfig, StorageConfig
+from kiln.wiring import make_store
 
 KEY = hashlib.sha256(b"a build").hexdigest()
 OTHER_KEY = hashlib.sha256(b"another build").hexdigest()

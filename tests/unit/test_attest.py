@@ -21,7 +21,16 @@ from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 
 from kiln.api.errors import ApiError
-from kiln.api.groups import platform_requests
+from kiln.api.groups import group_state, platform_requests
+from kiln.artifacts.provenance import (
+    SLSA_PROVENANCE_V1,
+    STATEMENT_TYPE,
+    checksum_line,
+    cyclonedx_sbom,
+    go_sum_dependencies,
+    h1_hex,
+    provenance_statement,
+)
 from kiln.artifacts.signing import (
     EnvelopeError,
     PublicKey,
@@ -32,19 +41,11 @@ from kiln.artifacts.signing import (
     open_envelope,
     signer_from_settings,
 )
-from kiln.db.groups import group_id, group_state
-from kiln.janitor.webhooks import CallbackRefused, check_callback_url, sign_body, verify_body
+from kiln.db.groups import group_id
+from kiln.janitor.webhooks import sign_body, verify_body
+from kiln.request.callbacks import CallbackRefused, check_callback_url
 from kiln.request.spec import BuildSpec, ResolvedPlugin
-from kiln.worker.attest import (
-    SLSA_PROVENANCE_V1,
-    STATEMENT_TYPE,
-    checksum_line,
-    cyclonedx_sbom,
-    go_sum_dependencies,
-    h1_hex,
-    parse_go_version_m,
-    provenance_statement,
-)
+from kiln.worker.attest import parse_go_version_m
 from kiln.worker.builder import BuildOutput
 from kiln.worker.sandbox.process import find_go
 

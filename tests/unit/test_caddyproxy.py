@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from kiln.client.caddyproxy import (
+from kiln.client.caddyproxy import parse_listen
+from kiln.client.certs import (
     LEAF_DAYS,
     RENEW_DAYS,
     TARGET_HOST,
     CaddyProxyError,
     ensure_certificates,
-    parse_listen,
 )
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)

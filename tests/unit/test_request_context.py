@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from kiln.api.quota import address_group, client_address, parse_networks
+from kiln.api.principal import address_group, client_address, parse_networks
 from kiln.config import ConfigError, LoggingConfig, load_config
 from kiln.logconfig import log_context, setup_logging
 

@@ -8,34 +8,36 @@ import random
 
 import pytest
 
+from kiln.errors import SpecError
+from kiln.gomod.module import (
+    check_import_path,
+    check_module_path,
+    check_path_major,
+    module_prefixes,
+    split_path_version,
+)
+from kiln.gomod.query import check_version_query, query_kind
+from kiln.gomod.semver import (
+    canonical,
+    canonical_version,
+    is_prerelease,
+    is_pseudo_version,
+    is_semver,
+    semver_compare,
+    semver_major,
+    semver_sort,
+)
+from kiln.request.platforms import PLATFORMS, check_platform
 from kiln.request.spec import (
     CADDY_MODULE,
     DEFAULT_TAGS,
-    PLATFORMS,
     BuildRequest,
     BuildSpec,
     PluginRequest,
     Replacement,
     ResolvedPlugin,
-    SpecError,
-    canonical,
-    canonical_version,
-    check_import_path,
-    check_module_path,
-    check_path_major,
-    check_platform,
-    check_version_query,
-    is_prerelease,
-    is_pseudo_version,
-    is_semver,
-    module_prefixes,
     parse_plugin,
     parse_replacement,
-    query_kind,
-    semver_compare,
-    semver_major,
-    semver_sort,
-    split_path_version,
 )
 
 # ---------------------------------------------------------------------------

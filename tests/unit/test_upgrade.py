@@ -15,18 +15,9 @@ from pathlib import Path
 import pytest
 
 from kiln.client.builds import ClientError
-from kiln.client.upgrade import (
-    Installed,
-    Listed,
-    Plugin,
-    built_outcome,
-    parse_list_modules,
-    plan_add,
-    plan_remove,
-    plan_upgrade,
-    planned_outcome,
-    replace_binary,
-)
+from kiln.client.install import replace_binary
+from kiln.client.installed import Installed, Listed, Plugin, parse_list_modules
+from kiln.client.upgrade import built_outcome, plan_add, plan_remove, plan_upgrade, planned_outcome
 from kiln.gomod.buildinfo import BuildInfo
 from tests.fixtures import goproxy as gp
 

@@ -16,19 +16,13 @@ from typing import Any
 
 import pytest
 
-from kiln.request.spec import CADDY_MODULE, BuildRequest, PluginRequest, ResolvedPlugin, SpecError
-from kiln.resolve.resolver import (
-    MemoryResolutionCache,
-    ModuleNotFound,
-    ModuleProxy,
-    ProxyUnavailable,
-    Resolver,
-    VersionInfo,
-    encode_path,
-    encode_version,
-    parse_retractions,
-    resolve_spec,
-)
+from kiln.errors import SpecError
+from kiln.gomod.gomodfile import parse_retractions
+from kiln.gomod.module import encode_path, encode_version
+from kiln.request.spec import CADDY_MODULE, BuildRequest, PluginRequest, ResolvedPlugin
+from kiln.resolve.cache import MemoryResolutionCache
+from kiln.resolve.proxy import ModuleNotFound, ModuleProxy, ProxyUnavailable, VersionInfo
+from kiln.resolve.resolver import Resolver, resolve_spec
 
 PSEUDO_UNTAGGED = "v0.0.0-20240703190432-89f16b99c18e"
 PSEUDO_CADDY_MASTER = "v2.9.0-beta.1.0.20240801120000-abcdefabcdef"

@@ -28,7 +28,6 @@ __all__ = [
     "StepResult",
     "docker_problem",
     "docker_unavailable",
-    "make_sandbox",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,7 @@ def docker_problem(config: BuildConfig) -> tuple[str, bool] | None:
     try:
         from docker.errors import ImageNotFound
 
-        from kiln.worker.sandbox.docker import _ENGINE_ERRORS, docker_client
+        from kiln.worker.sandbox.docker_engine import _ENGINE_ERRORS, docker_client
     except ImportError as exc:
         return f"the docker SDK is not installed ({exc}): pip install docker", False
     client = docker_client()
@@ -65,37 +64,3 @@ def docker_unavailable(config: BuildConfig) -> str | None:
     """Return why the docker sandbox cannot run here (no SDK, engine or image), or None."""
     problem = docker_problem(config)
     return problem[0] if problem else None
-
-
-def make_sandbox(config: BuildConfig, *, worker_id: str = "") -> Sandbox:
-    """Return the sandbox ``build.sandbox`` names.
-
-    ``auto`` picks docker when an engine answers and the sandbox image is there, else
-    the process sandbox, and logs why; ``docker`` raises SandboxError saying what is
-    missing.
-    """
-    from kiln.worker.sandbox.process import ProcessSandbox, find_go
-
-    kind = config.sandbox
-    if kind == "auto":
-        reason = docker_unavailable(config)
-        if reason is None:
-            kind = "docker"
-        else:
-            log.warning("build.sandbox auto: using the process sandbox, which isolates the "
-                        "environment but not the machine: %s", reason)
-    if kind == "docker":
-        try:
-            from kiln.worker.sandbox.docker import DockerSandbox, docker_client
-        except ImportError as exc:
-            raise SandboxError(
-                f"build.sandbox docker: the docker SDK is not installed ({exc}): "
-                "pip install docker"
-            ) from exc
-        client = docker_client(required=True)
-        assert client is not None
-        sandbox = DockerSandbox.from_config(config, client=client, worker_id=worker_id)
-        log.info("build.sandbox %s: docker, image %s (%s)", config.sandbox,
-                 config.docker.image, sandbox.image_id)
-        return sandbox
-    return ProcessSandbox(go=find_go(config.go), cache_dir=config.cache_dir)

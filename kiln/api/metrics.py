@@ -1,0 +1,54 @@
+"""``/metrics`` and the middleware that times every request."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from kiln.metrics import HTTP_BUCKETS, KilnCollector, MetricsRecorder
+
+if TYPE_CHECKING:
+    import falcon
+
+
+class MetricsMiddleware:
+    """Record each request's time to response headers by method, route and status."""
+
+    def __init__(self, recorder: MetricsRecorder,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.recorder = recorder
+        self.clock = clock
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.metrics_started = self.clock()
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
+                         req_succeeded: bool) -> None:
+        started = req.context.get("metrics_started")
+        if started is None:
+            return
+        route = req.uri_template if resource is not None and req.uri_template else "unmatched"
+        self.recorder.observe(
+            "kiln_http_request_duration_seconds",
+            {"method": req.method, "route": route, "status": str(resp.status_code)},
+            self.clock() - started, HTTP_BUCKETS)
+
+
+class MetricsResource:
+    """``/metrics``: Prometheus text exposition of the whole deployment."""
+
+    def __init__(self, *, recorder: MetricsRecorder, collector: KilnCollector) -> None:
+        #: requirements for kiln.api.auth (empty: public)
+        self.auth: dict[str, str] = {}
+        self.recorder = recorder
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collector)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        # this process's latest counts belong in the answer it gives
+        self.recorder.flush()
+        resp.content_type = CONTENT_TYPE_LATEST
+        resp.data = generate_latest(self.registry)
