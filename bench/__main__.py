@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import build_bench, http_bench, queue_bench, real_bench
+from bench.bulk_plugin import add_bulk
 from bench.infra import fresh_database, load_average, postgres, remove_tree, server_version
 from bench.report import Figure, Results, Row, percentile
 from tests.fixtures import goproxy as gp
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             if "builds" in groups:
                 results.group = "builds"
-                gp.add_bulk(proxy_dir)
+                add_bulk(proxy_dir)
                 data = build_bench.run(root=root / "builds", proxy_dir=proxy_dir,
                                        repeats=repeats, progress=log, keep=cache_for_http,
                                        workloads=("tiny",) if args.smoke

@@ -2,7 +2,7 @@
 
 Two workloads: ``tiny`` (Caddy + hello: a 2 MB binary that builds in a third of a
 second, which shows the fixed cost of a sandbox step) and ``large`` (the same plus the
-generated bulk plugin of tests/fixtures/goproxy.py: a ~38 MB binary, the size of a real
+generated bulk plugin of bench/bulk_plugin.py: a ~38 MB binary, the size of a real
 Caddy with a few plugins, whose warm build relinks it).
 
 Kiln's Builder (the xcaddy procedure: go get core, each plugin, a combined re-pin, tidy,
@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.bulk_plugin import BULK, BULK_VERSIONS
 from bench.infra import remove_tree
 from kiln.request.spec import BuildSpec, ResolvedPlugin
 from kiln.worker.builder import Builder
@@ -104,8 +105,8 @@ def spec_for(sandbox: Sandbox, hello: str, workload: str = "tiny") -> BuildSpec:
     """Return the spec of Caddy + hello at ``hello`` (+ the bulk plugin for ``large``)."""
     plugins = [ResolvedPlugin(package=gp.HELLO, module=gp.HELLO, version=hello)]
     if workload == "large":
-        plugins.append(ResolvedPlugin(package=gp.BULK, module=gp.BULK,
-                                      version=gp.BULK_VERSIONS[0]))
+        plugins.append(ResolvedPlugin(package=BULK, module=BULK,
+                                      version=BULK_VERSIONS[0]))
     return BuildSpec(os="linux", arch="amd64", arm="", caddy_version=CADDY_VERSION,
                      plugins=tuple(plugins), replacements=(),
                      go_version=sandbox.go_version(), sandbox=sandbox.identity)
@@ -168,7 +169,7 @@ def run(*, root: Path, proxy_dir: Path, repeats: int, progress: Callable[[str], 
     """Run the builds; return {"runs": [[BuildRun, ...], ...], "docker_missing": reason}.
 
     ``keep``: where the last run's warm tiny-workload process-sandbox caches are moved for
-    later use. ``proxy_dir`` must hold the bulk plugin (goproxy.add_bulk) for ``large``.
+    later use. ``proxy_dir`` must hold the bulk plugin (bulk_plugin.add_bulk) for ``large``.
     """
     proxy = f"file://{proxy_dir}"
     work = root / "work"
