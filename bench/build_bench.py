@@ -39,8 +39,7 @@ from bench.bulk_plugin import BULK, BULK_VERSIONS
 from bench.infra import remove_tree
 from kiln.request.spec import BuildSpec, ResolvedPlugin
 from kiln.worker.builder import Builder
-from kiln.worker.sandbox import Sandbox, Step, StepResult
-from kiln.worker.sandbox.base import EachStep
+from kiln.worker.sandbox.base import EachStep, Sandbox, Step, StepResult
 from kiln.worker.sandbox.process import ProcessSandbox, find_go
 from tests.fixtures import goproxy as gp
 
@@ -154,7 +153,7 @@ def docker_sandbox(cache_dir: Path, proxy: str, *, gosumdb: str = "sum.golang.or
     client = docker_client(required=False)
     if client is None:
         return "no Docker Engine answers"
-    from kiln.worker.sandbox import SandboxError
+    from kiln.worker.sandbox.base import SandboxError
 
     try:
         config = BuildConfig(goproxy=proxy, gosumdb=gosumdb, cache_dir=cache_dir)

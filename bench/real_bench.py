@@ -75,7 +75,7 @@ from bench import build_bench
 from bench.infra import descendants, remove_tree
 from kiln.request.spec import BuildSpec, ResolvedPlugin
 from kiln.worker.builder import Builder
-from kiln.worker.sandbox import Sandbox
+from kiln.worker.sandbox.base import Sandbox
 from kiln.worker.sandbox.process import ProcessSandbox, find_go
 from tests import realcaddy as rc
 

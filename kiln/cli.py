@@ -55,11 +55,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Check once what a role needs (database and schema, store, build engine); exit 1 if not."""
-    from kiln.readiness import dependencies, probe
-    from kiln.wiring import database_url
+    from kiln.readiness import probe
+    from kiln.wiring import database_url, make_dependencies
 
     config = _config(args)
-    results = probe(dependencies(config, args.role, url=database_url(config)))
+    results = probe(make_dependencies(config, args.role, url=database_url(config)))
     for name, why in results.items():
         print(f"{name}: {why or 'ok'}")
     return 1 if any(results.values()) else 0
@@ -76,16 +76,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run a build worker."""
-    from functions.worker.__main__ import main
+    from kiln.programs import worker_main
 
-    return main(args.rest)
+    return worker_main(args.rest)
 
 
 def cmd_janitor(args: argparse.Namespace) -> int:
     """Run the janitor."""
-    from functions.janitor.__main__ import main
+    from kiln.programs import janitor_main
 
-    return main(args.rest)
+    return janitor_main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,12 +19,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kiln.errors import KilnError
+
 ENV_PREFIX = "KILN_"
 DEFAULT_CONFIG_FILE = "config.yml"
 DEFAULT_GOPROXY = "https://proxy.golang.org"
 
 
-class ConfigError(Exception):
+class ConfigError(KilnError):
     """The configuration cannot be used; the message names the field and the reason."""
 
 

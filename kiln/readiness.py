@@ -19,9 +19,10 @@ from urllib.parse import urlsplit
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from kiln.config import Config, DatabaseConfig
+from kiln.config import DatabaseConfig
 from kiln.db.migrate import MIGRATIONS_DIR, MigrationError, load_migrations
 from kiln.db.pool import connect
+from kiln.errors import KilnError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ FIRST_DELAY = 1.0
 MAX_DELAY = 15.0
 
 
-class NotReady(Exception):
+class NotReady(KilnError):
     """A dependency cannot be used; the message says which and why."""
 
 
@@ -98,60 +99,6 @@ def database_check(url: str, config: DatabaseConfig) -> Callable[[], None]:
     return schema_check(lambda: connect(url, config, application="kiln-check"), where(url))
 
 
-def store_check(config: Config) -> Callable[[], None]:
-    """Make the configured store and ask it whether it can be written."""
-
-    def check() -> None:
-        from kiln.wiring import make_store
-
-        make_store(config.storage).check()
-
-    return check
-
-
-def engine_check(config: Config) -> Callable[[], None]:
-    """Check that the configured sandbox could run a build step here."""
-
-    def check() -> None:
-        from kiln.worker.sandbox import SandboxError, docker_problem
-        from kiln.worker.sandbox.process import find_go
-
-        kind = config.build.sandbox
-        if kind in ("docker", "auto"):
-            problem = docker_problem(config.build)
-            if problem is None:
-                return
-            reason, transient = problem
-            if kind == "docker":
-                raise (NotReady if transient else Missing)(f"build.sandbox docker: {reason}")
-        try:
-            find_go(config.build.go)  # the process sandbox needs a Go toolchain
-        except SandboxError as exc:
-            raise Missing(str(exc)) from exc
-
-    return check
-
-
-def dependencies(config: Config, role: str, *, url: str) -> list[Dependency]:
-    """Return what ``role`` (worker, api, janitor) needs, as checks."""
-    made = {
-        "database": lambda: Dependency("database", database_check(url, config.database)),
-        "store": lambda: Dependency("store", store_check(config)),
-        "engine": lambda: Dependency("engine", engine_check(config)),
-    }
-    return [made[name]() for name in NEEDS[role]]
-
-
-def _explained() -> tuple[type[Exception], ...]:
-    """Kiln's errors whose message already says what is wrong (no type name needed)."""
-    from kiln.artifacts.store import StorageError
-    from kiln.config import ConfigError
-    from kiln.db.migrate import MigrationError
-    from kiln.worker.sandbox import SandboxError
-
-    return (NotReady, ConfigError, MigrationError, SandboxError, StorageError)
-
-
 def probe(deps: Sequence[Dependency], *, missing: set[str] | None = None
           ) -> dict[str, str | None]:
     """Run every check once: {name: None when usable, else why not}.
@@ -163,7 +110,7 @@ def probe(deps: Sequence[Dependency], *, missing: set[str] | None = None
         try:
             dep.check()
         except Exception as exc:  # any failure is a reason to report, not to crash on
-            results[dep.name] = str(exc) if isinstance(exc, _explained()) else (
+            results[dep.name] = str(exc) if isinstance(exc, KilnError) else (
                 f"{type(exc).__name__}: {_first_line(exc)}")
             if missing is not None and isinstance(exc, Missing):
                 missing.add(dep.name)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from kiln.config import Config, ServeConfig
 from kiln.db.embedded import start_embedded_postgres
 from kiln.db.migrate import migrate
+from kiln.errors import KilnError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class Child:
     restarts: deque[float] = field(default_factory=deque)
 
 
-class CrashLoop(Exception):
+class CrashLoop(KilnError):
     """A child exited too often too soon: the service stops."""
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,11 +23,18 @@ from kiln.db.attestations import AttestManager
 from kiln.db.build_logs import LOGS_CHANNEL, BuildLogs
 from kiln.db.builds import QueueManager
 from kiln.db.catalog import CatalogStore
+from kiln.db.migrate import migrate
 from kiln.db.notify import EVENTS_CHANNEL, Notifier
 from kiln.db.pool import connect, make_pool
 from kiln.db.webhooks import WebhookManager
+from kiln.janitor.catalog_mirror import CatalogMirror
+from kiln.janitor.gc import StorageCollector
+from kiln.janitor.maintenance import Maintenance
+from kiln.janitor.prune import Pruner
+from kiln.janitor.scheduler import Janitor, Job
 from kiln.janitor.webhooks import Deliverer
 from kiln.metrics import MetricsRecorder
+from kiln.readiness import NEEDS, Dependency, Missing, NotReady, database_check
 from kiln.request.callbacks import SIGNATURE_HEADER
 from kiln.request.catalog import Catalog
 from kiln.resolve.cache import DatabaseResolutionCache
@@ -36,8 +44,9 @@ from kiln.worker.attest import Attestor
 from kiln.worker.builder import Builder
 from kiln.worker.buildlog import LogWriter
 from kiln.worker.metered import MeteredSandbox
-from kiln.worker.sandbox import docker_unavailable
 from kiln.worker.sandbox.base import Sandbox, SandboxError
+from kiln.worker.sandbox.docker_engine import docker_problem, docker_unavailable
+from kiln.worker.sandbox.process import find_go
 
 if TYPE_CHECKING:
     from kiln.config import BuildConfig
@@ -223,3 +232,78 @@ def make_deliverer(config: Config, *, pool: ConnectionPool) -> Deliverer:
         max_attempts=settings.max_attempts, retry_base_seconds=settings.retry_base_seconds,
         max_retry_seconds=settings.max_retry_seconds,
     )
+
+
+# readiness: what each role needs, as checks (kiln/readiness.py) --------------------------
+
+
+def store_check(config: Config) -> Callable[[], None]:
+    """Make the configured store and ask it whether it can be written."""
+
+    def check() -> None:
+        make_store(config.storage).check()
+
+    return check
+
+
+def engine_check(config: Config) -> Callable[[], None]:
+    """Check that the configured sandbox could run a build step here."""
+
+    def check() -> None:
+        kind = config.build.sandbox
+        if kind in ("docker", "auto"):
+            problem = docker_problem(config.build)
+            if problem is None:
+                return
+            reason, transient = problem
+            if kind == "docker":
+                raise (NotReady if transient else Missing)(f"build.sandbox docker: {reason}")
+        try:
+            find_go(config.build.go)  # the process sandbox needs a Go toolchain
+        except SandboxError as exc:
+            raise Missing(str(exc)) from exc
+
+    return check
+
+
+def make_dependencies(config: Config, role: str, *, url: str) -> list[Dependency]:
+    """Return what ``role`` (worker, api, janitor) needs, as checks."""
+    made = {
+        "database": lambda: Dependency("database", database_check(url, config.database)),
+        "store": lambda: Dependency("store", store_check(config)),
+        "engine": lambda: Dependency("engine", engine_check(config)),
+    }
+    return [made[name]() for name in NEEDS[role]]
+
+
+def make_janitor(config: Config, *, url: str) -> Janitor:
+    """Return a janitor and its jobs, wired from the config."""
+    # each running job holds one connection for its lock and uses at most one more
+    pool = make_pool(url, config.database, application="kiln-janitor",
+                     min_size=1, max_size=16)
+    queue = QueueManager(pool)
+    maintenance = Maintenance(pool)
+    jc = config.janitor
+    collector = StorageCollector(
+        maintenance=maintenance, store=make_store(config.storage),
+        retention=jc.artifact_retention, budget_bytes=jc.storage_budget_bytes,
+        grace_seconds=jc.gc_grace_seconds)
+    pruner = Pruner(maintenance=maintenance, log_retention=jc.log_retention,
+                    attempt_retention=jc.attempt_retention)
+    jobs = [
+        Job("requeue_expired", jc.requeue_interval, queue.requeue_expired),
+        Job("mark_gone_workers", jc.worker_interval,
+            lambda: queue.mark_gone_workers(seconds=jc.worker_gone_seconds)),
+        Job("expire_resolutions", jc.resolutions_interval, queue.expire_resolutions),
+        Job("storage_gc", jc.gc_interval, collector.collect),
+        Job("prune", jc.prune_interval, pruner.prune),
+        # callbacks of finished builds (kiln/janitor/webhooks.py)
+        Job("deliver_webhooks", config.webhooks.interval,
+            make_deliverer(config, pool=pool).run_once),
+    ]
+    if config.plugins.catalog_url:
+        # the mirror behind /api/packages and plugins.allow
+        mirror = CatalogMirror(store=CatalogStore(queue.pool), url=config.plugins.catalog_url)
+        jobs.append(Job("refresh_catalog", config.plugins.catalog_refresh, mirror.refresh))
+    return Janitor(queue=queue, migrate=lambda: migrate(url, config.database), jobs=jobs,
+               maintenance=maintenance)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.worker.builder import Builder
-from kiln.worker.sandbox import Sandbox
+from kiln.worker.sandbox.base import Sandbox
 from kiln.worker.sandbox.process import ProcessSandbox, find_go
 from tests.fixtures import goproxy as gp
 

@@ -56,11 +56,10 @@ class JanitorFunction:
     """The janitor as a one-shot scheduled handler."""
 
     def __init__(self, config: Config, *, janitor: Any = None) -> None:
-        from kiln.janitor.scheduler import Janitor
-        from kiln.wiring import database_url
+        from kiln.wiring import database_url, make_janitor
 
         self.config = config
-        self.janitor = janitor if janitor is not None else Janitor.from_config(
+        self.janitor = janitor if janitor is not None else make_janitor(
             config, url=database_url(config))
 
     def __call__(self, event: dict[str, Any], context: Any) -> dict[str, Any]:

@@ -11,14 +11,12 @@ from typing import Any
 
 import falcon
 
-from kiln.api import auth as api_auth
 from kiln.api.auth import ADMIN, KEY, forbidden, principal_of
-from kiln.api.builds import KEY_PATTERN, BuildResource, build_document
+from kiln.api.builds import BuildResource
+from kiln.api.documents import KEY_PATTERN, build_document
 from kiln.api.errors import ApiError, bad_request, not_found, unavailable
-from kiln.api.metrics import MetricsResource
 from kiln.artifacts.store import ArtifactStore, StorageError
 from kiln.db.builds import STATES, QueueManager
-from kiln.metrics import KilnCollector, MetricsRecorder
 
 #: builds one listing returns by default, and at most
 LIST_LIMIT = 50
@@ -45,7 +43,7 @@ def _time_param(req: falcon.Request, name: str) -> dt.datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
-def _load(queue: QueueManager, key: str) -> dict[str, Any]:
+def load_build(queue: QueueManager, key: str) -> dict[str, Any]:
     if not KEY_PATTERN.match(key):
         raise not_found(f"{key!r} is not a build key (64 lowercase hex characters)")
     row = queue.get(key)
@@ -62,13 +60,13 @@ def conflict(message: str) -> ApiError:
 def cancel_build(queue: QueueManager, req: falcon.Request, key: str) -> dict[str, Any]:
     """Cancel ``key`` for whoever sent ``req``; return the build's row afterwards."""
     principal = principal_of(req)
-    row = _load(queue, key)
+    row = load_build(queue, key)
     if not principal.is_admin and row.get("requested_by") != principal.requester:
         raise forbidden(f"{principal.describe()} did not ask for build {key}: only the key "
                         "that asked for it, or an admin key, may cancel it")
     if row["state"] in ("queued", "running"):
         queue.cancel(key, reason=f"cancelled by {principal.describe()}")
-        row = _load(queue, key)
+        row = load_build(queue, key)
     if row["state"] != "cancelled":
         raise conflict(f"build {key} has {row['state']}; only a queued or running build "
                        "can be cancelled")
@@ -134,12 +132,12 @@ class AdminRebuildResource:
         self.queue = queue
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
-        row = _load(self.queue, key)
+        row = load_build(self.queue, key)
         if not self.queue.force_rebuild(key):
             raise conflict(f"build {key} is {row['state']}; only a finished build can be "
                            "rebuilt")
         resp.status = falcon.HTTP_202
-        resp.media = admin_build_document(_load(self.queue, key), queue=self.queue)
+        resp.media = admin_build_document(load_build(self.queue, key), queue=self.queue)
         resp.location = resp.media["links"]["self"]
 
 
@@ -153,7 +151,7 @@ class AdminArtifactResource:
         self.store = store
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
-        row = _load(self.queue, key)
+        row = load_build(self.queue, key)
         # detach first: from now on nobody is sent to the files being deleted
         if not self.queue.forget_artifact(key):
             raise conflict(f"build {key} is {row['state']} and has no stored artifact")
@@ -162,7 +160,7 @@ class AdminArtifactResource:
         except StorageError as exc:
             raise unavailable(f"the artifact was detached but its files cannot be deleted "
                               f"now ({exc}); the storage collector will remove them") from None
-        resp.media = admin_build_document(_load(self.queue, key), queue=self.queue)
+        resp.media = admin_build_document(load_build(self.queue, key), queue=self.queue)
 
 
 class AdminWorkersResource:
@@ -190,20 +188,3 @@ def add_routes(app: falcon.App, *, queue: QueueManager, store: ArtifactStore) ->
     app.add_route("/api/admin/builds/{key}/artifact",
                   AdminArtifactResource(queue=queue, store=store))
     app.add_route("/api/admin/workers", AdminWorkersResource(queue=queue))
-
-
-def install(app: falcon.App, *, queue: QueueManager, store: ArtifactStore,
-            metrics: MetricsRecorder, auth_mode: str = "open", metrics_public: bool = True,
-            worker_live_seconds: float = 120.0) -> None:
-    """Add the admin routes, /metrics, /openapi.json and the 429 answer to ``app``."""
-    from kiln.api import openapi
-
-    add_routes(app, queue=queue, store=store)
-    resource = MetricsResource(recorder=metrics, collector=KilnCollector(
-        queue.pool, worker_live_seconds=worker_live_seconds))
-    if not metrics_public:
-        resource.auth = {"GET": ADMIN}
-    app.add_route("/metrics", resource)
-    app.add_route("/openapi.json", openapi.OpenApiResource(auth_mode=auth_mode,
-                                                           metrics_public=metrics_public))
-    api_auth.install(app)

@@ -9,23 +9,35 @@ from typing import Any
 
 import falcon
 
-from kiln.api import admin, events, ui
-from kiln.api.auth import AuthMiddleware
+from kiln.api import admin, attest, events, openapi, ui
+from kiln.api.auth import ADMIN, AuthMiddleware, handle_quota
 from kiln.api.builds import ArtifactResource, BuildsResource, HealthResource
 from kiln.api.compat import add_routes as add_compat_routes
-from kiln.api.errors import REQUEST_ID_HEADER, handle_unexpected, request_id, serialize_error
-from kiln.api.metrics import MetricsMiddleware
+from kiln.api.errors import (
+    REQUEST_ID_HEADER,
+    handle_kiln_error,
+    handle_unexpected,
+    request_id,
+    serialize_error,
+)
+from kiln.api.groups import Callbacks, GroupResource
+from kiln.api.metrics import MetricsMiddleware, MetricsResource
 from kiln.api.principal import parse_networks
+from kiln.api.quota import QuotaExceeded
 from kiln.api.service import BuildService
 from kiln.api.waiter import BuildWaiter
 from kiln.artifacts.store import ArtifactStore
 from kiln.config import Config
 from kiln.db.api_keys import KeyManager
+from kiln.db.attestations import AttestManager
 from kiln.db.build_logs import BuildLogs
 from kiln.db.builds import QueueManager
+from kiln.db.groups import GroupManager
 from kiln.db.notify import Notifier
+from kiln.db.webhooks import WebhookManager
+from kiln.errors import KilnError
 from kiln.logconfig import bind_context, unbind_context
-from kiln.metrics import MetricsRecorder
+from kiln.metrics import KilnCollector, MetricsRecorder
 from kiln.readiness import Dependency, schema_check
 from kiln.request.catalog import Catalog
 
@@ -100,16 +112,29 @@ def create_app(services: Services) -> falcon.App:
     app.resp_options.secure_cookies_by_default = False
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
+    app.add_error_handler(KilnError, handle_kiln_error)  # type: ignore[arg-type]
     app.add_route("/healthz", HealthResource(queue=services.queue, checks=readiness(services)))
-    # callbacks and several platforms per request; signing and attestation routes
-    from kiln.api import attest
-
-    extras = attest.build_extras(services)
-    attest.add_routes(app, services, groups=extras["groups"])
+    pool = services.queue.pool
+    # several platforms per request, and webhooks to the callback_url a request names
+    groups = GroupManager(pool)
+    callbacks = Callbacks(webhooks=WebhookManager(pool),
+                          allow_private=config.webhooks.allow_private,
+                          public_url=config.api.public_url.rstrip("/"))
     app.add_route("/api/builds", BuildsResource(
         service=services.service, queue=services.queue,
         max_body_bytes=config.api.max_body_bytes, max_plugins=config.build.max_plugins,
-        **extras))
+        callbacks=callbacks, groups=groups))
+    app.add_route("/api/groups/{gid}", GroupResource(groups=groups, queue=services.queue))
+    # signatures, checksums and attestations of each artifact
+    records = AttestManager(pool)
+    files: dict[str, Any] = {"queue": services.queue, "store": services.store,
+                             "records": records}
+    app.add_route("/api/signing-key", attest.SigningKeyResource(records=records))
+    app.add_route("/api/builds/{key}/artifact.sig", attest.SignatureResource(**files))
+    app.add_route("/api/builds/{key}/artifact.sha256", attest.ChecksumResource(**files))
+    app.add_route("/api/builds/{key}/provenance", attest.ProvenanceResource(**files))
+    app.add_route("/api/builds/{key}/sbom", attest.SbomResource(**files))
+    app.add_route("/api/artifacts/{sha256}", attest.ArtifactLookupResource(records=records))
     app.add_route("/api/builds/{key}", admin.CancellableBuildResource(queue=services.queue))
     app.add_route("/api/builds/{key}/artifact", ArtifactResource(
         queue=services.queue, store=services.store,
@@ -127,7 +152,14 @@ def create_app(services: Services) -> falcon.App:
         catalog=services.catalog, max_wait=config.api.max_wait,
         max_plugins=config.build.max_plugins, redirect=config.storage.serve == "redirect",
         public_url=config.api.public_url, wait_redirects=config.api.wait_redirects)
-    admin.install(app, queue=services.queue, store=services.store, metrics=metrics,
-                  auth_mode=config.auth.mode, metrics_public=config.metrics.public,
-                  worker_live_seconds=config.janitor.worker_gone_seconds)
+    admin.add_routes(app, queue=services.queue, store=services.store)
+    scrape = MetricsResource(recorder=metrics, collector=KilnCollector(
+        pool, worker_live_seconds=config.janitor.worker_gone_seconds))
+    if not config.metrics.public:
+        scrape.auth = {"GET": ADMIN}
+    app.add_route("/metrics", scrape)
+    app.add_route("/openapi.json", openapi.OpenApiResource(
+        auth_mode=config.auth.mode, metrics_public=config.metrics.public))
+    # QuotaExceeded, raised anywhere, is a 429 in the JSON error shape
+    app.add_error_handler(QuotaExceeded, handle_quota)  # type: ignore[arg-type]
     return app

@@ -17,13 +17,12 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import falcon
 
-from kiln.api.builds import _load, build_links
+from kiln.api.documents import build_links, load_build
 from kiln.api.errors import not_found, unavailable
-from kiln.api.groups import Callbacks, GroupResource
 from kiln.artifacts.provenance import (
     DSSE_MEDIA_TYPE,
     PROVENANCE_NAME,
@@ -35,13 +34,8 @@ from kiln.artifacts.signing import PublicKey, load_public_key
 from kiln.artifacts.store import ArtifactStore, StorageError
 from kiln.db.attestations import AttestManager
 from kiln.db.builds import QueueManager
-from kiln.db.groups import GroupManager
-from kiln.db.webhooks import WebhookManager
 from kiln.errors import SpecError
 from kiln.request.spec import BuildSpec
-
-if TYPE_CHECKING:
-    from kiln.api.app import Services
 
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 KEY_ID_HEADER = "X-Kiln-Key-Id"
@@ -101,7 +95,7 @@ class _BuildFile:
         self.records = records
 
     def _succeeded(self, key: str) -> tuple[dict[str, Any], str]:
-        row = _load(self.queue, key)
+        row = load_build(self.queue, key)
         if row["state"] != "succeeded":
             raise not_found(f"build {key} is {row['state']}; its {self.kind} exists once it "
                             "has succeeded")
@@ -237,30 +231,3 @@ class ArtifactLookupResource:
                            if row["finished_at"] else None,
                            "links": build_links(row["key"])})
         resp.media = {"sha256": digest, "builds": builds}
-
-
-def build_extras(services: Services) -> dict[str, Any]:
-    """Return the BuildsResource arguments for callbacks and multi-platform groups."""
-    pool = services.queue.pool
-    config = services.config
-    return {
-        "callbacks": Callbacks(webhooks=WebhookManager(pool),
-                               allow_private=config.webhooks.allow_private,
-                               public_url=config.api.public_url.rstrip("/")),
-        "groups": GroupManager(pool),
-    }
-
-
-def add_routes(app: falcon.App, services: Services, *, groups: GroupManager) -> None:
-    """Add the signing, attestation, artifact lookup and group routes."""
-    records = AttestManager(services.queue.pool)
-    files: dict[str, Any] = {"queue": services.queue, "store": services.store,
-                             "records": records}
-    app.add_route("/api/signing-key", SigningKeyResource(records=records))
-    app.add_route("/api/builds/{key}/artifact.sig", SignatureResource(**files))
-    app.add_route("/api/builds/{key}/artifact.sha256", ChecksumResource(**files))
-    app.add_route("/api/builds/{key}/provenance", ProvenanceResource(**files))
-    app.add_route("/api/builds/{key}/sbom", SbomResource(**files))
-    app.add_route("/api/artifacts/{sha256}", ArtifactLookupResource(records=records))
-    app.add_route("/api/groups/{gid}", GroupResource(groups=groups, queue=services.queue))
-

@@ -137,8 +137,3 @@ def handle_quota(req: falcon.Request, resp: falcon.Response, ex: QuotaExceeded,
     """Turn QuotaExceeded into a 429 with Retry-After."""
     raise ApiError(falcon.HTTP_429, ex.message,
                    headers={"Retry-After": str(ex.retry_after)}) from ex
-
-
-def install(app: falcon.App) -> None:
-    """Answer QuotaExceeded raised anywhere with a 429 in the JSON error shape."""
-    app.add_error_handler(QuotaExceeded, handle_quota)  # type: ignore[arg-type]

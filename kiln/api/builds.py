@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -12,145 +9,36 @@ from typing import Any, BinaryIO
 
 import falcon
 
-from kiln.api.errors import ApiError, bad_request, not_found, unavailable
-from kiln.api.groups import Callbacks
-from kiln.api.service import BuildService, NoToolchain
+from kiln.api.documents import (
+    build_document,
+    build_links,
+    iso,
+    load_build,
+    read_json,
+    request_from_json,
+)
+from kiln.api.errors import ApiError, bad_request, http_error, not_found, unavailable
+from kiln.api.groups import Callbacks, group_document, platform_requests
+from kiln.api.service import BuildService
 from kiln.artifacts.store import ArtifactStore, StorageError
 from kiln.db.builds import QueueManager
 from kiln.db.groups import GroupManager
-from kiln.errors import SpecError
+from kiln.errors import KilnError
 from kiln.readiness import Dependency, describe, probe
-from kiln.request.catalog import CatalogUnavailable
 from kiln.request.spec import BuildRequest, BuildSpec
-from kiln.resolve.proxy import ModuleNotFound, ProxyUnavailable
 
-KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 STREAM_CHUNK = 256 * 1024
-BUILD_FIELDS = ("os", "arch", "arm", "caddy_version", "plugins", "replacements",
-                # several platforms and webhooks: kiln/api/groups.py
-                "platforms", "callback_url")
-
-
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat() if value else None
-
-
-def build_links(key: str) -> dict[str, str]:
-    """Return the URLs (relative to the server) of a build's resources."""
-    base = f"/api/builds/{key}"
-    return {"self": base, "artifact": f"{base}/artifact", "log": f"{base}/log",
-            "events": f"{base}/events",
-            # attestations: kiln/api/attest.py
-            "signature": f"{base}/artifact.sig", "checksum": f"{base}/artifact.sha256",
-            "provenance": f"{base}/provenance", "sbom": f"{base}/sbom"}
-
-
-def build_document(row: dict[str, Any], *, queue: QueueManager | None = None) -> dict[str, Any]:
-    """Return the public JSON form of a build row."""
-    spec = row["spec"]
-    doc: dict[str, Any] = {
-        "key": row["key"],
-        "state": row["state"],
-        "os": spec["os"],
-        "arch": spec["arch"],
-        "arm": spec.get("arm") or None,
-        "caddy_version": spec["caddy_version"],
-        "plugins": [
-            {"package": p["package"], "module": p["module"], "version": p["version"]}
-            for p in spec.get("plugins", [])
-        ],
-        "go_version": spec.get("go_version"),
-        "sandbox": spec.get("sandbox"),
-        "attempts": row["attempts"],
-        "max_attempts": row["max_attempts"],
-        "created_at": _iso(row["created_at"]),
-        "started_at": _iso(row["started_at"]),
-        "finished_at": _iso(row["finished_at"]),
-        "error": row["error"],
-        "retryable": row["error_kind"] == "retryable" if row["error"] else None,
-        "links": build_links(row["key"]),
-    }
-    if row["started_at"] and row["finished_at"]:
-        doc["duration_seconds"] = round(
-            (row["finished_at"] - row["started_at"]).total_seconds(), 3)
-    if row["state"] == "queued" and queue is not None:
-        doc["queue_position"] = queue.queue_position(row["key"])
-    if row["state"] == "succeeded" and row["artifact_path"]:
-        doc["artifact"] = {
-            "filename": BuildSpec.from_dict(spec).filename,
-            "size": row["artifact_size"],
-            "sha256": row["artifact_sha256"],
-        }
-    return doc
-
-
-def read_json(req: falcon.Request, max_bytes: int) -> dict[str, Any]:
-    """Read a JSON object body of at most ``max_bytes``; 400/413 otherwise."""
-    if req.content_length is not None and req.content_length > max_bytes:
-        raise ApiError(falcon.HTTP_413, f"request body over {max_bytes} bytes")
-    raw = req.bounded_stream.read(max_bytes + 1)
-    if len(raw) > max_bytes:
-        raise ApiError(falcon.HTTP_413, f"request body over {max_bytes} bytes")
-    if not raw:
-        raise bad_request("send a JSON object, e.g. {\"os\": \"linux\", \"arch\": \"amd64\"}")
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise bad_request("the body must be a JSON object")
-    return data
-
-
-def request_from_json(data: dict[str, Any], *, max_plugins: int) -> BuildRequest:
-    """Validate a JSON build request; raise a 400 that names the field at fault."""
-    unknown = sorted(set(data) - set(BUILD_FIELDS))
-    if unknown:
-        raise bad_request(f"unknown field(s) {', '.join(unknown)}; accepted: "
-                          + ", ".join(BUILD_FIELDS), field=unknown[0])
-    for name in ("os", "arch"):
-        if not isinstance(data.get(name), str):
-            raise bad_request(f"{name} is required and must be a string", field=name)
-    arm = data.get("arm")
-    if isinstance(arm, int) and not isinstance(arm, bool):
-        arm = str(arm)
-    if arm is not None and not isinstance(arm, str):
-        raise bad_request("arm must be 5, 6 or 7", field="arm")
-    version = data.get("caddy_version")
-    if version is not None and not isinstance(version, str):
-        raise bad_request("caddy_version must be a string such as v2.8.4 or latest",
-                          field="caddy_version")
-    lists = {}
-    for name in ("plugins", "replacements"):
-        value = data.get(name) or []
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad_request(f"{name} must be a list of strings like module@version", field=name)
-        lists[name] = value
-    if len(lists["plugins"]) > max_plugins:
-        raise bad_request(f"{len(lists['plugins'])} plugins asked for; at most {max_plugins}",
-                          field="plugins")
-    try:
-        return BuildRequest.create(
-            os=data["os"], arch=data["arch"], arm=arm, caddy_version=version,
-            plugins=lists["plugins"], replacements=lists["replacements"],
-            max_plugins=max_plugins,
-        )
-    except SpecError as exc:
-        raise bad_request(str(exc), field=exc.field) from None
 
 
 def submit(service: BuildService, request: BuildRequest, **kwargs: Any) -> Any:
-    """Submit through the service, turning resolution faults into HTTP errors."""
+    """Submit through the service; its errors become their HTTP statuses (kiln/api/errors.py)."""
     try:
         return service.submit(request, **kwargs)
-    except SpecError as exc:
-        raise bad_request(str(exc), field=exc.field) from None
-    except ModuleNotFound as exc:
-        raise bad_request(str(exc)) from None
-    except ProxyUnavailable as exc:
-        raise ApiError(falcon.HTTP_502, f"the Go module proxy cannot be reached: {exc}") from None
-    except (NoToolchain, CatalogUnavailable) as exc:
-        raise unavailable(str(exc)) from None
+    except KilnError as exc:
+        error = http_error(exc)
+        if error is None:
+            raise
+        raise error from None
 
 
 class BuildsResource:
@@ -180,13 +68,27 @@ class BuildsResource:
         elif "callback_url" in data:
             raise bad_request("this server sends no webhooks", field="callback_url")
         if "platforms" in data:
-            from kiln.api.groups import submit_group
-
-            submit_group(self, req, resp, data)
+            self._submit_group(req, resp, data)
             return
         request = request_from_json(data, max_plugins=self.max_plugins)
         submitted = self.submit_one(req, request)
         doc = build_document(submitted.build, queue=self.queue)
+        resp.media = doc
+        resp.status = falcon.HTTP_200 if doc["state"] == "succeeded" else falcon.HTTP_202
+        resp.location = doc["links"]["self"]
+
+    def _submit_group(self, req: falcon.Request, resp: falcon.Response,
+                      data: dict[str, Any]) -> None:
+        """Queue one build per platform and answer with the group document."""
+        if self.groups is None:
+            raise bad_request("this server does not take several platforms in one request",
+                              field="platforms")
+        keys: list[str] = []
+        for request in platform_requests(data, max_plugins=self.max_plugins):
+            submitted = self.submit_one(req, request)
+            if submitted.key not in keys:
+                keys.append(submitted.key)
+        doc = group_document(self.groups.create(keys), keys, queue=self.queue)
         resp.media = doc
         resp.status = falcon.HTTP_200 if doc["state"] == "succeeded" else falcon.HTTP_202
         resp.location = doc["links"]["self"]
@@ -199,19 +101,10 @@ class BuildsResource:
              "arch": row["spec"]["arch"], "arm": row["spec"].get("arm") or None,
              "caddy_version": row["spec"]["caddy_version"],
              "plugins": [p["package"] for p in row["spec"].get("plugins", [])],
-             "created_at": _iso(row["created_at"]), "finished_at": _iso(row["finished_at"]),
+             "created_at": iso(row["created_at"]), "finished_at": iso(row["finished_at"]),
              "links": build_links(row["key"])}
             for row in self.queue.list_builds(limit=limit)
         ]}
-
-
-def _load(queue: QueueManager, key: str) -> dict[str, Any]:
-    if not KEY_PATTERN.match(key):
-        raise not_found(f"{key!r} is not a build key (64 lowercase hex characters)")
-    row = queue.get(key)
-    if row is None:
-        raise not_found(f"no build with key {key}")
-    return row
 
 
 class BuildResource:
@@ -221,11 +114,11 @@ class BuildResource:
         self.queue = queue
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
-        row = _load(self.queue, key)
+        row = load_build(self.queue, key)
         doc = build_document(row, queue=self.queue)
         doc["attempt_history"] = [
             {"number": a["number"], "worker_id": a["worker_id"], "outcome": a["outcome"],
-             "started_at": _iso(a["started_at"]), "finished_at": _iso(a["finished_at"]),
+             "started_at": iso(a["started_at"]), "finished_at": iso(a["finished_at"]),
              "error": a["error"]}
             for a in self.queue.attempts(key)
         ]
@@ -317,7 +210,7 @@ class ArtifactResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
         serve_artifact(req, resp, store=self.store, queue=self.queue,
-                       row=_load(self.queue, key), redirect=self.redirect)
+                       row=load_build(self.queue, key), redirect=self.redirect)
 
     on_head = on_get
 

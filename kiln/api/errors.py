@@ -13,6 +13,11 @@ from typing import Any
 
 import falcon
 
+from kiln.api.service import NoToolchain
+from kiln.errors import KilnError, SpecError
+from kiln.request.catalog import CatalogUnavailable
+from kiln.resolve.proxy import ModuleNotFound, ProxyUnavailable
+
 log = logging.getLogger("kiln.api")
 
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -88,3 +93,37 @@ def handle_unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception,
     log.exception("unhandled error on %s %s", req.method, req.path,
                   extra={"request_id": request_id(req)})
     raise ApiError(falcon.HTTP_500, "internal error; report the id to the operator") from ex
+
+
+#: the HTTP status of each of Kiln's errors where it reaches the API edge (the one place
+#: errors meet HTTP; a resource that means something else by one, such as a 404 for a
+#: module looked up by path, catches it itself). QuotaExceeded has its own handler (429
+#: with Retry-After, kiln/api/auth.py).
+STATUSES: tuple[tuple[type[KilnError], str, str], ...] = (
+    (SpecError, falcon.HTTP_400, ""),
+    (ModuleNotFound, falcon.HTTP_400, ""),
+    (ProxyUnavailable, falcon.HTTP_502, "the Go module proxy cannot be reached: "),
+    (NoToolchain, falcon.HTTP_503, ""),
+    (CatalogUnavailable, falcon.HTTP_503, ""),
+)
+
+
+def http_error(exc: KilnError) -> ApiError | None:
+    """Return the HTTP error ``exc`` stands for at the edge, or None if it has no status."""
+    for kind, status, prefix in STATUSES:
+        if isinstance(exc, kind):
+            field = exc.field if isinstance(exc, SpecError) else None
+            headers = {"Retry-After": "5"} if status == falcon.HTTP_503 else None
+            return ApiError(status, f"{prefix}{exc}", field=field, headers=headers)
+    return None
+
+
+def handle_kiln_error(req: falcon.Request, resp: falcon.Response, ex: KilnError,
+                      params: dict[str, Any]) -> None:
+    """Answer one of Kiln's errors that a resource let through with its status (else 500)."""
+    error = http_error(ex)
+    if error is None:
+        handle_unexpected(req, resp, ex, params)
+        return
+    raise error from ex
+

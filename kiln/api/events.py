@@ -28,7 +28,7 @@ from typing import Any
 
 import falcon
 
-from kiln.api.builds import KEY_PATTERN, build_document
+from kiln.api.documents import KEY_PATTERN, build_document
 from kiln.api.errors import not_found
 from kiln.db.build_logs import LOGS_CHANNEL, RESULT_STEP, BuildLogs, LogLine
 from kiln.db.builds import FINAL_STATES, QueueManager
@@ -345,7 +345,7 @@ class BuildWatch:
         return data
 
 
-def _load(queue: QueueManager, key: str) -> dict[str, Any]:
+def load_build(queue: QueueManager, key: str) -> dict[str, Any]:
     if not KEY_PATTERN.match(key):
         raise not_found(f"{key!r} is not a build key (64 lowercase hex characters)")
     row = queue.get(key)
@@ -376,7 +376,7 @@ class LogResource:
         self.logs = logs
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
-        row = _load(self.queue, key)
+        row = load_build(self.queue, key)
         resp.content_type = "text/plain; charset=utf-8"
         resp.set_header("Cache-Control", "no-store" if row["state"] not in FINAL_STATES
                         else "no-cache")
@@ -395,7 +395,7 @@ class EventsResource:
         self.reader = BuildReader(queue=queue, logs=logs)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
-        _load(self.queue, key)
+        load_build(self.queue, key)
         # EventSource sends the header on reconnection; a query parameter serves the rest
         cursor = Cursor.parse(req.get_header("Last-Event-ID")
                               or req.get_param("last_event_id"))

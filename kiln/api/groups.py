@@ -12,19 +12,17 @@ from __future__ import annotations
 import re
 import socket
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import falcon
 
+from kiln.api.documents import build_document, request_from_json
 from kiln.api.errors import ApiError, bad_request, not_found
 from kiln.db.builds import QueueManager
 from kiln.db.groups import GroupManager
 from kiln.db.webhooks import WebhookManager
 from kiln.request.callbacks import AddressResolver, CallbackRefused, check_callback_url
 from kiln.request.spec import BuildRequest
-
-if TYPE_CHECKING:
-    from kiln.api.builds import BuildsResource
 
 PLATFORM_FIELDS = ("os", "arch", "arm")
 
@@ -59,8 +57,6 @@ class Callbacks:
 
 def platform_requests(data: dict[str, Any], *, max_plugins: int) -> list[BuildRequest]:
     """Validate a multi-platform request; return one BuildRequest per platform, in order."""
-    from kiln.api.builds import request_from_json
-
     platforms = data.get("platforms")
     given = [name for name in PLATFORM_FIELDS if name in data]
     if given:
@@ -102,8 +98,6 @@ def platform_requests(data: dict[str, Any], *, max_plugins: int) -> list[BuildRe
 
 def group_document(gid: str, keys: list[str], *, queue: QueueManager) -> dict[str, Any]:
     """Return the public JSON form of a group: its state and each build's document."""
-    from kiln.api.builds import build_document
-
     builds = []
     for key in keys:
         row = queue.get(key)
@@ -115,25 +109,6 @@ def group_document(gid: str, keys: list[str], *, queue: QueueManager) -> dict[st
         "builds": builds,
         "links": {"self": f"/api/groups/{gid}"},
     }
-
-
-def submit_group(resource: BuildsResource, req: falcon.Request, resp: falcon.Response,
-                 data: dict[str, Any]) -> None:
-    """Queue one build per platform and answer with the group document."""
-    if resource.groups is None:
-        raise bad_request("this server does not take several platforms in one request",
-                          field="platforms")
-    requests = platform_requests(data, max_plugins=resource.max_plugins)
-    keys: list[str] = []
-    for request in requests:
-        submitted = resource.submit_one(req, request)
-        if submitted.key not in keys:
-            keys.append(submitted.key)
-    gid = resource.groups.create(keys)
-    doc = group_document(gid, keys, queue=resource.queue)
-    resp.media = doc
-    resp.status = falcon.HTTP_200 if doc["state"] == "succeeded" else falcon.HTTP_202
-    resp.location = doc["links"]["self"]
 
 
 class GroupResource:

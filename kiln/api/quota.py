@@ -20,6 +20,7 @@ from psycopg_pool import ConnectionPool
 
 from kiln.api.principal import Principal, address_group
 from kiln.db.sql import queries
+from kiln.errors import KilnError
 
 if TYPE_CHECKING:
     from kiln.config import QuotaConfig
@@ -30,7 +31,7 @@ SQL_FILE = "quota.sql"
 PRUNE_BATCH = 100
 
 
-class QuotaExceeded(Exception):
+class QuotaExceeded(KilnError):
     """A subject used up its window; ``retry_after`` is seconds until the next one."""
 
     def __init__(self, message: str, *, retry_after: int, limit: str = "builds") -> None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from kiln.api.principal import current_principal
 from kiln.api.quota import QuotaExceeded
 from kiln.db.builds import QueueManager
+from kiln.errors import KilnError
 from kiln.request.catalog import Catalog, CatalogUnavailable
 from kiln.request.spec import BuildRequest, BuildSpec
 from kiln.resolve.resolver import Resolver, resolve_spec
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 TOOLCHAIN_CACHE_SECONDS = 5.0
 
 
-class NoToolchain(Exception):
+class NoToolchain(KilnError):
     """No worker has ever registered, so no build key can be made yet."""
 
 

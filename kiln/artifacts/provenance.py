@@ -7,13 +7,17 @@ import binascii
 import datetime as dt
 import uuid
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from kiln.gomod.buildinfo import BuildInfo, GoModule
 from kiln.request.spec import BuildSpec
 
-if TYPE_CHECKING:
-    from kiln.worker.builder import BuildOutput
+
+class BuildOutput(Protocol):
+    """What provenance records of a build's output (kiln/worker/builder.py makes it)."""
+
+    go_mod: str
+    go_sum: str
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 SLSA_PROVENANCE_V1 = "https://slsa.dev/provenance/v1"

@@ -20,6 +20,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from kiln.errors import KilnError
+
 ALGORITHM = "ed25519"
 #: DSSE payload type of an in-toto statement
 INTOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -28,7 +30,7 @@ RAW_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 
 
-class SigningKeyError(ValueError):
+class SigningKeyError(KilnError, ValueError):
     """A key cannot be read; the message says which formats are accepted."""
 
 
@@ -197,7 +199,7 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
 
 
-class EnvelopeError(ValueError):
+class EnvelopeError(KilnError, ValueError):
     """A DSSE envelope is malformed or not signed by the expected key."""
 
 

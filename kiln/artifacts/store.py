@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from kiln.errors import KilnError
+
 CHUNK_BYTES = 1024 * 1024
 
 
-class StorageError(Exception):
+class StorageError(KilnError):
     """The store failed (I/O error, checksum mismatch): retryable."""
 
 

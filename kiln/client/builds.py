@@ -25,6 +25,8 @@ from typing import Any, TextIO
 
 import requests
 
+from kiln.errors import KilnError
+
 DEFAULT_SERVER = "http://127.0.0.1:8234"
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -47,7 +49,7 @@ _GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "ar
            "s390x": "s390x"}
 
 
-class ClientError(Exception):
+class ClientError(KilnError):
     """A command cannot go on; ``code`` is the exit code."""
 
     def __init__(self, code: int, message: str) -> None:

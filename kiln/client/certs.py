@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from kiln.errors import KilnError
+
 log = logging.getLogger("kiln.caddyproxy")
 
 
@@ -29,7 +31,7 @@ LEAF_DAYS = 365
 RENEW_DAYS = 30
 
 
-class CaddyProxyError(Exception):
+class CaddyProxyError(KilnError):
     """The proxy cannot start; the message says why."""
 
 

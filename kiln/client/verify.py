@@ -36,7 +36,7 @@ from kiln.artifacts.signing import (
     load_public_key,
     open_envelope,
 )
-from kiln.errors import SpecError
+from kiln.errors import KilnError, SpecError
 from kiln.request.spec import BuildSpec
 
 EXIT_OK = 0
@@ -45,7 +45,7 @@ HTTP_TIMEOUT_SECONDS = 30.0
 KEY_PATH = "/api/signing-key"
 
 
-class VerifyError(Exception):
+class VerifyError(KilnError):
     """Verification cannot proceed (bad key, unreachable server, missing file)."""
 
     def __init__(self, message: str, *, status: int | None = None) -> None:

@@ -22,6 +22,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from kiln.db.sql import queries
+from kiln.errors import KilnError
 
 TOKEN_PREFIX = "kiln_"
 TOKEN_BYTES = 32
@@ -32,7 +33,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 SQL_FILE = "auth.sql"
 
 
-class ApiKeyError(Exception):
+class ApiKeyError(KilnError):
     """A key cannot be created or found; the message says what to change."""
 
 

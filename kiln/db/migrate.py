@@ -14,6 +14,7 @@ import psycopg
 
 from kiln.config import DatabaseConfig
 from kiln.db.pool import connect
+from kiln.errors import KilnError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class Migration:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
-class MigrationError(Exception):
+class MigrationError(KilnError):
     """A migration cannot be applied, or an applied one was changed."""
 
 

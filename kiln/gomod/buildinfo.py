@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kiln.errors import KilnError
+
 MAGIC = b"\xff Go buildinf:"
 #: the header is aligned in the data segment, which keeps the alignment in the file
 ALIGN = 16
@@ -33,7 +35,7 @@ INIT_SUFFIX = b".init.0\x00"
 _PATH_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~+%/")
 
 
-class NotGoBinary(ValueError):
+class NotGoBinary(KilnError, ValueError):
     """The file holds no Go build information that can be read."""
 
 

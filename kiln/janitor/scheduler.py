@@ -34,12 +34,8 @@ from dataclasses import dataclass
 import psycopg
 import schedule
 
-from kiln.config import Config
 from kiln.db.builds import QueueManager
-from kiln.db.migrate import migrate
-from kiln.db.pool import make_pool
 from kiln.janitor.maintenance import Maintenance
-from kiln.wiring import make_deliverer
 
 log = logging.getLogger(__name__)
 
@@ -81,46 +77,6 @@ class Janitor:
         self._threads: dict[str, threading.Thread] = {}
         self._unreachable = False
         self.scheduler = schedule.Scheduler()
-
-    @classmethod
-    def from_config(cls, config: Config, *, url: str) -> Janitor:
-        """Wire a janitor and its jobs from the config."""
-        from kiln.janitor.gc import StorageCollector
-        from kiln.janitor.prune import Pruner
-        from kiln.wiring import make_store
-
-        # each running job holds one connection for its lock and uses at most one more
-        pool = make_pool(url, config.database, application="kiln-janitor",
-                         min_size=1, max_size=16)
-        queue = QueueManager(pool)
-        maintenance = Maintenance(pool)
-        jc = config.janitor
-        collector = StorageCollector(
-            maintenance=maintenance, store=make_store(config.storage),
-            retention=jc.artifact_retention, budget_bytes=jc.storage_budget_bytes,
-            grace_seconds=jc.gc_grace_seconds)
-        pruner = Pruner(maintenance=maintenance, log_retention=jc.log_retention,
-                        attempt_retention=jc.attempt_retention)
-        jobs = [
-            Job("requeue_expired", jc.requeue_interval, queue.requeue_expired),
-            Job("mark_gone_workers", jc.worker_interval,
-                lambda: queue.mark_gone_workers(seconds=jc.worker_gone_seconds)),
-            Job("expire_resolutions", jc.resolutions_interval, queue.expire_resolutions),
-            Job("storage_gc", jc.gc_interval, collector.collect),
-            Job("prune", jc.prune_interval, pruner.prune),
-            # callbacks of finished builds (kiln/janitor/webhooks.py)
-            Job("deliver_webhooks", config.webhooks.interval,
-                make_deliverer(config, pool=pool).run_once),
-        ]
-        if config.plugins.catalog_url:
-            from kiln.db.catalog import CatalogStore
-            from kiln.janitor.catalog_mirror import CatalogMirror
-
-            # the mirror behind /api/packages and plugins.allow
-            mirror = CatalogMirror(store=CatalogStore(queue.pool), url=config.plugins.catalog_url)
-            jobs.append(Job("refresh_catalog", config.plugins.catalog_refresh, mirror.refresh))
-        return cls(queue=queue, migrate=lambda: migrate(url, config.database), jobs=jobs,
-                   maintenance=maintenance)
 
     def job(self, name: str) -> Job:
         """Return the job called ``name``; KeyError lists the known ones."""

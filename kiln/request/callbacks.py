@@ -8,12 +8,14 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from kiln.errors import KilnError
+
 SIGNATURE_HEADER = "X-Kiln-Signature"
 MAX_URL_LENGTH = 2048
 AddressResolver = Callable[..., list[Any]]
 
 
-class CallbackRefused(ValueError):
+class CallbackRefused(KilnError, ValueError):
     """A callback URL Kiln will not call; the message says what to change."""
 
 

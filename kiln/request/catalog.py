@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import psycopg
 import yaml
@@ -42,8 +42,13 @@ from kiln.request.spec import (
     parse_plugin,
 )
 
-if TYPE_CHECKING:
-    from kiln.db.catalog import CatalogStore
+
+class CatalogStore(Protocol):
+    """Where the catalog's mirror and download counts live (kiln/db/catalog.py)."""
+
+    def get_mirror(self, source: str) -> dict[str, Any] | None: ...
+
+    def package_downloads(self) -> dict[str, int]: ...
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,7 @@ CATALOG_TTL_SECONDS = 60.0
 _MAJOR_ELEMENT = re.compile(r"v(?:[2-9]|[1-9][0-9]+)")
 
 
-class CatalogError(ValueError):
+class CatalogError(KilnError, ValueError):
     """A catalog document is not in /api/packages' shape; the message says where."""
 
 

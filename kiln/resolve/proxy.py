@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from kiln.errors import KilnError
 from kiln.gomod.module import encode_path, encode_version
 from kiln.gomod.semver import canonical_version, is_pseudo_version, is_semver, semver_sort
 
@@ -23,7 +24,7 @@ _MAX_MOD_BYTES = 4 << 20
 _MAX_DETAIL_CHARS = 300
 
 
-class ModuleNotFound(Exception):
+class ModuleNotFound(KilnError):
     """A module, or a version of it, does not exist: permanent, retrying will not help."""
 
     def __init__(self, module: str, query: str, message: str, detail: str = "") -> None:
@@ -38,7 +39,7 @@ class ModuleRefused(ModuleNotFound):
     """The proxy refused the request (400 or 403): it will not serve it as asked."""
 
 
-class ProxyUnavailable(Exception):
+class ProxyUnavailable(KilnError):
     """The module proxy could not be reached or failed: retryable."""
 
 

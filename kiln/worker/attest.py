@@ -42,7 +42,7 @@ from kiln.db.attestations import AttestManager
 from kiln.gomod.buildinfo import BuildInfo, parse_go_version_m
 from kiln.request.spec import BuildSpec
 from kiln.worker.builder import BuildFailure, BuildOutput, LogSink
-from kiln.worker.sandbox import Sandbox, Step
+from kiln.worker.sandbox.base import Sandbox, Step
 
 log = logging.getLogger(__name__)
 

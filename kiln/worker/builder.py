@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kiln.errors import KilnError
 from kiln.request.spec import BuildSpec
-from kiln.worker.sandbox import COMPILE, FETCH, Sandbox, Step, StepResult
-from kiln.worker.sandbox.base import EachStep, Session
+from kiln.worker.sandbox.base import COMPILE, FETCH, EachStep, Sandbox, Session, Step, StepResult
 
 CADDY_MODULE = "github.com/caddyserver/caddy/v2"
 #: lines of Go output kept in a failure message
@@ -43,7 +43,7 @@ _UNREACHABLE = re.compile(
 )
 
 
-class BuildFailure(Exception):
+class BuildFailure(KilnError):
     """A build did not produce a binary; ``retryable`` says whether trying again may help."""
 
     def __init__(self, message: str, *, retryable: bool, step: str = "") -> None:
@@ -53,7 +53,7 @@ class BuildFailure(Exception):
         self.step = step
 
 
-class Cancelled(Exception):
+class Cancelled(KilnError):
     """The build was cancelled or taken away while it ran."""
 
 

@@ -26,7 +26,7 @@ from kiln.logconfig import bind_context, unbind_context
 from kiln.request.spec import BuildSpec
 from kiln.worker.attest import Attestor
 from kiln.worker.builder import Builder, BuildFailure, Cancelled, LogSink
-from kiln.worker.sandbox import SandboxError
+from kiln.worker.sandbox.base import SandboxError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from kiln.worker.sandbox import SANDBOX_LABEL
+from kiln.worker.sandbox.base import SANDBOX_LABEL
 from tests.dockerutil import ensure_sandbox_image
 from tests.fixtures import goproxy as gp
 from tests.service import REPO, KilnProcesses, template_database

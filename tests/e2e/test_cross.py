@@ -22,7 +22,7 @@ import pytest
 from kiln.request.platforms import PLATFORMS
 from kiln.request.spec import BuildSpec, ResolvedPlugin
 from kiln.worker.builder import BuildFailure
-from kiln.worker.sandbox import Sandbox
+from kiln.worker.sandbox.base import Sandbox
 from tests import binfmt
 from tests.dockerutil import docker_available, docker_required, ensure_sandbox_image
 from tests.fixtures import goproxy as gp

@@ -26,7 +26,7 @@ import requests
 
 from kiln.config import BuildConfig, DockerSandboxConfig
 from kiln.wiring import make_sandbox
-from kiln.worker.sandbox import SANDBOX_LABEL, SandboxError
+from kiln.worker.sandbox.base import SANDBOX_LABEL, SandboxError
 from kiln.worker.sandbox.process import ProcessSandbox
 from tests.dockerutil import ensure_sandbox_image
 from tests.fixtures import goproxy as gp

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from kiln.request.spec import BuildSpec, ResolvedPlugin
-from kiln.worker.sandbox import Sandbox
+from kiln.worker.sandbox.base import Sandbox
 from tests import binfmt
 from tests.dockerutil import ensure_sandbox_image
 from tests.fixtures import goproxy as gp

@@ -9,8 +9,7 @@ from pathlib import Path
 
 from kiln.request.spec import BuildSpec, ResolvedPlugin
 from kiln.worker.builder import Builder
-from kiln.worker.sandbox import Step, StepResult
-from kiln.worker.sandbox.base import EachStep
+from kiln.worker.sandbox.base import EachStep, Step, StepResult
 
 CADDY = "github.com/caddyserver/caddy/v2"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.worker.sandbox import Step
+from kiln.worker.sandbox.base import Step
 from kiln.worker.sandbox.process import ProcessSandbox, find_go
 
 

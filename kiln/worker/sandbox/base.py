@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from kiln.errors import KilnError
+
 #: Label (Docker) / environment marker every sandbox puts on what it starts.
 SANDBOX_LABEL = "dev.kiln.sandbox"
 
@@ -50,7 +52,7 @@ class StepResult:
         return self.exit_code == 0 and self.killed is None
 
 
-class SandboxError(Exception):
+class SandboxError(KilnError):
     """The sandbox itself failed (engine unreachable, image missing): an infrastructure fault."""
 
 

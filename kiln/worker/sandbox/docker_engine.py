@@ -8,16 +8,19 @@ import os
 import re
 import socket
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import docker
 import requests
 import urllib3
 from docker import DockerClient
-from docker.errors import APIError, DockerException, NotFound
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import LogConfig
 
 from kiln.worker.sandbox.base import OutputCallback, SandboxError
+
+if TYPE_CHECKING:
+    from kiln.config import BuildConfig
 
 log = logging.getLogger(__name__)
 
@@ -199,3 +202,30 @@ def _remove(container: Any) -> bool:
         log.warning("cannot remove sandbox container %s: %s", container.short_id, exc)
         return False
     return True
+
+
+def docker_problem(config: BuildConfig) -> tuple[str, bool] | None:
+    """Return why the docker sandbox cannot run here and whether that may pass, or None.
+
+    An engine that does not answer may come up (transient); a missing sandbox image stays
+    missing until someone acts.
+    """
+    client = docker_client()
+    if client is None:
+        return "no Docker Engine answers (start dockerd or set DOCKER_HOST)", True
+    image = config.docker.image
+    try:
+        client.images.get(image)
+    except ImageNotFound:
+        return f"no {image} image: run `make images` (or pull it)", False
+    except _ENGINE_ERRORS as exc:
+        return f"cannot inspect the {image} image ({exc})", True
+    finally:
+        client.close()
+    return None
+
+
+def docker_unavailable(config: BuildConfig) -> str | None:
+    """Return why the docker sandbox cannot run here (no engine or image), or None."""
+    problem = docker_problem(config)
+    return problem[0] if problem else None

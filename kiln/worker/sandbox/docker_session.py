@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from docker import DockerClient
 from docker.errors import ImageNotFound
 
 from kiln.worker.sandbox.base import OutputCallback, SandboxError, Step, StepResult
@@ -19,8 +20,27 @@ from kiln.worker.sandbox.docker_engine import (
     _remove,
 )
 
-if TYPE_CHECKING:
-    from kiln.worker.sandbox.docker import DockerSandbox
+
+class SessionHost(Protocol):
+    """What a session uses of the DockerSandbox that opened it (kiln/worker/sandbox/docker.py)."""
+
+    client: DockerClient
+    image: str
+    image_id: str
+    user: str
+
+    def run(self, step: Step, *, workdir: Path, on_output: OutputCallback | None = None,
+            cancel: threading.Event | None = None) -> StepResult: ...
+
+    def _options(self, step: Step, workdir: Path,
+                 private_cache: Path | None) -> dict[str, Any]: ...
+
+    def _proxy_urls(self, step: Step) -> list[str]: ...
+
+    def _give_tree(self, root: Path) -> None: ...
+
+    def _watch(self, container: Any, deadline: float, cancel: threading.Event | None,
+               done: threading.Event, killed: list[str], crowded: list[bool]) -> None: ...
 
 
 class DockerSession:
@@ -35,7 +55,7 @@ class DockerSession:
     container through ``run``.
     """
 
-    def __init__(self, sandbox: DockerSandbox, name: str, *, workdir: Path, network: bool,
+    def __init__(self, sandbox: SessionHost, name: str, *, workdir: Path, network: bool,
                  build_key: str, timeout: float) -> None:
         self.sandbox = sandbox
         self.name = name
