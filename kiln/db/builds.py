@@ -151,25 +151,34 @@ class QueueManager:
         return {r["key"] for r in rows}
 
     def complete(self, key: str, worker_id: str, *, artifact_path: str, artifact_size: int,
-                 artifact_sha256: str) -> bool:
-        """Mark a build succeeded; False if this worker no longer held it."""
-        row = self._one("complete", {"key": key, "worker_id": worker_id,
+                 artifact_sha256: str, attempt: int | None = None) -> bool:
+        """Mark a build succeeded; False if this worker no longer held it.
+
+        With ``attempt``, only while that attempt is the one running: a worker that lost a
+        build and claimed it again cannot finish the new attempt with the old one's result.
+        """
+        row = self._one("complete", {"key": key, "worker_id": worker_id, "attempt": attempt,
                                      "artifact_path": artifact_path,
                                      "artifact_size": artifact_size,
                                      "artifact_sha256": artifact_sha256})
         return row is not None
 
     def fail(self, key: str, worker_id: str, *, error: str, retryable: bool,
-             retry_after: float = 0.0) -> str | None:
-        """Record a failure; return the new state (queued when it will be retried)."""
-        row = self._one("fail", {"key": key, "worker_id": worker_id, "error": error,
+             retry_after: float = 0.0, attempt: int | None = None) -> str | None:
+        """Record a failure; return the new state (queued when it will be retried).
+
+        With ``attempt``, only while that attempt is the one running (see complete).
+        """
+        row = self._one("fail", {"key": key, "worker_id": worker_id, "attempt": attempt,
+                                 "error": error,
                                  "retryable": retryable, "retry_after": retry_after})
         return row["state"] if row else None
 
     def release(self, key: str, worker_id: str, *, outcome: str = "preempted",
-                spend: bool = False) -> bool:
-        """Hand a running build back to the queue at once."""
-        row = self._one("release", {"key": key, "worker_id": worker_id, "outcome": outcome,
+                spend: bool = False, attempt: int | None = None) -> bool:
+        """Hand a running build back to the queue at once (with ``attempt``: see complete)."""
+        row = self._one("release", {"key": key, "worker_id": worker_id, "attempt": attempt,
+                                    "outcome": outcome,
                                     "spend": spend})
         return row is not None
 

@@ -196,6 +196,16 @@ class Worker:
     def _start(self, pool: ThreadPoolExecutor, job: Claimed) -> None:
         running = _Running(job)
         with self._lock:
+            old = self._running.get(job.key)
+            if old is not None and not old.reason:
+                # this worker lost the build (its lease expired while the database was out
+                # of reach) and claimed it again: the old attempt must stop, and can no
+                # longer finish the build (complete and fail name their attempt)
+                log.warning("build %s was claimed again (attempt %d); stopping attempt %d",
+                            job.key, job.attempt, old.claimed.attempt,
+                            extra={"build_key": job.key})
+                old.reason = "lost"
+                old.cancel.set()
             self._running[job.key] = running
             self._started_jobs += 1
             self._last_busy = self.clock()
@@ -276,7 +286,7 @@ class Worker:
             self._build(job, sink, workdir, running.cancel)
         except Cancelled:
             if running.reason == "stopping":
-                self.queue.release(key, self.id, outcome="preempted")
+                self.queue.release(key, self.id, outcome="preempted", attempt=job.attempt)
                 sink("result", "worker stopped; build handed back to the queue")
                 log.info("handed %s back to the queue", key, extra={"build_key": key})
             elif running.reason == "cancelled":  # the database already says cancelled
@@ -291,7 +301,8 @@ class Worker:
         finally:
             _remove_tree(workdir)
             with self._lock:
-                self._running.pop(key, None)
+                if self._running.get(key) is running:  # not a newer attempt of the same build
+                    del self._running[key]
                 self._finished_jobs += 1
                 self._last_busy = self.clock()
             self._wake.set()
@@ -300,7 +311,7 @@ class Worker:
     def _fail(self, job: Claimed, sink: LogSink, message: str, *, retryable: bool) -> None:
         delay = backoff(job.attempt, self.retry_base_seconds)
         state = self.queue.fail(job.key, self.id, error=message, retryable=retryable,
-                                retry_after=delay)
+                                retry_after=delay, attempt=job.attempt)
         sink("result", f"failed: {message}")
         log.info("build %s failed (%s): %s", job.key, state, message.splitlines()[0] if message
                  else "", extra={"build_key": job.key})
@@ -314,6 +325,8 @@ class Worker:
             sink("resolve", f"plugin {plugin.package} ({plugin.module} {plugin.version})")
         started_at = utc_now()
         output = self.builder.build(spec, key=job.key, workdir=workdir, log=sink, cancel=cancel)
+        if cancel.is_set():  # lost or cancelled while compiling: store nothing
+            raise Cancelled()
         sink("upload", f"storing {spec.filename}")
         digest = file_sha256(output.binary)
         stored = self.store.put(job.key, spec.filename, output.binary, sha256=digest)
@@ -324,7 +337,8 @@ class Worker:
         if cancel.is_set():
             raise Cancelled()
         if not self.queue.complete(job.key, self.id, artifact_path=stored.path,
-                                   artifact_size=stored.size, artifact_sha256=digest):
+                                   artifact_size=stored.size, artifact_sha256=digest,
+                                   attempt=job.attempt):
             log.warning("build %s finished after its lease was taken away",
                         job.key, extra={"build_key": job.key})
             return

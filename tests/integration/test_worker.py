@@ -445,9 +445,6 @@ def test_a_build_that_ends_after_its_lease_was_taken_is_not_recorded(kiln: Kiln)
     assert not started.ended()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a worker that claims back a build it lost keeps running the old attempt beside the"
-    " new one, and the old attempt's result is recorded as the new attempt's"))
 def test_a_worker_that_claims_back_its_lost_build_stops_the_old_attempt(kiln: Kiln) -> None:
     # A worker cut off from the database for a lease: the janitor requeues its build, and
     # on reconnecting the worker's listener wakes its claim loop before its next heartbeat,

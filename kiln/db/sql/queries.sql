@@ -90,6 +90,9 @@ WITH done AS (
            artifact_path = %(artifact_path)s, artifact_size = %(artifact_size)s,
            artifact_sha256 = %(artifact_sha256)s
      WHERE key = %(key)s AND worker_id = %(worker_id)s AND state = 'running'
+       AND (%(attempt)s::int IS NULL OR EXISTS (
+            SELECT 1 FROM kiln_attempts a
+             WHERE a.build_key = %(key)s AND a.number = %(attempt)s AND a.outcome = 'running'))
  RETURNING key
 ), attempt AS (
     UPDATE kiln_attempts a
@@ -116,6 +119,9 @@ WITH done AS (
            error = %(error)s,
            error_kind = CASE WHEN %(retryable)s THEN 'retryable' ELSE 'permanent' END
      WHERE key = %(key)s AND worker_id = %(worker_id)s AND state = 'running'
+       AND (%(attempt)s::int IS NULL OR EXISTS (
+            SELECT 1 FROM kiln_attempts a
+             WHERE a.build_key = %(key)s AND a.number = %(attempt)s AND a.outcome = 'running'))
  RETURNING key, state
 ), attempt AS (
     UPDATE kiln_attempts a
@@ -136,6 +142,9 @@ WITH done AS (
            attempts = CASE WHEN %(spend)s THEN attempts ELSE greatest(attempts - 1, 0) END,
            run_after = now(), updated_at = now()
      WHERE key = %(key)s AND worker_id = %(worker_id)s AND state = 'running'
+       AND (%(attempt)s::int IS NULL OR EXISTS (
+            SELECT 1 FROM kiln_attempts a
+             WHERE a.build_key = %(key)s AND a.number = %(attempt)s AND a.outcome = 'running'))
  RETURNING key
 ), attempt AS (
     UPDATE kiln_attempts a
