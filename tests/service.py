@@ -64,6 +64,7 @@ class KilnProcesses:
 
     def __init__(self, *, db_url: str, root: Path, goproxy: str, cache_dir: Path,
                  env: Mapping[str, str] | None = None) -> None:
+        self.db_url = db_url
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -46,7 +46,7 @@ class Kiln:
 
 
 @pytest.fixture(scope="module")
-def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
+def kilns(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
          proxy_dir: Path, go_cache_dir: Path) -> Iterator[Kiln]:
     url = _database(pg_server_url, pg_template, "kiln_auth")
     with ConnectionPool(url, min_size=1, max_size=1, kwargs={"autocommit": True}) as pool:
@@ -97,13 +97,13 @@ def _bodies() -> Iterator[dict[str, Any]]:
 _fresh = _bodies()
 
 
-def new_build(kiln: Kiln, token: str | None = "ci") -> str:
+def new_build(kilns: Kiln, token: str | None = "ci") -> str:
     """Queue a build nobody asked for yet (as key ``token``, or anonymously); return its key."""
     body = next(_fresh)
     if token is None:
-        resp = post_build(kiln.open_mode.url, body)
+        resp = post_build(kilns.open_mode.url, body)
     else:
-        resp = post_build(kiln.keys_mode.url, body, kiln.tokens[token])
+        resp = post_build(kilns.keys_mode.url, body, kilns.tokens[token])
     assert resp.status_code == 202, resp.text
     return str(resp.json()["key"])
 
@@ -111,37 +111,37 @@ def new_build(kiln: Kiln, token: str | None = "ci") -> str:
 # -- kiln keys ----------------------------------------------------------------------------
 
 
-def test_keys_are_stored_hashed_and_listed_without_tokens(kiln: Kiln) -> None:
-    listed = kiln.kiln("keys", "list", "--json")
+def test_keys_are_stored_hashed_and_listed_without_tokens(kilns: Kiln) -> None:
+    listed = kilns.kiln("keys", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     live = {k["name"]: k for k in json.loads(listed.stdout)}
     assert set(live) == {"ops", "ci", "other", "urgent"}
     assert live["ops"]["scope"] == "admin" and live["urgent"]["priority"] == 5
     assert not any("token" in k for k in live.values())
-    every = {k["name"]: k for k in json.loads(kiln.kiln("keys", "list", "--all", "--json").stdout)}
+    every = {k["name"]: k for k in json.loads(kilns.kiln("keys", "list", "--all", "--json").stdout)}
     assert every["gone"]["revoked_at"] is not None
-    with psycopg.connect(kiln.db_url) as conn:
+    with psycopg.connect(kilns.db_url) as conn:
         rows = conn.execute("SELECT * FROM kiln_api_keys").fetchall()
         stored = conn.execute("SELECT token_sha256 FROM kiln_api_keys WHERE name = 'ci'"
                               ).fetchone()
-    for token in kiln.tokens.values():
+    for token in kilns.tokens.values():
         assert token not in repr(rows)
     assert stored is not None
-    assert stored[0] == hashlib.sha256(kiln.tokens["ci"].encode()).hexdigest()
-    table = kiln.kiln("keys", "list").stdout
+    assert stored[0] == hashlib.sha256(kilns.tokens["ci"].encode()).hexdigest()
+    table = kilns.kiln("keys", "list").stdout
     assert "ops" in table and "admin" in table and "gone" not in table
 
 
-def test_keys_command_explains_mistakes(kiln: Kiln) -> None:
-    dup = kiln.kiln("keys", "create", "ci")
+def test_keys_command_explains_mistakes(kilns: Kiln) -> None:
+    dup = kilns.kiln("keys", "create", "ci")
     assert dup.returncode == 1 and "revoke it first" in dup.stderr
-    bad = kiln.kiln("keys", "create", "no spaces")
+    bad = kilns.kiln("keys", "create", "no spaces")
     assert bad.returncode == 1 and "not a key name" in bad.stderr
-    missing = kiln.kiln("keys", "revoke", "nobody")
+    missing = kilns.kiln("keys", "revoke", "nobody")
     assert missing.returncode == 1 and "kiln keys list" in missing.stderr
-    human = kiln.kiln("keys", "create", "shown-once")
+    human = kilns.kiln("keys", "create", "shown-once")
     assert human.returncode == 0 and "shown only now" in human.stdout
-    assert kiln.kiln("keys", "revoke", "shown-once").returncode == 0
+    assert kilns.kiln("keys", "revoke", "shown-once").returncode == 0
 
 
 # -- every guarded route --------------------------------------------------------------------
@@ -157,13 +157,13 @@ GUARDED = [
 ]
 
 
-def call(kiln: Kiln, method: str, template: str, headers: dict[str, str],
+def call(kilns: Kiln, method: str, template: str, headers: dict[str, str],
          base: str | None = None, key: str | None = None) -> requests.Response:
     """Call a route; routes of one build get a new build unless ``key`` is given."""
     if "{key}" in template and key is None:
-        key = new_build(kiln)
+        key = new_build(kilns)
     body = next(_fresh) if template == "/api/builds" else None
-    return requests.request(method, (base or kiln.keys_mode.url) + template.format(key=key),
+    return requests.request(method, (base or kilns.keys_mode.url) + template.format(key=key),
                             json=body, headers=headers, timeout=60)
 
 
@@ -177,23 +177,23 @@ def assert_error(resp: requests.Response, status: int) -> None:
 
 
 @pytest.mark.parametrize(("method", "template", "need"), GUARDED)
-def test_without_a_valid_key_the_answer_is_401(kiln: Kiln, method: str, template: str,
+def test_without_a_valid_key_the_answer_is_401(kilns: Kiln, method: str, template: str,
                                                need: str) -> None:
     wrong = "kiln_" + "x" * 43
-    key = new_build(kiln) if "{key}" in template else None
-    for headers in ({}, bearer(wrong), bearer(kiln.tokens["gone"]),
+    key = new_build(kilns) if "{key}" in template else None
+    for headers in ({}, bearer(wrong), bearer(kilns.tokens["gone"]),
                     {"Authorization": "Basic b3BzOm9wcw=="}, {"Authorization": "Bearer"}):
-        resp = call(kiln, method, template, headers, key=key)
+        resp = call(kilns, method, template, headers, key=key)
         assert_error(resp, 401)
         if headers and headers["Authorization"].startswith("Bearer kiln_"):
             assert "not valid" in resp.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(("method", "template", "need"), GUARDED)
-def test_scopes_decide_between_403_and_success(kiln: Kiln, method: str, template: str,
+def test_scopes_decide_between_403_and_success(kilns: Kiln, method: str, template: str,
                                                need: str) -> None:
-    as_builder = call(kiln, method, template, bearer(kiln.tokens["ci"]))
-    as_admin = call(kiln, method, template, bearer(kiln.tokens["ops"]))
+    as_builder = call(kilns, method, template, bearer(kilns.tokens["ci"]))
+    as_admin = call(kilns, method, template, bearer(kilns.tokens["ops"]))
     if need == "admin":
         assert_error(as_builder, 403)
         assert "admin" in as_builder.json()["error"]["message"]
@@ -204,84 +204,84 @@ def test_scopes_decide_between_403_and_success(kiln: Kiln, method: str, template
     assert as_admin.status_code in (200, 202, 409), as_admin.text
 
 
-def test_open_mode_builds_anonymously_but_guards_the_rest(kiln: Kiln) -> None:
+def test_open_mode_builds_anonymously_but_guards_the_rest(kilns: Kiln) -> None:
     for method, template, need in GUARDED:
-        resp = call(kiln, method, template, {}, base=kiln.open_mode.url)
+        resp = call(kilns, method, template, {}, base=kilns.open_mode.url)
         if need == "build":
             assert resp.status_code == 202, resp.text
         else:
             assert_error(resp, 401)
     # a key sent in open mode must still be valid
-    wrong = post_build(kiln.open_mode.url, {"os": "linux", "arch": "amd64"}, "kiln_nope")
+    wrong = post_build(kilns.open_mode.url, {"os": "linux", "arch": "amd64"}, "kiln_nope")
     assert_error(wrong, 401)
 
 
-def test_public_routes_need_no_key(kiln: Kiln) -> None:
-    key = new_build(kiln)
+def test_public_routes_need_no_key(kilns: Kiln) -> None:
+    key = new_build(kilns)
     for path in ("/healthz", f"/api/builds/{key}", "/metrics", "/openapi.json"):
-        assert requests.get(kiln.keys_mode.url + path, timeout=30).status_code == 200, path
+        assert requests.get(kilns.keys_mode.url + path, timeout=30).status_code == 200, path
 
 
 # -- who may cancel ----------------------------------------------------------------------
 
 
-def test_only_the_requester_or_an_admin_cancels(kiln: Kiln) -> None:
-    mine = new_build(kiln, "ci")
-    url = f"{kiln.keys_mode.url}/api/builds/{mine}"
-    refused = requests.delete(url, headers=bearer(kiln.tokens["other"]), timeout=30)
+def test_only_the_requester_or_an_admin_cancels(kilns: Kiln) -> None:
+    mine = new_build(kilns, "ci")
+    url = f"{kilns.keys_mode.url}/api/builds/{mine}"
+    refused = requests.delete(url, headers=bearer(kilns.tokens["other"]), timeout=30)
     assert_error(refused, 403)
     assert "did not ask for" in refused.json()["error"]["message"]
-    done = requests.delete(url, headers=bearer(kiln.tokens["ci"]), timeout=30)
+    done = requests.delete(url, headers=bearer(kilns.tokens["ci"]), timeout=30)
     assert done.status_code == 200 and done.json()["state"] == "cancelled"
     assert "cancelled by key ci" in done.json()["error"]
     # cancelling twice is harmless
-    assert requests.delete(url, headers=bearer(kiln.tokens["ci"]), timeout=30).status_code == 200
+    assert requests.delete(url, headers=bearer(kilns.tokens["ci"]), timeout=30).status_code == 200
 
-    anonymous = new_build(kiln, None)
-    url = f"{kiln.keys_mode.url}/api/builds/{anonymous}"
-    assert_error(requests.delete(url, headers=bearer(kiln.tokens["ci"]), timeout=30), 403)
-    by_admin = requests.delete(url, headers=bearer(kiln.tokens["ops"]), timeout=30)
+    anonymous = new_build(kilns, None)
+    url = f"{kilns.keys_mode.url}/api/builds/{anonymous}"
+    assert_error(requests.delete(url, headers=bearer(kilns.tokens["ci"]), timeout=30), 403)
+    by_admin = requests.delete(url, headers=bearer(kilns.tokens["ops"]), timeout=30)
     assert by_admin.status_code == 200 and by_admin.json()["state"] == "cancelled"
-    missing = requests.delete(f"{kiln.keys_mode.url}/api/builds/{'e' * 64}",
-                              headers=bearer(kiln.tokens["ops"]), timeout=30)
+    missing = requests.delete(f"{kilns.keys_mode.url}/api/builds/{'e' * 64}",
+                              headers=bearer(kilns.tokens["ops"]), timeout=30)
     assert_error(missing, 404)
 
 
-def test_admin_lists_builds_with_requesters_and_rebuilds(kiln: Kiln) -> None:
-    mine = new_build(kiln, "ci")
-    theirs = new_build(kiln, None)
-    headers = bearer(kiln.tokens["ops"])
-    listing = requests.get(f"{kiln.keys_mode.url}/api/admin/builds", params={"limit": 500},
+def test_admin_lists_builds_with_requesters_and_rebuilds(kilns: Kiln) -> None:
+    mine = new_build(kilns, "ci")
+    theirs = new_build(kilns, None)
+    headers = bearer(kilns.tokens["ops"])
+    listing = requests.get(f"{kilns.keys_mode.url}/api/admin/builds", params={"limit": 500},
                            headers=headers, timeout=30).json()["builds"]
     by_key = {b["key"]: b for b in listing}
     assert by_key[mine]["requested_by"]["key_name"] == "ci"
     assert by_key[theirs]["requested_by"]["anonymous"] is True
     assert by_key[theirs]["requested_by"]["id"] == "addr:127.0.0.1"
-    only_ci = requests.get(f"{kiln.keys_mode.url}/api/admin/builds",
+    only_ci = requests.get(f"{kilns.keys_mode.url}/api/admin/builds",
                            params={"requested_by": by_key[mine]["requested_by"]["id"]},
                            headers=headers, timeout=30).json()["builds"]
     assert only_ci and all(b["requested_by"]["key_name"] == "ci" for b in only_ci)
-    bad = requests.get(f"{kiln.keys_mode.url}/api/admin/builds", params={"state": "asleep"},
+    bad = requests.get(f"{kilns.keys_mode.url}/api/admin/builds", params={"state": "asleep"},
                        headers=headers, timeout=30)
     assert_error(bad, 400)
 
     # a queued build cannot be forced again; a cancelled one can
-    rebuild = f"{kiln.keys_mode.url}/api/admin/builds/{mine}/rebuild"
+    rebuild = f"{kilns.keys_mode.url}/api/admin/builds/{mine}/rebuild"
     assert_error(requests.post(rebuild, headers=headers, timeout=30), 409)
-    requests.delete(f"{kiln.keys_mode.url}/api/builds/{mine}", headers=headers, timeout=30)
+    requests.delete(f"{kilns.keys_mode.url}/api/builds/{mine}", headers=headers, timeout=30)
     again = requests.post(rebuild, headers=headers, timeout=30)
     assert again.status_code == 202 and again.json()["state"] == "queued"
 
-    workers = requests.get(f"{kiln.keys_mode.url}/api/admin/workers", headers=headers,
+    workers = requests.get(f"{kilns.keys_mode.url}/api/admin/workers", headers=headers,
                            timeout=30).json()["workers"]
     assert FAKE_WORKER in {w["id"] for w in workers}
 
 
-def test_a_keys_priority_puts_its_builds_first(kiln: Kiln) -> None:
-    earlier = new_build(kiln, "ci")
-    urgent = new_build(kiln, "urgent")
-    status = requests.get(f"{kiln.keys_mode.url}/api/builds/{urgent}", timeout=30).json()
-    behind = requests.get(f"{kiln.keys_mode.url}/api/builds/{earlier}", timeout=30).json()
+def test_a_keys_priority_puts_its_builds_first(kilns: Kiln) -> None:
+    earlier = new_build(kilns, "ci")
+    urgent = new_build(kilns, "urgent")
+    status = requests.get(f"{kilns.keys_mode.url}/api/builds/{urgent}", timeout=30).json()
+    behind = requests.get(f"{kilns.keys_mode.url}/api/builds/{earlier}", timeout=30).json()
     assert status["queue_position"] == 0
     assert behind["queue_position"] > 0
 
@@ -289,9 +289,9 @@ def test_a_keys_priority_puts_its_builds_first(kiln: Kiln) -> None:
 # -- deleting an artifact -------------------------------------------------------------------
 
 
-def test_admin_deletes_an_artifact_and_the_next_request_rebuilds(kiln: Kiln) -> None:
-    service = kiln.keys_mode
-    admin = bearer(kiln.tokens["ops"])
+def test_admin_deletes_an_artifact_and_the_next_request_rebuilds(kilns: Kiln) -> None:
+    service = kilns.keys_mode
+    admin = bearer(kilns.tokens["ops"])
     # an operator clears the queue before a worker starts: only this test's build runs
     queued = requests.get(f"{service.url}/api/admin/builds",
                           params={"state": "queued", "limit": 500}, headers=admin,
@@ -304,41 +304,41 @@ def test_admin_deletes_an_artifact_and_the_next_request_rebuilds(kiln: Kiln) -> 
     try:
         service.wait_for_worker()
         body = {"os": "linux", "arch": "amd64", "caddy_version": gp.CADDY_OLDEST}
-        key = post_build(service.url, body, kiln.tokens["ci"]).json()["key"]
+        key = post_build(service.url, body, kilns.tokens["ci"]).json()["key"]
         assert service.wait_build(key)["state"] == "succeeded"
     finally:
         service.stop("worker")
     artifact = f"{service.url}/api/builds/{key}/artifact"
     assert requests.head(artifact, timeout=30).status_code == 200
     gone = requests.delete(f"{service.url}/api/admin/builds/{key}/artifact",
-                           headers=bearer(kiln.tokens["ops"]), timeout=30)
+                           headers=bearer(kilns.tokens["ops"]), timeout=30)
     assert gone.status_code == 200 and "artifact" not in gone.json()
     assert requests.head(artifact, timeout=30).status_code == 404
     assert not list((service.root / "artifacts").rglob(f"*{key}*/*"))
     twice = requests.delete(f"{service.url}/api/admin/builds/{key}/artifact",
-                            headers=bearer(kiln.tokens["ops"]), timeout=30)
+                            headers=bearer(kilns.tokens["ops"]), timeout=30)
     assert_error(twice, 409)
     # asked for again, it is built again
-    again = post_build(service.url, body, kiln.tokens["ci"])
+    again = post_build(service.url, body, kilns.tokens["ci"])
     assert again.status_code == 202 and again.json()["state"] == "queued"
 
 
-def test_private_metrics_need_an_admin_key(kiln: Kiln) -> None:
+def test_private_metrics_need_an_admin_key(kilns: Kiln) -> None:
     from falcon import testing
 
     from kiln.api.app import create_app
     from kiln.config import load_config
     from kiln.wiring import make_services
 
-    config = load_config("/dev/null", env={"KILN_DATABASE__URL": kiln.db_url,
+    config = load_config("/dev/null", env={"KILN_DATABASE__URL": kilns.db_url,
                                            "KILN_METRICS__PUBLIC": "false"})
     services = make_services(config)
     try:
         client = testing.TestClient(create_app(services))
         assert client.simulate_get("/metrics").status_code == 401
-        as_builder = client.simulate_get("/metrics", headers=bearer(kiln.tokens["ci"]))
+        as_builder = client.simulate_get("/metrics", headers=bearer(kilns.tokens["ci"]))
         assert as_builder.status_code == 403
-        as_admin = client.simulate_get("/metrics", headers=bearer(kiln.tokens["ops"]))
+        as_admin = client.simulate_get("/metrics", headers=bearer(kilns.tokens["ops"]))
         assert as_admin.status_code == 200 and "kiln_builds" in as_admin.text
         spec = client.simulate_get("/openapi.json").json
         assert spec["paths"]["/metrics"]["get"]["security"] == [{"bearer": []}]

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import requests
 from kiln.worker.sandbox.base import SANDBOX_LABEL
 from tests.dockerutil import ensure_sandbox_image
 from tests.fixtures import goproxy as gp
-from tests.service import REPO, KilnProcesses, template_database
+from tests.service import REPO, KilnProcesses
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
@@ -43,17 +43,18 @@ def silent_proxy() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
-         proxy_dir: Path, silent_proxy: str) -> Iterator[tuple[KilnProcesses, str]]:
-    image = ensure_sandbox_image()
-    name = "kiln_cancel"
-    url = template_database(pg_server_url, pg_template, name)
-    root = tmp_path_factory.mktemp("cancel")
+def kiln_cache_dir(kiln_root: Path) -> Path:
+    # an empty module cache, so that the worker must fetch
+    return kiln_root / "cache"
+
+
+@pytest.fixture(scope="module")
+def kiln_start(silent_proxy: str) -> Callable[[KilnProcesses], None]:
     # the API resolves versions from the synthetic proxy; the worker fetches from the
-    # silent one, into an empty module cache so that it must fetch
-    service = KilnProcesses(db_url=url, root=root, goproxy=f"file://{proxy_dir}",
-                            cache_dir=root / "cache")
-    try:
+    # silent one
+    image = ensure_sandbox_image()
+
+    def start(service: KilnProcesses) -> None:
         service.start_worker(env={
             "KILN_BUILD__SANDBOX": "docker",
             "KILN_BUILD__DOCKER__IMAGE": image,
@@ -66,12 +67,17 @@ def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_templa
         })
         service.wait_for_worker(timeout=PATIENCE)
         service.start_api()
-        made = subprocess.run([sys.executable, "-m", "kiln.cli", "keys", "create", "ci",
-                               "--json"], cwd=REPO, env=service.env, capture_output=True,
-                              text=True, timeout=60, check=True)
-        yield service, json.loads(made.stdout)["token"]
-    finally:
-        service.close()
+
+    return start
+
+
+@pytest.fixture(scope="module")
+def token(kiln: KilnProcesses) -> str:
+    """Return an API key's token: only a build's requester (or an admin) may cancel it."""
+    made = subprocess.run([sys.executable, "-m", "kiln.cli", "keys", "create", "ci",
+                           "--json"], cwd=REPO, env=kiln.env, capture_output=True,
+                          text=True, timeout=60, check=True)
+    return str(json.loads(made.stdout)["token"])
 
 
 def containers_of(key: str) -> list[dict[str, Any]]:
@@ -92,8 +98,8 @@ def wait_for(what: str, check: Any, timeout: float = PATIENCE) -> float:
     raise AssertionError(f"{what} did not happen within {timeout:.0f}s")
 
 
-def test_cancel_queued_then_running_build(kiln: tuple[KilnProcesses, str]) -> None:
-    service, token = kiln
+def test_cancel_queued_then_running_build(kiln: KilnProcesses, token: str) -> None:
+    service = kiln
     auth = {"Authorization": f"Bearer {token}"}
 
     def post(version: str) -> str:

@@ -9,27 +9,14 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures import goproxy as gp
-from tests.service import REPO, KilnProcesses, free_port, template_database
+from tests.service import REPO, KilnProcesses, free_port
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
-         proxy_dir: Path, go_cache_dir: Path) -> Iterator[KilnProcesses]:
-    root = tmp_path_factory.mktemp("cli")
-    name = "kiln_cli_e2e"
-    url = template_database(pg_server_url, pg_template, name)
-    service = KilnProcesses(db_url=url, root=root, goproxy=f"file://{proxy_dir}",
-                            cache_dir=go_cache_dir)
-    with service.running():
-        yield service
 
 
 def kiln_cmd(kiln: KilnProcesses | None, *args: str, cwd: Path | None = None,

@@ -19,7 +19,7 @@ import stat
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -101,25 +101,30 @@ def catalog() -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
-         proxy_server: gp.ProxyServer, go_cache_dir: Path) -> Iterator[KilnProcesses]:
-    root = tmp_path_factory.mktemp("compat")
-    (root / "catalog.json").write_text(json.dumps(catalog()))
-    url = _database(pg_server_url, pg_template, "kiln_compat")
-    service = KilnProcesses(db_url=url, root=root, goproxy=proxy_server.url,
-                            cache_dir=go_cache_dir, env={
-                                "KILN_PLUGINS__CATALOG_FILE": str(root / "catalog.json"),
-                                "KILN_PLUGINS__ALLOW": "registered",
-                                "KILN_PLUGINS__CATALOG_TTL": "0",
-                            })
-    try:
-        service.start_worker()
-        service.wait_for_worker()
-        # more threads than the concurrency test holds requests
-        service.start_api(threads=128)
-        yield service
-    finally:
-        service.close()
+def kiln_goproxy(proxy_server: gp.ProxyServer) -> str:
+    return proxy_server.url
+
+
+@pytest.fixture(scope="module")
+def kiln_env(kiln_root: Path) -> dict[str, str]:
+    (kiln_root / "catalog.json").write_text(json.dumps(catalog()))
+    return {
+        "KILN_PLUGINS__CATALOG_FILE": str(kiln_root / "catalog.json"),
+        "KILN_PLUGINS__ALLOW": "registered",
+        "KILN_PLUGINS__CATALOG_TTL": "0",
+    }
+
+
+def start_wide_api(service: KilnProcesses) -> None:
+    """Start a worker, then an API with more threads than the concurrency test holds requests."""
+    service.start_worker()
+    service.wait_for_worker()
+    service.start_api(threads=128)
+
+
+@pytest.fixture(scope="module")
+def kiln_start() -> Callable[[KilnProcesses], None]:
+    return start_wide_api
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import logging
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ from kiln.worker.sandbox.process import ProcessSandbox
 from tests.dockerutil import ensure_sandbox_image
 from tests.fixtures import goproxy as gp
 from tests.service import KilnProcesses
-from tests.service import template_database as database
 
 #: labels the worker puts on its containers (kiln/worker/sandbox/docker.py's WORKER_LABEL)
 WORKER_LABEL = "dev.kiln.worker"
@@ -107,28 +106,32 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
-         image: str, proxy: Path, go_cache_dir: Path) -> Iterator[KilnProcesses]:
-    root = tmp_path_factory.mktemp("docker-build")
-    service = KilnProcesses(
-        db_url=database(pg_server_url, pg_template, "kiln_docker_build"), root=root,
-        goproxy=f"file://{proxy}", cache_dir=go_cache_dir,
-        env={
-            "KILN_BUILD__SANDBOX": "docker",
-            "KILN_BUILD__DOCKER__IMAGE": image,
-            # a file:// proxy needs no network: the fetch step gets none, the proxy mounted
-            "KILN_BUILD__DOCKER__NETWORK": "none",
-            "KILN_WORKER__CONCURRENCY": "1",
-            "KILN_WORKER__MAX_ATTEMPTS": str(MAX_ATTEMPTS),
-        },
-    )
-    try:
-        service.start_worker(env={"KILN_WORKER__ID": WORKER_ID})
-        service.wait_for_worker(timeout=120)
-        service.start_api()
-        yield service
-    finally:
-        service.close()
+def kiln_goproxy(proxy: Path) -> str:
+    return f"file://{proxy}"
+
+
+@pytest.fixture(scope="module")
+def kiln_env(image: str) -> dict[str, str]:
+    return {
+        "KILN_BUILD__SANDBOX": "docker",
+        "KILN_BUILD__DOCKER__IMAGE": image,
+        # a file:// proxy needs no network: the fetch step gets none, the proxy mounted
+        "KILN_BUILD__DOCKER__NETWORK": "none",
+        "KILN_WORKER__CONCURRENCY": "1",
+        "KILN_WORKER__MAX_ATTEMPTS": str(MAX_ATTEMPTS),
+    }
+
+
+def start_named_worker(service: KilnProcesses) -> None:
+    """Start a worker with a known id (its containers are labelled with it), then the API."""
+    service.start_worker(env={"KILN_WORKER__ID": WORKER_ID})
+    service.wait_for_worker(timeout=120)
+    service.start_api()
+
+
+@pytest.fixture(scope="module")
+def kiln_start() -> Callable[[KilnProcesses], None]:
+    return start_named_worker
 
 
 def containers_of(client: Any, worker_id: str) -> list[str]:

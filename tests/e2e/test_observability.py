@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures import goproxy as gp
-from tests.service import KilnProcesses, template_database
+from tests.service import KilnProcesses
 
 pytestmark = pytest.mark.slow
 
@@ -25,21 +24,20 @@ FLUSH_SECONDS = 0.3
 
 
 @pytest.fixture(scope="module")
-def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
-         proxy_dir: Path, go_cache_dir: Path) -> Iterator[KilnProcesses]:
-    name = "kiln_observability"
-    url = template_database(pg_server_url, pg_template, name)
-    service = KilnProcesses(db_url=url, root=tmp_path_factory.mktemp("observability"),
-                            goproxy=f"file://{proxy_dir}", cache_dir=go_cache_dir,
-                            env={"KILN_METRICS__FLUSH_SECONDS": str(FLUSH_SECONDS),
-                                 "KILN_LOGGING__FORMAT": "json"})
-    try:
-        service.start_worker()
-        service.wait_for_worker()
-        service.start_api(workers=2, threads=4)
-        yield service
-    finally:
-        service.close()
+def kiln_env() -> dict[str, str]:
+    return {"KILN_METRICS__FLUSH_SECONDS": str(FLUSH_SECONDS), "KILN_LOGGING__FORMAT": "json"}
+
+
+def start_two_api_workers(service: KilnProcesses) -> None:
+    """Start a worker, then an API of two gunicorn workers (metrics merged across them)."""
+    service.start_worker()
+    service.wait_for_worker()
+    service.start_api(workers=2, threads=4)
+
+
+@pytest.fixture(scope="module")
+def kiln_start() -> Callable[[KilnProcesses], None]:
+    return start_two_api_workers
 
 
 def scrape(kiln: KilnProcesses) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -15,7 +15,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import pytest
 from kiln.worker.preemption import AwsSpotDetector, AzureDetector, GceDetector, Notice
 from tests.fixtures import goproxy as gp
 from tests.processes import sandbox_processes
-from tests.service import KilnProcesses, template_database
+from tests.service import KilnProcesses
 
 pytestmark = pytest.mark.slow
 
@@ -171,28 +171,21 @@ def metadata() -> Iterator[tuple[str, MetadataState]]:
         server.server_close()
 
 
+def start_after_an_ephemeral_worker(service: KilnProcesses) -> None:
+    """Start the API once a worker has registered (the API keys builds by its toolchain)."""
+    service.start_worker("first", args=["--idle-exit", "0.5"])
+    service.wait_for_worker("first")
+    assert service.procs["first"].wait(30) == 0  # idle-exit: an ephemeral worker
+    service.start_api()
+
+
 @pytest.fixture(scope="module")
-def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
-         proxy_dir: Path, go_cache_dir: Path) -> Iterator[KilnProcesses]:
-    root = tmp_path_factory.mktemp("preemption")
-    name = "kiln_preemption"
-    url = template_database(pg_server_url, pg_template, name)
-    service = KilnProcesses(db_url=url, root=root, goproxy=f"file://{proxy_dir}",
-                            cache_dir=go_cache_dir)
-    service.db_url = url  # type: ignore[attr-defined]
-    try:
-        # a worker must have registered before the API can key builds
-        service.start_worker("first", args=["--idle-exit", "0.5"])
-        service.wait_for_worker("first")
-        assert service.procs["first"].wait(30) == 0  # idle-exit: an ephemeral worker
-        service.start_api()
-        yield service
-    finally:
-        service.close()
+def kiln_start() -> Callable[[KilnProcesses], None]:
+    return start_after_an_ephemeral_worker
 
 
 def query(kiln: KilnProcesses, sql: str, params: dict[str, Any] | None = None) -> list[Any]:
-    with psycopg.connect(kiln.db_url) as conn:  # type: ignore[attr-defined]
+    with psycopg.connect(kiln.db_url) as conn:
         return conn.execute(sql, params or {}).fetchall()
 
 

@@ -31,23 +31,30 @@ from tests.service import KilnProcesses, free_port, template_database
 pytestmark = pytest.mark.slow
 
 PLUGINS = (rc.CLOUDFLARE, rc.RATELIMIT, rc.L4TLS)
+REAL_ENV = {"KILN_BUILD__GOSUMDB": rc.GOSUMDB, "KILN_WORKER__LEASE_SECONDS": "30"}
+"""Settings of a Kiln building from the real module proxy, checked by the checksum database."""
 
 
 def real_kiln(root: Path, db_url: str, cache_dir: Path,
               env: dict[str, str] | None = None) -> KilnProcesses:
     """Return a Kiln configured for the real module proxy and checksum database."""
     return KilnProcesses(db_url=db_url, root=root, goproxy=rc.GOPROXY, cache_dir=cache_dir,
-                         env={"KILN_BUILD__GOSUMDB": rc.GOSUMDB,
-                              "KILN_WORKER__LEASE_SECONDS": "30", **(env or {})})
+                         env={**REAL_ENV, **(env or {})})
 
 
 @pytest.fixture(scope="module")
-def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
-         real_cache_dir: Path) -> Iterator[KilnProcesses]:
-    root = tmp_path_factory.mktemp("real-caddy")
-    url = template_database(pg_server_url, pg_template, "kiln_real_caddy")
-    with real_kiln(root, url, real_cache_dir).running() as service:
-        yield service
+def kiln_goproxy() -> str:
+    return rc.GOPROXY
+
+
+@pytest.fixture(scope="module")
+def kiln_cache_dir(real_cache_dir: Path) -> Path:
+    return real_cache_dir
+
+
+@pytest.fixture(scope="module")
+def kiln_env() -> dict[str, str]:
+    return REAL_ENV
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ from kiln.db.migrate import Migrator
 from tests.fixtures import goproxy as gp
 from tests.processes import kill_sandbox_processes
 from tests.service import REPO, KilnProcesses, free_port
-from tests.service import template_database as database
 
 pytestmark = pytest.mark.slow
 
@@ -40,23 +39,23 @@ JANITOR_ENV = {"KILN_JANITOR__REQUEUE_INTERVAL": "1"}
 
 
 @pytest.fixture(scope="module")
-def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
-         proxy_dir: Path, go_cache_dir: Path) -> Iterator[KilnProcesses]:
-    root = tmp_path_factory.mktemp("recovery")
-    url = database(pg_server_url, pg_template, "kiln_recovery")
-    service = KilnProcesses(db_url=url, root=root, goproxy=f"file://{proxy_dir}",
-                            cache_dir=go_cache_dir, env=JANITOR_ENV)
-    service.db_url = url  # type: ignore[attr-defined]
-    try:
-        # the API keys builds with a registered worker's toolchain; this one leaves at once
-        service.start_worker("first", args=["--idle-exit", "0.1"])
-        service.wait_for_worker("first")
-        service.procs["first"].wait(30)
-        service.start_janitor()
-        service.start_api()
-        yield service
-    finally:
-        service.close()
+def kiln_env() -> dict[str, str]:
+    return JANITOR_ENV
+
+
+def start_without_a_worker(service: KilnProcesses) -> None:
+    """Start the janitor and the API once a worker has registered and left."""
+    # the API keys builds with a registered worker's toolchain; this one leaves at once
+    service.start_worker("first", args=["--idle-exit", "0.1"])
+    service.wait_for_worker("first")
+    service.procs["first"].wait(30)
+    service.start_janitor()
+    service.start_api()
+
+
+@pytest.fixture(scope="module")
+def kiln_start() -> Callable[[KilnProcesses], None]:
+    return start_without_a_worker
 
 
 def query(url: str, sql: str, params: dict[str, Any] | None = None) -> list[Any]:
@@ -101,7 +100,7 @@ def run_binary(content: bytes, tmp_path: Path, *args: str) -> str:
 
 def test_killed_worker_build_is_finished_by_another_after_its_lease(
         kiln: KilnProcesses, tmp_path: Path) -> None:
-    url = kiln.db_url  # type: ignore[attr-defined]
+    url = kiln.db_url
     # a fresh instance with a cold build cache: its build is still running when it dies
     victim = kiln.start_worker("victim", env={
         "KILN_WORKER__ID": "victim", "KILN_BUILD__CACHE_DIR": str(tmp_path / "cold")})
@@ -148,7 +147,7 @@ def test_killed_worker_build_is_finished_by_another_after_its_lease(
 
 def test_storage_failure_during_upload_is_retried_and_nothing_partial_is_served(
         kiln: KilnProcesses, tmp_path: Path) -> None:
-    url = kiln.db_url  # type: ignore[attr-defined]
+    url = kiln.db_url
     ensure_worker(kiln)
     staging = kiln.root / "artifacts" / ".tmp"
     shutil.rmtree(staging)

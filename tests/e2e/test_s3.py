@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,16 +58,15 @@ def s3_env(endpoint: str, bucket: str, serve: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def kiln(tmp_path_factory: pytest.TempPathFactory, db: str, proxy_dir: Path,
-         go_cache_dir: Path, s3_endpoint: str, bucket: str) -> Iterator[KilnProcesses]:
-    service = KilnProcesses(
-        db_url=db, root=tmp_path_factory.mktemp("s3"), goproxy=f"file://{proxy_dir}",
-        cache_dir=go_cache_dir,
-        env={**s3_env(s3_endpoint, bucket, "redirect"),
-             "KILN_WORKER__RETRY_BASE_SECONDS": str(RETRY_BASE_SECONDS),
-             "KILN_WORKER__MAX_ATTEMPTS": "3"})
-    with service.running():
-        yield service
+def kiln_db(db: str) -> str:
+    return db
+
+
+@pytest.fixture(scope="module")
+def kiln_env(s3_endpoint: str, bucket: str) -> dict[str, str]:
+    return {**s3_env(s3_endpoint, bucket, "redirect"),
+            "KILN_WORKER__RETRY_BASE_SECONDS": str(RETRY_BASE_SECONDS),
+            "KILN_WORKER__MAX_ATTEMPTS": "3"}
 
 
 def bucket_keys(s3: Any, bucket: str) -> list[str]:

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from kiln.worker.attest import Attestor
 from kiln.worker.sandbox.base import COMPILE, Step
 from kiln.worker.sandbox.process import ProcessSandbox, find_go
 from tests.fixtures import goproxy as gp
-from tests.service import REPO, KilnProcesses, template_database
+from tests.service import REPO, KilnProcesses
 
 pytestmark = pytest.mark.slow
 
@@ -57,17 +56,9 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
-         proxy_dir: Path, go_cache_dir: Path, keys: dict[str, Path]) -> Iterator[KilnProcesses]:
-    root = tmp_path_factory.mktemp("signing")
-    name = "kiln_signing"
-    url = template_database(pg_server_url, pg_template, name)
-    service = KilnProcesses(db_url=url, root=root, goproxy=f"file://{proxy_dir}",
-                            cache_dir=go_cache_dir,
-                            env={"KILN_SIGNING__KEY_FILE": str(keys["private"]),
-                                 "KILN_SIGNING__BUILDER_ID": BUILDER_ID})
-    with service.running():
-        yield service
+def kiln_env(keys: dict[str, Path]) -> dict[str, str]:
+    return {"KILN_SIGNING__KEY_FILE": str(keys["private"]),
+            "KILN_SIGNING__BUILDER_ID": BUILDER_ID}
 
 
 @pytest.fixture(scope="module")

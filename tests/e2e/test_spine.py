@@ -9,7 +9,6 @@ import concurrent.futures
 import hashlib
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -17,21 +16,9 @@ import pytest
 import requests
 
 from tests.fixtures import goproxy as gp
-from tests.service import KilnProcesses, template_database
+from tests.service import KilnProcesses
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
-         proxy_dir: Path, go_cache_dir: Path) -> Iterator[KilnProcesses]:
-    root = tmp_path_factory.mktemp("spine")
-    name = "kiln_spine"
-    url = template_database(pg_server_url, pg_template, name)
-    service = KilnProcesses(db_url=url, root=root, goproxy=f"file://{proxy_dir}",
-                            cache_dir=go_cache_dir)
-    with service.running():
-        yield service
 
 
 def count(url: str, sql: str) -> int:

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from playwright.sync_api import expect
 
 from tests.fixtures import goproxy as gp
-from tests.service import REPO, KilnProcesses, template_database
+from tests.service import REPO, KilnProcesses
 
 pytestmark = pytest.mark.slow
 
@@ -36,13 +36,9 @@ BUILD_TIMEOUT_MS = 240_000
 
 
 @pytest.fixture(scope="module")
-def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
-         proxy_dir: Path, go_cache_dir: Path) -> Iterator[KilnProcesses]:
-    root = tmp_path_factory.mktemp("ui")
-    name = "kiln_ui_e2e"
-    url = template_database(pg_server_url, pg_template, name)
+def kiln_env(kiln_root: Path) -> dict[str, str]:
     # the operator's plugin catalog, which the form searches
-    catalog = root / "catalog.json"
+    catalog = kiln_root / "catalog.json"
     catalog.write_text(json.dumps({"result": [
         {"path": gp.HELLO, "downloads": 7,
          "modules": [{"name": gp.HELLO_ID, "docs": "Says hello."}]},
@@ -50,15 +46,10 @@ def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_templa
          "modules": [{"name": gp.DNS_ID, "docs": "An example DNS provider."}]},
     ]}))
     # a signing key, so the page has a signature to show
-    key_file = root / "signing.pem"
+    key_file = kiln_root / "signing.pem"
     key_file.write_bytes(Ed25519PrivateKey.generate().private_bytes(
         Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
-    service = KilnProcesses(db_url=url, root=root, goproxy=f"file://{proxy_dir}",
-                            cache_dir=go_cache_dir,
-                            env={"KILN_PLUGINS__CATALOG_FILE": str(catalog),
-                                 "KILN_SIGNING__KEY_FILE": str(key_file)})
-    with service.running():
-        yield service
+    return {"KILN_PLUGINS__CATALOG_FILE": str(catalog), "KILN_SIGNING__KEY_FILE": str(key_file)}
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,14 +53,13 @@ def start(name: str, *, root: Path, pg_server_url: str, pg_template: str, goprox
 
 
 @pytest.fixture(scope="module")
-def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
-         proxy_server: gp.ProxyServer, go_cache_dir: Path, keys: dict[str, Path]
-         ) -> Iterator[KilnProcesses]:
-    service = start("kiln_upgrade_e2e", root=tmp_path_factory.mktemp("upgrade"),
-                    pg_server_url=pg_server_url, pg_template=pg_template,
-                    goproxy=proxy_server.url, cache_dir=go_cache_dir, key=keys["main"])
-    with service.running():
-        yield service
+def kiln_goproxy(proxy_server: gp.ProxyServer) -> str:
+    return proxy_server.url
+
+
+@pytest.fixture(scope="module")
+def kiln_env(keys: dict[str, Path]) -> dict[str, str]:
+    return {"KILN_SIGNING__KEY_FILE": str(keys["main"])}
 
 
 def kiln_cmd(server: str | None, *args: str | Path, path: str = "",

@@ -11,7 +11,7 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,7 +23,6 @@ import requests
 
 from tests.fixtures import goproxy as gp
 from tests.service import KilnProcesses
-from tests.service import template_database as _database
 
 pytestmark = pytest.mark.slow
 
@@ -102,24 +101,24 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-def kiln(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
-         proxy_dir: Path, go_cache_dir: Path) -> Iterator[KilnProcesses]:
-    url = _database(pg_server_url, pg_template, "kiln_webhooks")
-    service = KilnProcesses(
-        db_url=url, root=tmp_path_factory.mktemp("webhooks"), goproxy=f"file://{proxy_dir}",
-        cache_dir=go_cache_dir,
-        env={"KILN_WEBHOOKS__SECRET": SECRET, "KILN_WEBHOOKS__ALLOW_PRIVATE": "true",
-             "KILN_WEBHOOKS__INTERVAL": "0.2", "KILN_WEBHOOKS__RETRY_BASE_SECONDS": "0.3",
-             "KILN_WEBHOOKS__MAX_ATTEMPTS": str(MAX_ATTEMPTS),
-             "KILN_WEBHOOKS__TIMEOUT": "5"})
-    try:
-        service.start_worker()
-        service.wait_for_worker()
-        service.start_janitor()
-        service.start_api()
-        yield service
-    finally:
-        service.close()
+def kiln_env() -> dict[str, str]:
+    return {"KILN_WEBHOOKS__SECRET": SECRET, "KILN_WEBHOOKS__ALLOW_PRIVATE": "true",
+            "KILN_WEBHOOKS__INTERVAL": "0.2", "KILN_WEBHOOKS__RETRY_BASE_SECONDS": "0.3",
+            "KILN_WEBHOOKS__MAX_ATTEMPTS": str(MAX_ATTEMPTS),
+            "KILN_WEBHOOKS__TIMEOUT": "5"}
+
+
+def start_with_janitor(service: KilnProcesses) -> None:
+    """Start a worker, the janitor (which delivers webhooks) and the API."""
+    service.start_worker()
+    service.wait_for_worker()
+    service.start_janitor()
+    service.start_api()
+
+
+@pytest.fixture(scope="module")
+def kiln_start() -> Callable[[KilnProcesses], None]:
+    return start_with_janitor
 
 
 def wait_group(kiln: KilnProcesses, gid: str, timeout: float = 300.0) -> dict[str, Any]:
