@@ -1,5 +1,5 @@
 -- The benchmarks' own queries, by name (loaded by bench/infra.py: bench_queries()).
--- Kiln's queries come from kiln/db/sql/queries.sql through kiln.db.builds; these only observe.
+-- Kiln's queries come from kiln/db/sql/builds.sql through kiln.db.builds; these only observe.
 
 -- name: kiln_progress
 -- How many of the given builds succeeded, and when the last one finished (epoch seconds).

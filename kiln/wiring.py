@@ -23,13 +23,13 @@ from kiln.db.attestations import AttestManager
 from kiln.db.build_logs import LOGS_CHANNEL, BuildLogs
 from kiln.db.builds import QueueManager
 from kiln.db.catalog import CatalogStore
+from kiln.db.maintenance import Maintenance
 from kiln.db.migrate import migrate
 from kiln.db.notify import EVENTS_CHANNEL, Notifier
 from kiln.db.pool import connect, make_pool
 from kiln.db.webhooks import WebhookManager
 from kiln.janitor.catalog_mirror import CatalogMirror
 from kiln.janitor.gc import StorageCollector
-from kiln.janitor.maintenance import Maintenance
 from kiln.janitor.prune import Pruner
 from kiln.janitor.scheduler import Janitor, Job
 from kiln.janitor.webhooks import Deliverer

@@ -30,7 +30,7 @@ TOKEN_BYTES = 32
 MAX_TOKEN_CHARS = 128
 SCOPES = ("build", "admin")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
-SQL_FILE = "auth.sql"
+SQL_FILE = "api_keys.sql"
 
 
 class ApiKeyError(KilnError):

@@ -13,7 +13,7 @@ from kiln.db.sql import queries as named_queries
 
 
 class AttestManager:
-    """Signing keys and attestation records in PostgreSQL (queries in sql/attest.sql)."""
+    """Signing keys and attestation records in PostgreSQL (queries in sql/attestations.sql)."""
 
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
@@ -21,7 +21,7 @@ class AttestManager:
     def _rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         conn: psycopg.Connection
         with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(named_queries("attest.sql")[name], params)
+            cur.execute(named_queries("attestations.sql")[name], params)
             return cur.fetchall() if cur.description else []
 
     def register_key(self, key_id: str, public_key: str) -> None:

@@ -20,8 +20,8 @@ PAGE_LINES = 500
 
 
 def queries() -> dict[str, str]:
-    """Return the named queries of ``kiln/db/sql/buildlog.sql``."""
-    return named_queries("buildlog.sql")
+    """Return the named queries of ``kiln/db/sql/build_logs.sql``."""
+    return named_queries("build_logs.sql")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from importlib import resources
 
 
 @cache
-def queries(filename: str = "queries.sql") -> dict[str, str]:
+def queries(filename: str = "builds.sql") -> dict[str, str]:
     """Return the named queries of ``kiln/db/sql/<filename>``."""
     text = resources.files("kiln.db").joinpath(f"sql/{filename}").read_text()
     found: dict[str, str] = {}

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from kiln.artifacts.store import ArtifactStore, StorageError
 
 if TYPE_CHECKING:
-    from kiln.janitor.maintenance import Maintenance
+    from kiln.db.maintenance import Maintenance
 
 log = logging.getLogger(__name__)
 

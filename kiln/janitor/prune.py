@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kiln.janitor.maintenance import Maintenance
+    from kiln.db.maintenance import Maintenance
 
 log = logging.getLogger(__name__)
 

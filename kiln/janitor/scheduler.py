@@ -35,7 +35,7 @@ import psycopg
 import schedule
 
 from kiln.db.builds import QueueManager
-from kiln.janitor.maintenance import Maintenance
+from kiln.db.maintenance import Maintenance
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from psycopg_pool import ConnectionPool
 from kiln.artifacts.local import LocalStore
 from kiln.artifacts.store import file_sha256
 from kiln.db.builds import QueueManager
+from kiln.db.maintenance import Maintenance
 from kiln.db.notify import QUEUE_CHANNEL
 from kiln.db.sql import queries as queue_queries
 from kiln.janitor.gc import StorageCollector
-from kiln.janitor.maintenance import Maintenance
 from kiln.janitor.prune import Pruner
 from kiln.janitor.scheduler import Janitor, Job
 

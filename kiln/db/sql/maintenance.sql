@@ -1,6 +1,6 @@
 -- The janitor's queries, by name: job turns and locks, storage GC, pruning.
 -- Loaded by kiln/janitor/scheduler.py. Queue jobs (lease expiry, gone workers, resolutions) use
--- kiln/db/sql/queries.sql through QueueManager.
+-- kiln/db/sql/builds.sql through QueueManager.
 
 -- name: try_lock
 -- A session advisory lock per job: a second janitor skips the job while one runs it.

@@ -26,8 +26,8 @@ PRUNE_BATCH = 5000
 
 
 def queries() -> dict[str, str]:
-    """Return the named queries of ``kiln/db/sql/janitor.sql``."""
-    return named_queries("janitor.sql")
+    """Return the named queries of ``kiln/db/sql/maintenance.sql``."""
+    return named_queries("maintenance.sql")
 
 
 def lock_id(job: str) -> int:
@@ -37,7 +37,7 @@ def lock_id(job: str) -> int:
 
 
 class Maintenance:
-    """All access the janitor's own jobs make to the database (kiln/db/sql/janitor.sql)."""
+    """All access the janitor's own jobs make to the database (kiln/db/sql/maintenance.sql)."""
 
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
