@@ -62,7 +62,7 @@ lambda-package: install ## Build dist/kiln-lambda.zip, the AWS Lambda package of
 .PHONY: lint
 lint: install ## Run ruff and mypy
 	$(VENV)/bin/ruff check kiln functions tests bench
-	$(VENV)/bin/mypy kiln functions
+	$(VENV)/bin/mypy kiln functions bench
 
 .PHONY: test
 test: lint ## Run linters and the whole test suite (unit, integration, e2e)

@@ -53,9 +53,10 @@ class ReportingQueue(QueueManager):
         return claimed
 
     def complete(self, key: str, worker_id: str, *, artifact_path: str, artifact_size: int,
-                 artifact_sha256: str) -> bool:
+                 artifact_sha256: str, attempt: int | None = None) -> bool:
         done = super().complete(key, worker_id, artifact_path=artifact_path,
-                                artifact_size=artifact_size, artifact_sha256=artifact_sha256)
+                                artifact_size=artifact_size, artifact_sha256=artifact_sha256,
+                                attempt=attempt)
         emit("complete", key=key)
         return done
 
