@@ -26,6 +26,12 @@ DEFAULT_CONFIG_FILE = "config.yml"
 DEFAULT_GOPROXY = "https://proxy.golang.org"
 
 
+#: Go build tags and linker flags of every build, as caddyserver.com builds (build.tags,
+#: build.ldflags): part of each build's key
+DEFAULT_TAGS: tuple[str, ...] = ("nobadger", "nomysql", "nopgx")
+DEFAULT_LDFLAGS = "-w -s"
+
+
 class ConfigError(KilnError):
     """The configuration cannot be used; the message names the field and the reason."""
 
@@ -110,8 +116,8 @@ class BuildConfig(_Section):
     latest_ttl: float = Field(300.0, ge=0)
     #: seconds a proxy request may take
     proxy_timeout: float = Field(20.0, gt=0)
-    tags: list[str] = ["nobadger", "nomysql", "nopgx"]
-    ldflags: str = "-w -s"
+    tags: list[str] = list(DEFAULT_TAGS)
+    ldflags: str = DEFAULT_LDFLAGS
     docker: DockerSandboxConfig = DockerSandboxConfig()
 
     @field_validator("goproxy")

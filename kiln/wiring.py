@@ -12,7 +12,7 @@ from psycopg_pool import ConnectionPool
 
 from kiln.api.app import Services
 from kiln.api.quota import QuotaManager
-from kiln.api.service import CatalogBuildService
+from kiln.api.service import BuildService
 from kiln.artifacts.local import LocalStore
 from kiln.artifacts.provenance import DEFAULT_BUILDER_ID
 from kiln.artifacts.signing import SigningKeyError, signer_from_settings
@@ -36,7 +36,7 @@ from kiln.janitor.webhooks import Deliverer
 from kiln.metrics import MetricsRecorder
 from kiln.readiness import NEEDS, Dependency, Missing, NotReady, database_check
 from kiln.request.callbacks import SIGNATURE_HEADER
-from kiln.request.catalog import Catalog
+from kiln.request.catalog import Catalog, CatalogPolicy
 from kiln.resolve.cache import DatabaseResolutionCache
 from kiln.resolve.proxy import ModuleProxy
 from kiln.resolve.resolver import Resolver
@@ -82,8 +82,8 @@ def make_services(config: Config, *, application: str = "kiln-api") -> Services:
     )
     catalog = make_catalog(config, pool)
     metrics = MetricsRecorder(pool, flush_seconds=config.metrics.flush_seconds).start()
-    service = CatalogBuildService(
-        catalog=catalog, allow=config.plugins.allow,
+    service = BuildService(
+        policy=CatalogPolicy(catalog, allow=config.plugins.allow) if catalog else None,
         queue=queue, resolver=resolver, tags=tuple(config.build.tags),
         ldflags=config.build.ldflags, max_attempts=config.worker.max_attempts,
         worker_live_seconds=config.janitor.worker_gone_seconds,

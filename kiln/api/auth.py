@@ -21,7 +21,7 @@ from typing import Any
 import falcon
 
 from kiln.api.errors import ApiError
-from kiln.api.principal import Network, Principal, bind_principal, client_address, unbind_principal
+from kiln.api.principal import Network, Principal, client_address, principal_of
 from kiln.api.quota import QuotaExceeded
 from kiln.db.api_keys import KeyManager
 
@@ -57,14 +57,6 @@ def forbidden(message: str) -> ApiError:
     return ApiError(falcon.HTTP_403, message)
 
 
-def principal_of(req: falcon.Request) -> Principal:
-    """Return who sent ``req`` (set by AuthMiddleware; anonymous if it did not run)."""
-    principal = req.context.get("principal")
-    if isinstance(principal, Principal):
-        return principal
-    return Principal(address=req.remote_addr or "")
-
-
 class AuthMiddleware:
     """Find who is asking, and refuse what they may not do."""
 
@@ -90,7 +82,6 @@ class AuthMiddleware:
                                  self.trusted_proxies)
         req.context.client_address = address
         req.context.principal = Principal(address=address)
-        req.context.principal_token = bind_principal(req.context.principal)
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object,
                          params: dict[str, Any]) -> None:
@@ -110,7 +101,6 @@ class AuthMiddleware:
                                    invalid=True)
             principal = Principal(address=principal.address, key=key)
             req.context.principal = principal
-            bind_principal(principal)
         need = self.requirement(req.method, req.uri_template or req.path, resource)
         if need == PUBLIC or (need == BUILD and self.mode == "open"):
             return
@@ -122,14 +112,6 @@ class AuthMiddleware:
         if need == ADMIN and not principal.is_admin:
             raise forbidden(f"{principal.describe()} has the {principal.key.scope} scope; "
                             "this needs an admin key")
-
-
-    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
-                         req_succeeded: bool) -> None:
-        token = req.context.get("principal_token")
-        if token is not None:
-            unbind_principal(token)
-            req.context.principal_token = None
 
 
 def handle_quota(req: falcon.Request, resp: falcon.Response, ex: QuotaExceeded,

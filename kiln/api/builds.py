@@ -19,6 +19,7 @@ from kiln.api.documents import (
 )
 from kiln.api.errors import ApiError, bad_request, http_error, not_found, unavailable
 from kiln.api.groups import Callbacks, group_document, platform_requests
+from kiln.api.principal import principal_of
 from kiln.api.service import BuildService
 from kiln.artifacts.store import ArtifactStore, StorageError
 from kiln.db.builds import QueueManager
@@ -30,10 +31,11 @@ from kiln.request.spec import BuildRequest, BuildSpec
 STREAM_CHUNK = 256 * 1024
 
 
-def submit(service: BuildService, request: BuildRequest, **kwargs: Any) -> Any:
-    """Submit through the service; its errors become their HTTP statuses (kiln/api/errors.py)."""
+def submit(service: BuildService, request: BuildRequest, req: falcon.Request) -> Any:
+    """Submit for the sender of ``req`` (its priority and quotas apply); the service's
+    errors become their HTTP statuses (kiln/api/errors.py)."""
     try:
-        return service.submit(request, **kwargs)
+        return service.submit(request, principal=principal_of(req))
     except KilnError as exc:
         error = http_error(exc)
         if error is None:
@@ -56,7 +58,7 @@ class BuildsResource:
 
     def submit_one(self, req: falcon.Request, request: BuildRequest) -> Any:
         """Submit one build of this HTTP request and register its callback_url."""
-        submitted = submit(self.service, request)
+        submitted = submit(self.service, request, req)
         if self.callbacks is not None:
             self.callbacks.subscribe(req, submitted.key)
         return submitted

@@ -148,7 +148,7 @@ class DownloadResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         request = parse_download_query(req.query_string, max_plugins=self.max_plugins)
-        submitted = submit(self.service, request)
+        submitted = submit(self.service, request, req)
         key = submitted.key
         resp.set_header("X-Kiln-Build-Key", key)
         # the same URL may mean another build tomorrow ("latest"): never cache it

@@ -14,6 +14,7 @@ from typing import Any
 
 import falcon
 
+from kiln.db.builds import STATES
 from kiln.request.platforms import PLATFORMS
 
 OSES = sorted({os_ for os_, _arch in PLATFORMS})
@@ -21,7 +22,6 @@ ARCHS = sorted({arch for _os, arch in PLATFORMS})
 
 OPENAPI_VERSION = "3.1.0"
 KEY_PATTERN = "^[0-9a-f]{64}$"
-STATES = ["queued", "running", "succeeded", "failed", "cancelled"]
 
 Schema = dict[str, Any]
 
@@ -98,7 +98,7 @@ SCHEMAS: dict[str, Schema] = {
     }),
     "Build": obj({
         "key": {"type": "string", "pattern": KEY_PATTERN},
-        "state": {"enum": STATES},
+        "state": {"enum": list(STATES)},
         "os": {"type": "string"},
         "arch": {"type": "string"},
         "arm": nullable("string"),
@@ -131,7 +131,7 @@ SCHEMAS: dict[str, Schema] = {
     }),
     "BuildSummary": obj({
         "key": {"type": "string", "pattern": KEY_PATTERN},
-        "state": {"enum": STATES},
+        "state": {"enum": list(STATES)},
         "os": {"type": "string"},
         "arch": {"type": "string"},
         "arm": nullable("string"),
@@ -476,7 +476,7 @@ def _paths() -> dict[str, dict[str, Schema]]:
                 "200": json_response("the builds", ref("AdminBuildList")),
                 "400": error("a bad filter"),
                 "401": UNAUTHORIZED, "403": FORBIDDEN,
-            }, params=[query("state", {"enum": STATES}),
+            }, params=[query("state", {"enum": list(STATES)}),
                        query("requested_by", {"type": "string"},
                              "a key id, or addr:<client address>"),
                        query("limit", {"type": "integer", "minimum": 1, "maximum": 500}),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import contextvars
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import falcon
 
 from kiln.db.api_keys import ApiKey
 
@@ -33,28 +34,6 @@ class Principal:
     def describe(self) -> str:
         """Return a short human description for messages and logs."""
         return f"key {self.key.name} ({self.key.id})" if self.key else f"client {self.address}"
-
-
-#: who sent the HTTP request this thread is serving: set by the API's auth middleware and
-#: read by BuildService.submit, so that every endpoint that submits builds is covered by
-#: priorities and quotas without passing the principal along
-_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
-    "kiln_principal", default=None)
-
-
-def current_principal() -> Principal | None:
-    """Return who sent the request being served, or None outside a request."""
-    return _current.get()
-
-
-def bind_principal(principal: Principal | None) -> contextvars.Token[Principal | None]:
-    """Make ``principal`` the current one; pass the token to unbind_principal afterwards."""
-    return _current.set(principal)
-
-
-def unbind_principal(token: contextvars.Token[Principal | None]) -> None:
-    """Restore the principal that was current before bind_principal."""
-    _current.reset(token)
 
 
 #: IPv6 clients are counted per /64: one host usually holds a whole /64
@@ -111,3 +90,12 @@ def address_group(address: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
     return str(ip) if ip is not None else address
+
+
+def principal_of(req: falcon.Request) -> Principal:
+    """Return who sent ``req`` (set by AuthMiddleware; anonymous if it did not run)."""
+    principal = req.context.get("principal")
+    if isinstance(principal, Principal):
+        return principal
+    return Principal(address=req.remote_addr or "")
+

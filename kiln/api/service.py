@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kiln.api.principal import current_principal
 from kiln.api.quota import QuotaExceeded
+from kiln.config import DEFAULT_TAGS
 from kiln.db.builds import QueueManager
 from kiln.errors import KilnError
-from kiln.request.catalog import Catalog, CatalogUnavailable
+from kiln.request.catalog import CatalogPolicy
 from kiln.request.spec import BuildRequest, BuildSpec
 from kiln.resolve.resolver import Resolver, resolve_spec
 
@@ -47,15 +46,19 @@ class BuildService:
         *,
         queue: QueueManager,
         resolver: Resolver,
-        tags: tuple[str, ...] = ("nobadger", "nomysql", "nopgx"),
+        tags: tuple[str, ...] = DEFAULT_TAGS,
         ldflags: str = "-w -s",
         max_attempts: int = 3,
         worker_live_seconds: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
         quota: QuotaManager | None = None,
         metrics: MetricsRecorder | None = None,
+        policy: CatalogPolicy | None = None,
     ) -> None:
         self.queue = queue
+        #: what may be built (plugins mapped through the catalog, plugins.allow); every way
+        #: of submitting (/api/builds, /api/download, /api/compat) passes through resolve()
+        self.policy = policy
         self.quota = quota
         self.metrics = metrics
         self.resolver = resolver
@@ -81,7 +84,10 @@ class BuildService:
         return found
 
     def resolve(self, request: BuildRequest) -> BuildSpec:
-        """Resolve every version query to an absolute version and return the spec."""
+        """Admit the request (the catalog policy), resolve every version query to an
+        absolute version, and return the spec."""
+        if self.policy is not None:
+            request = self.policy.admit(request)
         sandbox, go_version = self.toolchain()
         return resolve_spec(request, self.resolver, go_version=go_version, sandbox=sandbox,
                             tags=self.tags, ldflags=self.ldflags)
@@ -91,13 +97,12 @@ class BuildService:
                principal: Principal | None = None) -> Submitted:
         """Resolve and queue a build (once per key); return its current row.
 
-        With a ``principal`` (who asked; default: the sender of the HTTP request being
-        served) its key's priority and the quotas apply, and it is recorded as the
-        requester; QuotaExceeded is raised over a limit.
+        With a ``principal`` (who asked: the API passes the sender of every HTTP request,
+        kiln/api/builds.py submit) its key's priority and the quotas apply, and it is
+        recorded as the requester; QuotaExceeded is raised over a limit. Without one (a
+        build Kiln asks for itself) neither applies.
         """
         admit = None
-        if principal is None:
-            principal = current_principal()
         if principal is not None:
             priority = principal.priority if priority is None else priority
             requested_by = requested_by or principal.requester
@@ -123,37 +128,3 @@ class BuildService:
             self.metrics.inc("kiln_build_requests_total", {"result": outcome})
         return Submitted(key=key, build=result.build, queued=result.queued, spec=spec)
 
-log = logging.getLogger(__name__)
-
-
-class CatalogBuildService(BuildService):
-    """A BuildService that maps plugins through the catalog and enforces ``plugins.allow``.
-
-    Every way of submitting builds (/api/builds, /api/download, /api/compat) goes through
-    ``resolve``, so the policy cannot be side-stepped by choosing another endpoint.
-    """
-
-    def __init__(self, *, catalog: Catalog | None, allow: str = "any", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.catalog = catalog
-        self.allow = allow
-
-    def admit(self, request: BuildRequest) -> BuildRequest:
-        """Map the request's plugins to catalog packages; refuse unregistered ones if asked."""
-        if self.catalog is None:
-            return request
-        try:
-            index = self.catalog.index()
-        except CatalogUnavailable:
-            if self.allow == "registered":
-                raise
-            log.warning("plugin catalog unavailable; building plugins as named", exc_info=True)
-            return request
-        mapped = index.map_request(request)
-        if self.allow == "registered":
-            index.check(mapped)
-        return mapped
-
-    def resolve(self, request: BuildRequest) -> Any:
-        """Admit the request through the catalog, then resolve it."""
-        return super().resolve(self.admit(request))

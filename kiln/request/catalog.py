@@ -411,3 +411,27 @@ class Catalog:
             return index
         return CatalogIndex(dataclasses.replace(p, downloads=p.downloads + extra.get(p.path, 0))
                             for p in index.packages)
+
+
+class CatalogPolicy:
+    """Map a request's plugins to catalog packages, and refuse unregistered ones when
+    ``plugins.allow`` is ``registered``."""
+
+    def __init__(self, catalog: Catalog, *, allow: str = "any") -> None:
+        self.catalog = catalog
+        self.allow = allow
+
+    def admit(self, request: BuildRequest) -> BuildRequest:
+        """Return the request with its plugins mapped; PackageNotRegistered if refused."""
+        try:
+            index = self.catalog.index()
+        except CatalogUnavailable:
+            if self.allow == "registered":
+                raise
+            log.warning("plugin catalog unavailable; building plugins as named", exc_info=True)
+            return request
+        mapped = index.map_request(request)
+        if self.allow == "registered":
+            index.check(mapped)
+        return mapped
+

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiln.config import DEFAULT_LDFLAGS, DEFAULT_TAGS
 from kiln.errors import SpecError, _show
 from kiln.gomod.module import (
     MAX_PATH_LENGTH,
@@ -37,8 +38,6 @@ CADDY_MODULE = "github.com/caddyserver/caddy/v2"
 CADDY_LEGACY_MODULE = "github.com/caddyserver/caddy"
 
 SCHEMA_VERSION = 1
-DEFAULT_TAGS: tuple[str, ...] = ("nobadger", "nomysql", "nopgx")
-DEFAULT_LDFLAGS = "-w -s"
 DEFAULT_MAX_PLUGINS = 50
 
 MAX_PLUGIN_TEXT_LENGTH = MAX_PATH_LENGTH + 1 + MAX_QUERY_LENGTH + len("https://") + 1

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.errors import KilnError
-from kiln.request.spec import BuildSpec
+from kiln.request.spec import CADDY_MODULE, BuildSpec
 from kiln.worker.sandbox.base import COMPILE, FETCH, EachStep, Sandbox, Session, Step, StepResult
 
-CADDY_MODULE = "github.com/caddyserver/caddy/v2"
 #: lines of Go output kept in a failure message
 ERROR_LINES = 20
 
