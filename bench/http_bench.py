@@ -247,7 +247,7 @@ def dedup_run(kiln: KilnHttp, plugins: list[str]) -> dict[str, Any]:
         "plugins": plugins, "clients": DEDUP_CLIENTS, "served": len(ok),
         "statuses": sorted({a[0] for a in answers}),
         "distinct_bodies": len({a[1] for a in ok}),
-        "matches_artifact": row is not None and all(a[1] == row["artifact_sha256"] for a in ok),
+        "matches_artifact": row is not None and all(a[1] == row.artifact_sha256 for a in ok),
         "keys": len(keys), "builds": builds, "seconds": seconds,
     }
 

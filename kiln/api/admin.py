@@ -13,10 +13,10 @@ import falcon
 
 from kiln.api.auth import ADMIN, KEY, forbidden, principal_of
 from kiln.api.builds import BuildResource
-from kiln.api.documents import KEY_PATTERN, build_document
-from kiln.api.errors import ApiError, bad_request, not_found, unavailable
+from kiln.api.documents import build_document, load_build
+from kiln.api.errors import ApiError, bad_request, unavailable
 from kiln.artifacts.store import ArtifactStore, StorageError
-from kiln.db.builds import STATES, QueueManager
+from kiln.db.builds import STATES, Build, QueueManager
 
 #: builds one listing returns by default, and at most
 LIST_LIMIT = 50
@@ -43,32 +43,23 @@ def _time_param(req: falcon.Request, name: str) -> dt.datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
-def load_build(queue: QueueManager, key: str) -> dict[str, Any]:
-    if not KEY_PATTERN.match(key):
-        raise not_found(f"{key!r} is not a build key (64 lowercase hex characters)")
-    row = queue.get(key)
-    if row is None:
-        raise not_found(f"no build with key {key}")
-    return row
-
-
 def conflict(message: str) -> ApiError:
     """Return a 409: the build is not in a state this action applies to."""
     return ApiError(falcon.HTTP_409, message)
 
 
-def cancel_build(queue: QueueManager, req: falcon.Request, key: str) -> dict[str, Any]:
+def cancel_build(queue: QueueManager, req: falcon.Request, key: str) -> Build:
     """Cancel ``key`` for whoever sent ``req``; return the build's row afterwards."""
     principal = principal_of(req)
     row = load_build(queue, key)
-    if not principal.is_admin and row.get("requested_by") != principal.requester:
+    if not principal.is_admin and row.requested_by != principal.requester:
         raise forbidden(f"{principal.describe()} did not ask for build {key}: only the key "
                         "that asked for it, or an admin key, may cancel it")
-    if row["state"] in ("queued", "running"):
+    if row.state in ("queued", "running"):
         queue.cancel(key, reason=f"cancelled by {principal.describe()}")
         row = load_build(queue, key)
-    if row["state"] != "cancelled":
-        raise conflict(f"build {key} has {row['state']}; only a queued or running build "
+    if row.state != "cancelled":
+        raise conflict(f"build {key} has {row.state}; only a queued or running build "
                        "can be cancelled")
     return row
 
@@ -83,18 +74,20 @@ class CancellableBuildResource(BuildResource):
         resp.media = build_document(row, queue=self.queue)
 
 
-def admin_build_document(row: dict[str, Any], *, queue: QueueManager) -> dict[str, Any]:
-    """Return a build's public document plus what only admins see."""
+def admin_build_document(row: Build, *, queue: QueueManager,
+                         key_name: str | None = None) -> dict[str, Any]:
+    """Return a build's public document plus what only admins see (``key_name``: the name
+    of the key that asked for it, when the listing read it)."""
     doc = build_document(row, queue=queue)
-    requester = row.get("requested_by")
+    requester = row.requested_by
     doc["requested_by"] = {
         "id": requester,
-        "key_name": row.get("key_name"),
+        "key_name": key_name,
         "anonymous": bool(requester and requester.startswith("addr:")),
     } if requester else None
-    doc["priority"] = row["priority"]
-    doc["downloads"] = row["downloads"]
-    doc["worker_id"] = row["worker_id"]
+    doc["priority"] = row.priority
+    doc["downloads"] = row.downloads
+    doc["worker_id"] = row.worker_id
     return doc
 
 
@@ -116,7 +109,8 @@ class AdminBuildsResource:
         rows = self.queue.admin_list_builds(limit=limit, state=state,
                                             requested_by=req.get_param("requested_by"),
                                             before=before)
-        builds = [admin_build_document(r, queue=self.queue) for r in rows]
+        builds = [admin_build_document(Build.from_row(r), queue=self.queue,
+                                       key_name=r.get("key_name")) for r in rows]
         doc: dict[str, Any] = {"builds": builds}
         if len(rows) == limit:
             doc["next_before"] = _utc(rows[-1]["created_at"])
@@ -134,7 +128,7 @@ class AdminRebuildResource:
     def on_post(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
         row = load_build(self.queue, key)
         if not self.queue.force_rebuild(key):
-            raise conflict(f"build {key} is {row['state']}; only a finished build can be "
+            raise conflict(f"build {key} is {row.state}; only a finished build can be "
                            "rebuilt")
         resp.status = falcon.HTTP_202
         resp.media = admin_build_document(load_build(self.queue, key), queue=self.queue)
@@ -154,7 +148,7 @@ class AdminArtifactResource:
         row = load_build(self.queue, key)
         # detach first: from now on nobody is sent to the files being deleted
         if not self.queue.forget_artifact(key):
-            raise conflict(f"build {key} is {row['state']} and has no stored artifact")
+            raise conflict(f"build {key} is {row.state} and has no stored artifact")
         try:
             self.store.delete(key)
         except StorageError as exc:

@@ -33,7 +33,7 @@ from kiln.artifacts.provenance import (
 from kiln.artifacts.signing import PublicKey, load_public_key
 from kiln.artifacts.store import ArtifactStore, StorageError
 from kiln.db.attestations import AttestManager
-from kiln.db.builds import QueueManager
+from kiln.db.builds import Build, QueueManager
 from kiln.errors import SpecError
 from kiln.request.spec import BuildSpec
 
@@ -94,24 +94,24 @@ class _BuildFile:
         self.store = store
         self.records = records
 
-    def _succeeded(self, key: str) -> tuple[dict[str, Any], str]:
+    def _succeeded(self, key: str) -> tuple[Build, str]:
         row = load_build(self.queue, key)
-        if row["state"] != "succeeded":
-            raise not_found(f"build {key} is {row['state']}; its {self.kind} exists once it "
+        if row.state != "succeeded":
+            raise not_found(f"build {key} is {row.state}; its {self.kind} exists once it "
                             "has succeeded")
-        if not row["artifact_path"]:
+        if not row.artifact_path:
             raise not_found(f"the artifact of build {key} was removed from the store; ask "
                             "for the build again to rebuild it")
         try:
-            filename = BuildSpec.from_dict(row["spec"]).filename
+            filename = BuildSpec.from_dict(row.spec).filename
         except SpecError as exc:
             raise not_found(f"build {key} has an unreadable spec: {exc}") from None
         return row, filename
 
-    def _attestation(self, row: dict[str, Any]) -> dict[str, Any] | None:
-        record = self.records.get(row["key"])
+    def _attestation(self, row: Build) -> dict[str, Any] | None:
+        record = self.records.get(row.key)
         # a rebuild may be replacing the files: never pair them with another binary
-        if record is None or record["artifact_sha256"] != row["artifact_sha256"]:
+        if record is None or record["artifact_sha256"] != row.artifact_sha256:
             return None
         return record
 
@@ -122,7 +122,7 @@ class _BuildFile:
         except StorageError as exc:
             raise unavailable(f"the {self.kind} cannot be read now: {exc}") from None
 
-    def _file(self, key: str, kind: str, missing: str) -> tuple[dict[str, Any], str,
+    def _file(self, key: str, kind: str, missing: str) -> tuple[Build, str,
                                                                  dict[str, Any], bytes]:
         row, filename = self._succeeded(key)
         record = self._attestation(row)
@@ -160,7 +160,7 @@ class ChecksumResource(_BuildFile):
         record = self._attestation(row)
         path = record["files"].get("checksum") if record else None
         # builds stored before attestations existed still have a recorded sha256
-        data = self._read(path) if path else checksum_line(row["artifact_sha256"],
+        data = self._read(path) if path else checksum_line(str(row.artifact_sha256),
                                                            filename).encode()
         resp.content_type = "text/plain; charset=utf-8"
         resp.downloadable_as = filename + ".sha256"

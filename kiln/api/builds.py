@@ -22,7 +22,7 @@ from kiln.api.groups import Callbacks, group_document, platform_requests
 from kiln.api.principal import principal_of
 from kiln.api.service import BuildService
 from kiln.artifacts.store import ArtifactStore, StorageError
-from kiln.db.builds import QueueManager
+from kiln.db.builds import Build, QueueManager
 from kiln.db.groups import GroupManager
 from kiln.errors import KilnError
 from kiln.readiness import Dependency, describe, probe
@@ -147,16 +147,17 @@ class _Slice:
 
 
 def serve_artifact(req: falcon.Request, resp: falcon.Response, *, store: ArtifactStore,
-                   queue: QueueManager, row: dict[str, Any], redirect: bool) -> None:
+                   queue: QueueManager, row: Build, redirect: bool) -> None:
     """Answer with the artifact of a succeeded build: redirect, or stream with Range support."""
-    if row["state"] != "succeeded" or not row["artifact_path"]:
-        raise not_found(f"build {row['key']} is {row['state']}; the artifact exists once it "
+    stored = row.stored_artifact()
+    if row.state != "succeeded" or stored is None:
+        raise not_found(f"build {row.key} is {row.state}; the artifact exists once it "
                         "has succeeded")
-    filename = BuildSpec.from_dict(row["spec"]).filename
-    path, sha256, size = row["artifact_path"], row["artifact_sha256"], row["artifact_size"]
+    filename = BuildSpec.from_dict(row.spec).filename
+    path, size, sha256 = stored
     etag = f'"{sha256}"'
     if req.method == "GET":
-        queue.record_download(row["key"])
+        queue.record_download(row.key)
     if redirect:
         url = store.url(path, filename=filename)
         if url:

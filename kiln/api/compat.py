@@ -32,7 +32,7 @@ from kiln.api.service import BuildService
 from kiln.api.waiter import BuildWaiter, WaitResult
 from kiln.api.waiting import WAIT_PARAM, redirect_to_wait
 from kiln.artifacts.store import ArtifactStore
-from kiln.db.builds import QueueManager
+from kiln.db.builds import Build, QueueManager
 from kiln.errors import SpecError
 from kiln.gomod.module import check_module_path
 from kiln.request.catalog import Catalog, CatalogUnavailable
@@ -155,7 +155,7 @@ class DownloadResource:
         resp.set_header("Cache-Control", "no-store")
         row = submitted.build
         waited = 0.0
-        if row["state"] not in ("succeeded", "failed", "cancelled"):
+        if row.state not in ("succeeded", "failed", "cancelled"):
             log.debug("holding %s %s for build %s", req.method, req.path, key,
                       extra={"request_id": request_id(req)})
             result = self.waiter.wait(key, timeout=self.max_wait, gone=client_gone(req))
@@ -168,7 +168,7 @@ class DownloadResource:
     on_head = on_get
 
     def _settle(self, req: falcon.Request, resp: falcon.Response, key: str,
-                result: WaitResult) -> dict[str, Any] | None:
+                result: WaitResult) -> Build | None:
         """Turn a wait that did not end in a final state into the right answer."""
         if result.outcome == "final" and result.row is not None:
             return result.row
@@ -186,22 +186,22 @@ class DownloadResource:
             raise unavailable(f"build {key} disappeared while it was awaited; ask again")
         if redirect_to_wait(req, resp, max_redirects=self.wait_redirects):
             return None
-        state = result.row["state"] if result.row else "queued"
+        state = result.row.state if result.row else "queued"
         raise ApiError(falcon.HTTP_504, f"build {key} is still {state} after "
                        f"{result.waited:.0f}s; it goes on: ask again later and the same "
                        f"request is answered from it (progress: GET /api/builds/{key})")
 
-    def _answer(self, req: falcon.Request, resp: falcon.Response, row: dict[str, Any],
+    def _answer(self, req: falcon.Request, resp: falcon.Response, row: Build,
                 waited: float) -> None:
-        key = row["key"]
-        if row["state"] == "failed":
-            if row["error_kind"] == "retryable":
+        key = row.key
+        if row.state == "failed":
+            if row.error_kind == "retryable":
                 raise ApiError(falcon.HTTP_502, f"build {key} could not be completed after "
-                               f"{row['attempts']} attempts: {row['error']}")
-            raise bad_request(f"build failed: {row['error']} (build {key})")
-        if row["state"] == "cancelled":
+                               f"{row.attempts} attempts: {row.error}")
+            raise bad_request(f"build failed: {row.error} (build {key})")
+        if row.state == "cancelled":
             raise unavailable(f"build {key} was cancelled; ask again to build it again")
-        if not row["artifact_path"]:
+        if not row.artifact_path:
             # succeeded, but the artifact was collected since: the next request rebuilds it
             raise unavailable(f"the binary of build {key} was removed; ask again to rebuild it")
         log.info("%s %s: build %s served after %.1fs held", req.method, req.path, key, waited,

@@ -14,7 +14,7 @@ from typing import Any
 import falcon
 
 from kiln.api.errors import ApiError, bad_request, not_found
-from kiln.db.builds import QueueManager
+from kiln.db.builds import Build, QueueManager
 from kiln.errors import SpecError
 from kiln.request.spec import BuildRequest, BuildSpec
 
@@ -38,12 +38,12 @@ def build_links(key: str) -> dict[str, str]:
             "provenance": f"{base}/provenance", "sbom": f"{base}/sbom"}
 
 
-def build_document(row: dict[str, Any], *, queue: QueueManager | None = None) -> dict[str, Any]:
+def build_document(row: Build, *, queue: QueueManager | None = None) -> dict[str, Any]:
     """Return the public JSON form of a build row."""
-    spec = row["spec"]
+    spec = row.spec
     doc: dict[str, Any] = {
-        "key": row["key"],
-        "state": row["state"],
+        "key": row.key,
+        "state": row.state,
         "os": spec["os"],
         "arch": spec["arch"],
         "arm": spec.get("arm") or None,
@@ -54,25 +54,25 @@ def build_document(row: dict[str, Any], *, queue: QueueManager | None = None) ->
         ],
         "go_version": spec.get("go_version"),
         "sandbox": spec.get("sandbox"),
-        "attempts": row["attempts"],
-        "max_attempts": row["max_attempts"],
-        "created_at": iso(row["created_at"]),
-        "started_at": iso(row["started_at"]),
-        "finished_at": iso(row["finished_at"]),
-        "error": row["error"],
-        "retryable": row["error_kind"] == "retryable" if row["error"] else None,
-        "links": build_links(row["key"]),
+        "attempts": row.attempts,
+        "max_attempts": row.max_attempts,
+        "created_at": iso(row.created_at),
+        "started_at": iso(row.started_at),
+        "finished_at": iso(row.finished_at),
+        "error": row.error,
+        "retryable": row.error_kind == "retryable" if row.error else None,
+        "links": build_links(row.key),
     }
-    if row["started_at"] and row["finished_at"]:
+    if row.started_at and row.finished_at:
         doc["duration_seconds"] = round(
-            (row["finished_at"] - row["started_at"]).total_seconds(), 3)
-    if row["state"] == "queued" and queue is not None:
-        doc["queue_position"] = queue.queue_position(row["key"])
-    if row["state"] == "succeeded" and row["artifact_path"]:
+            (row.finished_at - row.started_at).total_seconds(), 3)
+    if row.state == "queued" and queue is not None:
+        doc["queue_position"] = queue.queue_position(row.key)
+    if row.state == "succeeded" and row.artifact_path:
         doc["artifact"] = {
             "filename": BuildSpec.from_dict(spec).filename,
-            "size": row["artifact_size"],
-            "sha256": row["artifact_sha256"],
+            "size": row.artifact_size,
+            "sha256": row.artifact_sha256,
         }
     return doc
 
@@ -132,7 +132,7 @@ def request_from_json(data: dict[str, Any], *, max_plugins: int) -> BuildRequest
         raise bad_request(str(exc), field=exc.field) from None
 
 
-def load_build(queue: QueueManager, key: str) -> dict[str, Any]:
+def load_build(queue: QueueManager, key: str) -> Build:
     """Return the build row of ``key``, or a 404 saying why there is none."""
     if not KEY_PATTERN.match(key):
         raise not_found(f"{key!r} is not a build key (64 lowercase hex characters)")

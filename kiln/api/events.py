@@ -28,10 +28,9 @@ from typing import Any
 
 import falcon
 
-from kiln.api.documents import KEY_PATTERN, build_document
-from kiln.api.errors import not_found
+from kiln.api.documents import build_document, load_build
 from kiln.db.build_logs import LOGS_CHANNEL, RESULT_STEP, BuildLogs, LogLine
-from kiln.db.builds import FINAL_STATES, QueueManager
+from kiln.db.builds import FINAL_STATES, Build, QueueManager
 from kiln.db.notify import EVENTS_CHANNEL, Notifier
 
 KEEPALIVE_SECONDS = 15.0
@@ -115,7 +114,7 @@ class Snapshot:
     base: tuple[int, int]
     ready: threading.Event = field(default_factory=threading.Event)
     lines: list[LogLine] = field(default_factory=list)
-    row: dict[str, Any] | None = None
+    row: Build | None = None
     attempt: int = 0
     position: int | None = None
     error: Exception | None = None
@@ -180,7 +179,7 @@ class BuildReader:
         if snap.row is None:
             return
         snap.attempt = self.logs.latest_attempt(key)
-        if snap.row["state"] == "queued":
+        if snap.row.state == "queued":
             snap.position = self.queue.queue_position(key)
 
     def _sweep(self, now: float) -> None:
@@ -221,12 +220,12 @@ class BuildWatch:
         if not self.cursor.done:
             return False
         row = self.queue.get(self.key)
-        if row is None or row["state"] not in FINAL_STATES:
+        if row is None or row.state not in FINAL_STATES:
             return False
         if self.logs.lines_after(self.key, self.cursor.attempt, self.cursor.seq, limit=1):
             return False
         attempt = self.logs.latest_attempt(self.key)
-        return state_signature(row["state"], attempt=attempt, position=None) == self.cursor.state
+        return state_signature(row.state, attempt=attempt, position=None) == self.cursor.state
 
     def events(self) -> Iterator[bytes]:
         """Yield the stream: history, then live events; end after the result."""
@@ -286,7 +285,7 @@ class BuildWatch:
         row = snap.row
         if row is None:  # deleted meanwhile: nothing more will come
             return [], False, True, 0.0
-        state = row["state"]
+        state = row.state
         attempt, position = snap.attempt, snap.position
         # an attempt claimed since the state was read (or whose record was pruned)
         attempt = max([attempt, *(line.attempt for line in lines)])
@@ -308,7 +307,7 @@ class BuildWatch:
         if self._final_since is None:
             self._final_since = now
         finished_attempt = (self.cursor.attempt == attempt and self.cursor.step == RESULT_STEP)
-        finished_at = row["finished_at"]
+        finished_at = row.finished_at
         recent = finished_at is None or (
             dt.datetime.now(dt.UTC) - finished_at).total_seconds() < RESULT_GRACE_SECONDS
         if (state in ("succeeded", "failed") and attempt and not finished_attempt and recent
@@ -335,23 +334,14 @@ class BuildWatch:
                                    "at": line.at.isoformat()}, self.cursor))
 
     @staticmethod
-    def _state_data(row: dict[str, Any], attempt: int, position: int | None) -> dict[str, Any]:
-        data: dict[str, Any] = {"state": row["state"], "attempt": attempt,
-                                "max_attempts": row["max_attempts"]}
+    def _state_data(row: Build, attempt: int, position: int | None) -> dict[str, Any]:
+        data: dict[str, Any] = {"state": row.state, "attempt": attempt,
+                                "max_attempts": row.max_attempts}
         if position is not None:
             data["queue_position"] = position
-        if row["error"]:
-            data["error"] = row["error"]
+        if row.error:
+            data["error"] = row.error
         return data
-
-
-def load_build(queue: QueueManager, key: str) -> dict[str, Any]:
-    if not KEY_PATTERN.match(key):
-        raise not_found(f"{key!r} is not a build key (64 lowercase hex characters)")
-    row = queue.get(key)
-    if row is None:
-        raise not_found(f"no build with key {key}")
-    return row
 
 
 def render_log(lines: Iterator[LogLine]) -> Iterator[bytes]:
@@ -378,7 +368,7 @@ class LogResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
         row = load_build(self.queue, key)
         resp.content_type = "text/plain; charset=utf-8"
-        resp.set_header("Cache-Control", "no-store" if row["state"] not in FINAL_STATES
+        resp.set_header("Cache-Control", "no-store" if row.state not in FINAL_STATES
                         else "no-cache")
         resp.stream = render_log(self.logs.iter_lines(key))
 

@@ -6,11 +6,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kiln.api.quota import QuotaExceeded
 from kiln.config import DEFAULT_TAGS
-from kiln.db.builds import QueueManager
+from kiln.db.builds import Build, QueueManager
 from kiln.errors import KilnError
 from kiln.request.catalog import CatalogPolicy
 from kiln.request.spec import BuildRequest, BuildSpec
@@ -32,7 +32,7 @@ class NoToolchain(KilnError):
 @dataclass(frozen=True)
 class Submitted:
     key: str
-    build: dict[str, Any]
+    build: Build
     #: true when this request put the build on the queue
     queued: bool
     spec: BuildSpec
@@ -122,7 +122,7 @@ class BuildService:
                                  {"limit": exc.limit, "principal": who})
             raise
         if self.metrics is not None:
-            state = result.build["state"]
+            state = result.build.state
             outcome = ("miss" if result.queued else "hit" if state == "succeeded"
                        else "joined" if state in ("queued", "running") else "finished")
             self.metrics.inc("kiln_build_requests_total", {"result": outcome})

@@ -9,6 +9,7 @@ client is still there, so a client that goes away frees its thread within one ti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -16,9 +17,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from kiln.db.builds import FINAL_STATES, QueueManager
+from kiln.db.builds import FINAL_STATES, Build, QueueManager
 from kiln.db.notify import EVENTS_CHANNEL, RESYNC, Notifier
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class WaitResult:
     ``no_worker`` (queued with no live worker for worker_wait seconds) or ``missing``."""
 
     outcome: Outcome
-    row: dict[str, Any] | None
+    row: Build | None
     waited: float
 
 
@@ -130,9 +131,9 @@ class BuildWaiter:
                 now = self.clock()
                 if row is None:
                     return WaitResult("missing", None, now - started)
-                if row["state"] in FINAL_STATES:
+                if row.state in FINAL_STATES:
                     return WaitResult("final", row, now - started)
-                if row["state"] == "queued":
+                if row.state == "queued":
                     if self.live_workers() == 0:
                         no_worker_since = now if no_worker_since is None else no_worker_since
                         if now - no_worker_since >= self.worker_wait:
@@ -153,7 +154,7 @@ class BuildWaiter:
                             reread = True
                         else:
                             # queued <-> running needs no database read
-                            row = {**row, "state": state}
+                            row = dataclasses.replace(row, state=state)
                         payload = sub.wait(0)
                 else:
                     time.sleep(max(nap, 0))

@@ -30,8 +30,51 @@ class Claimed:
 
 
 @dataclass(frozen=True)
+class Build:
+    """One row of kiln_builds, as get_build reads it (every column; migrations/0001)."""
+
+    key: str
+    spec: dict[str, Any]
+    state: str
+    priority: int
+    attempts: int
+    max_attempts: int
+    worker_id: str | None
+    lease_expires_at: dt.datetime | None
+    run_after: dt.datetime
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    queued_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    error: str | None
+    error_kind: str | None
+    artifact_path: str | None
+    artifact_size: int | None
+    artifact_sha256: str | None
+    downloads: int
+    last_downloaded_at: dt.datetime | None
+    requested_by: str | None
+
+    def stored_artifact(self) -> tuple[str, int, str] | None:
+        """Return (path, size, sha256) of the published artifact, or None if there is none."""
+        if self.artifact_path is None or self.artifact_size is None \
+                or self.artifact_sha256 is None:
+            return None
+        return self.artifact_path, self.artifact_size, self.artifact_sha256
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Build:
+        """Make a Build of a row with at least kiln_builds' columns (extra ones are dropped)."""
+        return cls(**{name: row[name] for name in _BUILD_FIELDS})
+
+
+_BUILD_FIELDS = tuple(Build.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
 class EnqueueResult:
-    build: dict[str, Any]
+    build: Build
     #: true when this call put the build on the queue (a new key, or a requeue)
     queued: bool
 
@@ -86,11 +129,12 @@ class QueueManager:
             cur.execute(queries()["get_build"], {"key": key})
             build = cur.fetchone()
         assert build is not None
-        return EnqueueResult(build=build, queued=queued)
+        return EnqueueResult(build=Build.from_row(build), queued=queued)
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        """Return a build row, or None."""
-        return self._one("get_build", {"key": key})
+    def get(self, key: str) -> Build | None:
+        """Return a build, or None."""
+        row = self._one("get_build", {"key": key})
+        return Build.from_row(row) if row is not None else None
 
     def queue_position(self, key: str) -> int:
         """Return how many queued builds will be claimed before this one."""
@@ -249,11 +293,11 @@ class QueueManager:
         self._one_exec("expire_resolutions", {})
 
 
-def _enqueue_keeps(build: dict[str, Any]) -> bool:
+def _enqueue_keeps(build: Build) -> bool:
     """Tell whether enqueueing this build again leaves it as it is (see the enqueue query)."""
-    state = build["state"]
+    state = build.state
     if state == "succeeded":
-        return build["artifact_path"] is not None
+        return build.artifact_path is not None
     if state == "failed":
-        return build["error_kind"] != "retryable"
+        return build.error_kind != "retryable"
     return state in ("queued", "running")

@@ -81,7 +81,7 @@ def test_a_notification_ends_the_wait_long_before_any_poll(queue: QueueManager,
     result = waiter.wait(KEY, timeout=30)
     thread.join()
     assert result.outcome == "final" and result.row is not None
-    assert result.row["state"] == "succeeded"
+    assert result.row.state == "succeeded"
     assert time.monotonic() - started < 10  # the poll would have taken 48 s at least
     assert notifier.subscribers() == 0 and waiter.waiting() == 0
 
@@ -94,7 +94,7 @@ def test_without_notifications_the_poll_finds_the_result(queue: QueueManager) ->
     thread = finish_soon(queue, 0.3)
     result = waiter.wait(KEY, timeout=30)
     thread.join()
-    assert result.outcome == "final" and result.row and result.row["state"] == "succeeded"
+    assert result.outcome == "final" and result.row and result.row.state == "succeeded"
 
 
 def test_gone_timeout_and_no_worker(queue: QueueManager, notifier: Notifier) -> None:

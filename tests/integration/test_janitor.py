@@ -170,7 +170,7 @@ def test_retries_wait_out_their_backoff_and_end_with_the_last_error(
     assert queue.fail(key, "w", error="StorageError: disk full", retryable=True,
                       retry_after=1.0) == "failed"
     build = queue.get(key)
-    assert build is not None and build["error"] == "StorageError: disk full"
+    assert build is not None and build.error == "StorageError: disk full"
 
 
 def test_backoff_doubles_with_jitter() -> None:
@@ -291,9 +291,9 @@ def collector(pool: ConnectionPool, store: LocalStore, **kwargs: Any) -> Storage
 
 def has_artifact(queue: QueueManager, store: LocalStore, key: str) -> bool:
     row = queue.get(key)
-    assert row is not None and row["state"] == "succeeded"
+    assert row is not None and row.state == "succeeded"
     files = [o for o in store.objects() if key in o.path]
-    assert bool(files) == bool(row["artifact_path"]), (files, row["artifact_path"])
+    assert bool(files) == bool(row.artifact_path), (files, row.artifact_path)
     return bool(files)
 
 
@@ -308,7 +308,7 @@ def test_gc_by_retention_keeps_the_build_and_a_request_rebuilds_it(
     assert has_artifact(queue, store, downloaded) and has_artifact(queue, store, fresh)
     # the row stays; asking for it again queues a rebuild
     again = queue.enqueue(stale, SPEC)
-    assert again.queued and again.build["state"] == "queued"
+    assert again.queued and again.build.state == "queued"
     assert not queue.enqueue(fresh, SPEC).queued
     # a second pass has nothing left to do
     assert not collector(pool, store, retention=30 * DAY).collect()
@@ -344,7 +344,7 @@ def test_gc_repairs_orphans_and_missing_artifacts(
     age(pool, vanished, built_days=1)
     row = queue.get(vanished)
     assert row is not None
-    (store.root / row["artifact_path"]).unlink()  # an operator or lifecycle rule removed it
+    (store.root / row.artifact_path).unlink()  # an operator or lifecycle rule removed it
     # an upload whose build then failed for good (e.g. its lease was taken away)
     failed = key_of(2)
     queue.enqueue(failed, SPEC)
@@ -393,7 +393,7 @@ def test_a_rebuild_never_races_the_delete_of_a_collected_artifact(
         store.delete(key)
     thread.join(10)
     assert requeued == [(key,)]  # then it queues the rebuild
-    assert queue.get(key)["state"] == "queued"  # type: ignore[index]
+    assert queue.get(key).state == "queued"
     assert [o for o in store.objects() if key in o.path] == []
 
 

@@ -242,7 +242,7 @@ def test_janitor_requeues_an_expired_lease_and_publishes_queue_depth(
     finally:
         function.close()
     assert result["jobs"]["requeue_expired"] == "done"
-    assert queue.get(doc["key"])["state"] == "queued"  # type: ignore[index]
+    assert queue.get(doc["key"]).state == "queued"
     assert result["queue"]["QueuedBuilds"] == 1
     assert result["queue"]["RunningBuilds"] == 0
 

@@ -35,7 +35,7 @@ def test_enqueue_is_idempotent(queue: QueueManager) -> None:
     first = queue.enqueue(key_of(1), SPEC)
     second = queue.enqueue(key_of(1), SPEC)
     assert first.queued and not second.queued
-    assert second.build["state"] == "queued"
+    assert second.build.state == "queued"
     with queue.pool.connection() as conn:
         assert conn.execute("SELECT count(*) FROM kiln_builds").fetchone()[0] == 1
 
@@ -98,7 +98,7 @@ def test_retryable_failure_requeues_until_max_attempts(queue: QueueManager) -> N
     queue.claim("w", limit=1, lease_seconds=30)
     assert queue.fail(key_of(1), "w", error="proxy down", retryable=True) == "failed"
     build = queue.get(key_of(1))
-    assert build is not None and build["error"] == "proxy down"
+    assert build is not None and build.error == "proxy down"
 
 
 def test_permanent_failure_is_final_at_once(queue: QueueManager) -> None:
@@ -114,7 +114,7 @@ def test_release_does_not_spend_an_attempt(queue: QueueManager) -> None:
     queue.claim("w", limit=1, lease_seconds=30)
     assert queue.release(key_of(1), "w")
     build = queue.get(key_of(1))
-    assert build is not None and build["state"] == "queued" and build["attempts"] == 0
+    assert build is not None and build.state == "queued" and build.attempts == 0
     assert [a["outcome"] for a in queue.attempts(key_of(1))] == ["preempted"]
 
 

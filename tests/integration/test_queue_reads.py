@@ -44,7 +44,7 @@ def test_a_built_key_is_answered_while_its_row_is_locked(queue: QueueManager,
 
         def ask() -> None:
             result = queue.enqueue(key, SPEC)
-            assert result.build["state"] == "succeeded" and not result.queued
+            assert result.build.state == "succeeded" and not result.queued
             answered.set()
 
         asker = threading.Thread(target=ask, daemon=True)
@@ -79,4 +79,4 @@ def test_enqueue_still_rebuilds_what_can_change(queue: QueueManager) -> None:
     queue.fail(retry, "w", error="proxy unreachable", retryable=True)
     for key in (built, retry):
         result = queue.enqueue(key, SPEC)
-        assert result.queued and result.build["state"] == "queued"
+        assert result.queued and result.build.state == "queued"

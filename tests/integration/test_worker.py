@@ -24,7 +24,7 @@ from psycopg_pool import ConnectionPool
 from kiln.artifacts.local import LocalStore
 from kiln.artifacts.store import file_sha256
 from kiln.db.build_logs import RESULT_STEP, BuildLogs
-from kiln.db.builds import QueueManager
+from kiln.db.builds import Build, QueueManager
 from kiln.db.sql import queries
 from kiln.request.spec import BuildSpec
 from kiln.worker.builder import BuildFailure, BuildOutput, Cancelled, LogSink
@@ -225,13 +225,13 @@ class Kiln:
         self.queue.enqueue(spec.key(), spec.to_dict(), max_attempts=max_attempts)
         return spec.key()
 
-    def build(self, key: str) -> dict[str, Any]:
+    def build(self, key: str) -> Build:
         row = self.queue.get(key)
         assert row is not None
         return row
 
     def state(self, key: str) -> str:
-        return str(self.build(key)["state"])
+        return str(self.build(key).state)
 
     def attempts(self, key: str) -> list[tuple[int, str, str, str | None]]:
         return [(a["number"], a["worker_id"], a["outcome"], a["error"])
@@ -304,16 +304,16 @@ def test_builds_and_stores_the_artifact_then_leaves(kiln: Kiln) -> None:
 
     kiln.wait_state(key, "succeeded")
     build = kiln.build(key)
-    with kiln.store.open(build["artifact_path"]) as f:
+    with kiln.store.open(build.artifact_path) as f:
         stored = f.read()
     assert stored == f"caddy v2.8.1 for {key}\n".encode()
-    assert build["artifact_size"] == len(stored)
-    assert build["artifact_sha256"] == file_sha256(kiln.store.root / build["artifact_path"])
-    assert build["artifact_path"].endswith(spec_of(1).filename)
-    assert build["attempts"] == 1 and build["error"] is None
+    assert build.artifact_size == len(stored)
+    assert build.artifact_sha256 == file_sha256(kiln.store.root / build.artifact_path)
+    assert build.artifact_path.endswith(spec_of(1).filename)
+    assert build.attempts == 1 and build.error is None
     assert kiln.attempts(key) == [(1, "w1", "succeeded", None)]
     assert kiln.wait_results(key, 1) == [
-        (1, f"succeeded: {len(stored)} bytes, sha256 {build['artifact_sha256']}")]
+        (1, f"succeeded: {len(stored)} bytes, sha256 {build.artifact_sha256}")]
 
     row = kiln.worker_row("w1")
     assert row is not None
@@ -332,7 +332,7 @@ def test_stop_hands_a_running_build_back_without_spending_an_attempt(kiln: Kiln)
     kiln.builder.script(key, Hold(linger=True))
     first = kiln.start("w1")
     call = kiln.wait_call(key)
-    assert kiln.build(key)["worker_id"] == "w1"
+    assert kiln.build(key).worker_id == "w1"
 
     first.worker.stop()
     wait_for("the build to be told to stop", call.cancel.is_set, WAIT_SECONDS, 0.01)
@@ -345,8 +345,8 @@ def test_stop_hands_a_running_build_back_without_spending_an_attempt(kiln: Kiln)
     first.join()
 
     build = kiln.build(key)
-    assert build["state"] == "queued" and build["worker_id"] is None
-    assert build["attempts"] == 0  # not spent: max_attempts=1 still allows a build
+    assert build.state == "queued" and build.worker_id is None
+    assert build.attempts == 0  # not spent: max_attempts=1 still allows a build
     assert kiln.attempts(key) == [(1, "w1", "preempted", None)]
     assert kiln.result_lines(key) == [(1, "worker stopped; build handed back to the queue")]
     row = kiln.worker_row("w1")
@@ -355,7 +355,7 @@ def test_stop_hands_a_running_build_back_without_spending_an_attempt(kiln: Kiln)
 
     kiln.start("w2")
     kiln.wait_state(key, "succeeded")
-    assert kiln.build(key)["attempts"] == 1
+    assert kiln.build(key).attempts == 1
     assert kiln.attempts(key) == [(1, "w1", "preempted", None), (2, "w2", "succeeded", None)]
 
 
@@ -371,8 +371,8 @@ def test_cancel_notification_stops_the_running_build(kiln: Kiln) -> None:
     kiln.wait_done(call)
 
     build = kiln.build(key)
-    assert build["state"] == "cancelled" and build["error"] == "cancelled by an administrator"
-    assert build["artifact_path"] is None
+    assert build.state == "cancelled" and build.error == "cancelled by an administrator"
+    assert build.artifact_path is None
     assert kiln.attempts(key) == [(1, "w1", "cancelled", "cancelled by an administrator")]
     assert kiln.result_lines(key) == [(1, "cancelled; the sandbox was stopped")]
 
@@ -396,7 +396,7 @@ def test_a_missed_cancel_notification_is_caught_by_the_heartbeat(
     kiln.wait_done(call)
 
     build = kiln.build(key)
-    assert build["state"] == "cancelled" and build["error"] == "cancelled by its owner"
+    assert build.state == "cancelled" and build.error == "cancelled by its owner"
     assert kiln.attempts(key) == [(1, "w1", "cancelled", "cancelled by its owner")]
     row = kiln.worker_row("w1")
     assert row is not None and row["state"] == "active" and row["running"] == 0
@@ -418,7 +418,7 @@ def test_a_lost_lease_stops_the_build_and_leaves_the_new_attempt_alone(kiln: Kil
     kiln.wait_done(call)
 
     build = kiln.build(key)
-    assert build["state"] == "running" and build["worker_id"] == "w2"
+    assert build.state == "running" and build.worker_id == "w2"
     assert kiln.attempts(key) == [(1, "w1", "lost", "lease expired"), (2, "w2", "running", None)]
     assert kiln.result_lines(key) == []
     row = kiln.worker_row("w1")
@@ -438,8 +438,8 @@ def test_a_build_that_ends_after_its_lease_was_taken_is_not_recorded(kiln: Kiln)
     kiln.wait_done(call)
 
     build = kiln.build(key)
-    assert build["state"] == "running" and build["worker_id"] == "w2"
-    assert build["artifact_path"] is None
+    assert build.state == "running" and build.worker_id == "w2"
+    assert build.artifact_path is None
     assert kiln.attempts(key) == [(1, "w1", "lost", "lease expired"), (2, "w2", "running", None)]
     assert kiln.result_lines(key) == []
     assert not started.ended()
@@ -488,8 +488,8 @@ def test_an_unexpected_exception_is_retried_and_the_worker_goes_on(kiln: Kiln) -
     kiln.builder.script(last, RuntimeError("sandbox vanished again"))
     kiln.wait_state(last, "failed")
     build = kiln.build(last)
-    assert build["error"] == "internal error: sandbox vanished again"
-    assert build["error_kind"] == "retryable"  # asking for it again builds it again
+    assert build.error == "internal error: sandbox vanished again"
+    assert build.error_kind == "retryable"  # asking for it again builds it again
 
     after = kiln.enqueue(spec_of(3))
     kiln.wait_state(after, "succeeded")
@@ -509,14 +509,14 @@ def test_build_failures_are_retried_only_when_retrying_may_help(kiln: Kiln) -> N
 
     kiln.wait_state(final, "failed")
     build = kiln.build(final)
-    assert build["error"] == "go: module example.com/nope: 404 Not Found"
-    assert build["error_kind"] == "permanent" and build["attempts"] == 1
+    assert build.error == "go: module example.com/nope: 404 Not Found"
+    assert build.error_kind == "permanent" and build.attempts == 1
     assert kiln.wait_results(final, 1) == [(1, "failed: go: module example.com/nope: 404 Not Found")]
 
     kiln.wait_state(flaky, "failed")
     build = kiln.build(flaky)
-    assert build["error"] == "dial tcp: i/o timeout"
-    assert build["error_kind"] == "retryable" and build["attempts"] == 2
+    assert build.error == "dial tcp: i/o timeout"
+    assert build.error_kind == "retryable" and build.attempts == 2
     assert [a[2] for a in kiln.attempts(flaky)] == ["failed", "failed"]
 
 
