@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import Any
 
-from kiln.config import ConfigError, load_config
+from kiln.config import Config, ConfigError, load_config
 from kiln.logconfig import setup_logging
 from kiln.readiness import NotReady, wait_ready
 from kiln.wiring import database_url, make_dependencies, make_janitor, make_worker
@@ -20,6 +20,17 @@ from kiln.worker.preemption import PreemptionMonitor, detectors_from_config
 from kiln.worker.sandbox.base import SandboxError
 
 log = logging.getLogger("kiln.worker")
+
+
+def _configured(process: str) -> Config | None:
+    """Load the configuration and set up logging; None (said on stderr) if it is wrong."""
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return None
+    setup_logging(config.logging, process=process)
+    return config
 
 
 def worker_main(argv: list[str] | None = None, *, prog: str = "kiln worker") -> int:
@@ -30,12 +41,9 @@ def worker_main(argv: list[str] | None = None, *, prog: str = "kiln worker") -> 
     parser.add_argument("--idle-exit", type=float, default=0.0,
                         help="exit after this many seconds with nothing to do (0: never)")
     args = parser.parse_args(argv)
-    try:
-        config = load_config()
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    config = _configured("worker")
+    if config is None:
         return 2
-    setup_logging(config.logging, process="worker")
     try:
         # a stack started together (compose, a fresh node) may bring the database, the
         # store or the engine up after the worker: wait for them, saying which and why
@@ -80,12 +88,9 @@ def janitor_main(argv: list[str] | None = None, *, prog: str = "kiln janitor") -
     parser.add_argument("--job", action="append", default=[], metavar="NAME",
                         help="with --once: run this job now, due or not (repeatable)")
     args = parser.parse_args(argv)
-    try:
-        config = load_config()
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    config = _configured("janitor")
+    if config is None:
         return 2
-    setup_logging(config.logging, process="janitor")
     janitor = make_janitor(config, url=database_url(config))
     if args.job and not args.once:
         parser.error("--job needs --once")
