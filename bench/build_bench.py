@@ -38,6 +38,7 @@ from typing import Any
 from bench.bulk_plugin import BULK, BULK_VERSIONS
 from bench.infra import remove_tree
 from kiln.request.spec import BuildSpec, ResolvedPlugin
+from kiln.wiring import make_docker_sandbox
 from kiln.worker.builder import Builder
 from kiln.worker.sandbox.base import EachStep, Sandbox, Step, StepResult
 from kiln.worker.sandbox.process import ProcessSandbox, find_go
@@ -146,7 +147,6 @@ def docker_sandbox(cache_dir: Path, proxy: str, *, gosumdb: str = "sum.golang.or
     """
     try:
         from kiln.config import BuildConfig
-        from kiln.worker.sandbox.docker import DockerSandbox
         from kiln.worker.sandbox.docker_engine import docker_client
     except ImportError as exc:
         return f"docker SDK missing: {exc}"
@@ -157,7 +157,7 @@ def docker_sandbox(cache_dir: Path, proxy: str, *, gosumdb: str = "sum.golang.or
 
     try:
         config = BuildConfig(goproxy=proxy, gosumdb=gosumdb, cache_dir=cache_dir)
-        return DockerSandbox.from_config(config, client=wrap(client), worker_id=worker_id)
+        return make_docker_sandbox(config, client=wrap(client), worker_id=worker_id)
     except SandboxError as exc:
         return str(exc)
 

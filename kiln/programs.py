@@ -15,8 +15,14 @@ from typing import Any
 from kiln.config import Config, ConfigError, load_config
 from kiln.logconfig import setup_logging
 from kiln.readiness import NotReady, wait_ready
-from kiln.wiring import database_url, make_dependencies, make_janitor, make_worker
-from kiln.worker.preemption import PreemptionMonitor, detectors_from_config
+from kiln.wiring import (
+    database_url,
+    make_dependencies,
+    make_detectors,
+    make_janitor,
+    make_worker,
+)
+from kiln.worker.preemption import PreemptionMonitor
 from kiln.worker.sandbox.base import SandboxError
 
 log = logging.getLogger("kiln.worker")
@@ -59,7 +65,7 @@ def worker_main(argv: list[str] | None = None, *, prog: str = "kiln worker") -> 
         return 2
     # a preemption notice or a drain signal stops claiming and hands running builds back
     preemption = config.worker.preemption
-    monitor = PreemptionMonitor(detectors_from_config(preemption),
+    monitor = PreemptionMonitor(make_detectors(preemption),
                                 on_notice=lambda notice: worker.stop(),
                                 poll_seconds=preemption.poll_seconds)
     if monitor.check() is not None:

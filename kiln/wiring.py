@@ -7,7 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import boto3
 import psycopg
+from botocore.config import Config as BotoConfig
+from docker import DockerClient
 from psycopg_pool import ConnectionPool
 
 from kiln.api.app import Services
@@ -15,9 +18,17 @@ from kiln.api.quota import QuotaManager
 from kiln.api.service import BuildService
 from kiln.artifacts.local import LocalStore
 from kiln.artifacts.provenance import DEFAULT_BUILDER_ID
+from kiln.artifacts.s3 import S3Store
 from kiln.artifacts.signing import SigningKeyError, signer_from_settings
 from kiln.artifacts.store import ArtifactStore
-from kiln.config import Config
+from kiln.config import (
+    BuildConfig,
+    Config,
+    ConfigError,
+    PreemptionConfig,
+    QuotaConfig,
+    StorageConfig,
+)
 from kiln.db.api_keys import KeyManager
 from kiln.db.attestations import AttestManager
 from kiln.db.build_logs import LOGS_CHANNEL, BuildLogs
@@ -44,8 +55,15 @@ from kiln.worker.attest import Attestor
 from kiln.worker.builder import Builder
 from kiln.worker.buildlog import LogWriter
 from kiln.worker.metered import MeteredSandbox
+from kiln.worker.preemption import (
+    AwsSpotDetector,
+    AzureDetector,
+    Detector,
+    GceDetector,
+)
 from kiln.worker.sandbox.base import Sandbox, SandboxError
-from kiln.worker.sandbox.docker_engine import docker_problem, docker_unavailable
+from kiln.worker.sandbox.docker import DockerSandbox
+from kiln.worker.sandbox.docker_engine import docker_client, docker_problem, docker_unavailable
 from kiln.worker.sandbox.process import find_go
 
 if TYPE_CHECKING:
@@ -87,7 +105,7 @@ def make_services(config: Config, *, application: str = "kiln-api") -> Services:
         queue=queue, resolver=resolver, tags=tuple(config.build.tags),
         ldflags=config.build.ldflags, max_attempts=config.worker.max_attempts,
         worker_live_seconds=config.janitor.worker_gone_seconds,
-        quota=QuotaManager.from_config(pool, config.quota), metrics=metrics,
+        quota=make_quota(pool, config.quota), metrics=metrics,
     )
     url = database_url(config)
 
@@ -173,15 +191,11 @@ def make_attestor(config: Config, *, pool: ConnectionPool, store: ArtifactStore)
     return attestor
 
 
-def make_store(config: object) -> ArtifactStore:
+def make_store(config: StorageConfig) -> ArtifactStore:
     """Return the store ``storage.backend`` names."""
-    from kiln.config import StorageConfig
-
-    assert isinstance(config, StorageConfig)
     if config.backend == "s3":
-        from kiln.artifacts.s3 import S3Store
 
-        return S3Store.from_config(config)
+        return make_s3_store(config)
     return LocalStore(config.local.path)
 
 
@@ -203,17 +217,9 @@ def make_sandbox(config: BuildConfig, *, worker_id: str = "") -> Sandbox:
             log.warning("build.sandbox auto: using the process sandbox, which isolates the "
                         "environment but not the machine: %s", reason)
     if kind == "docker":
-        try:
-            from kiln.worker.sandbox.docker import DockerSandbox
-            from kiln.worker.sandbox.docker_engine import docker_client
-        except ImportError as exc:
-            raise SandboxError(
-                f"build.sandbox docker: the docker SDK is not installed ({exc}): "
-                "pip install docker"
-            ) from exc
         client = docker_client(required=True)
         assert client is not None
-        sandbox = DockerSandbox.from_config(config, client=client, worker_id=worker_id)
+        sandbox = make_docker_sandbox(config, client=client, worker_id=worker_id)
         log.info("build.sandbox %s: docker, image %s (%s)", config.sandbox,
                  config.docker.image, sandbox.image_id)
         return sandbox
@@ -307,3 +313,73 @@ def make_janitor(config: Config, *, url: str) -> Janitor:
         jobs.append(Job("refresh_catalog", config.plugins.catalog_refresh, mirror.refresh))
     return Janitor(queue=queue, migrate=lambda: migrate(url, config.database), jobs=jobs,
                maintenance=maintenance)
+
+
+# each part from its section of the configuration -----------------------------------------
+
+
+def make_quota(pool: ConnectionPool, config: QuotaConfig) -> QuotaManager:
+    """Return a manager with the configured limits."""
+    return QuotaManager(pool, window_seconds=config.window_seconds,
+                        anonymous_builds=config.anonymous_builds,
+                        key_builds=config.key_builds, requests=config.requests)
+
+
+def make_docker_sandbox(
+    build_config: BuildConfig, *, client: DockerClient, worker_id: str = ""
+) -> DockerSandbox:
+    """Return the sandbox ``build.docker`` describes."""
+    settings = build_config.docker
+    return DockerSandbox(
+        client=client,
+        image=settings.image,
+        cache_dir=build_config.cache_dir,
+        network=settings.network,
+        memory=settings.memory,
+        pids_limit=settings.pids_limit,
+        cpus=settings.cpus,
+        cache_mode=settings.cache_mode,
+        user=settings.user,
+        worker_id=worker_id,
+        goproxy=build_config.goproxy,
+    )
+
+
+def make_detectors(config: PreemptionConfig) -> list[Detector]:
+    """Return the detectors ``worker.preemption.providers`` names."""
+    made: dict[str, Callable[[], Detector]] = {
+        "aws": lambda: AwsSpotDetector(config.aws_url, timeout=config.request_timeout),
+        "gce": lambda: GceDetector(config.gce_url, timeout=config.request_timeout),
+        "azure": lambda: AzureDetector(config.azure_url, timeout=config.request_timeout),
+    }
+    return [made[name]() for name in dict.fromkeys(config.providers)]
+
+
+def make_s3_store(config: StorageConfig) -> S3Store:
+    """Return a store from ``storage.s3``; empty fields fall back to the AWS chain."""
+    s3 = config.s3
+    if not s3.bucket:
+        raise ConfigError("storage.s3.bucket is empty: name the bucket when "
+                          "storage.backend is s3")
+    session = boto3.session.Session(
+        aws_access_key_id=s3.access_key_id or None,
+        aws_secret_access_key=s3.secret_access_key or None,
+        region_name=s3.region or None,
+    )
+    boto_config = BotoConfig(
+        signature_version="s3v4",
+        s3={"addressing_style": s3.addressing_style},
+        retries={"mode": "standard", "max_attempts": 5},
+        # an endpoint that does not answer is reported in seconds, not minutes
+        connect_timeout=10,
+        # gunicorn threads and worker builds share one client
+        max_pool_connections=32,
+    )
+    client = session.client("s3", endpoint_url=s3.endpoint_url or None, config=boto_config)
+    presign_client = None
+    if s3.public_endpoint_url:
+        presign_client = session.client("s3", endpoint_url=s3.public_endpoint_url,
+                                        config=boto_config)
+    return S3Store(client=client, bucket=s3.bucket, prefix=s3.prefix,
+                   multipart_bytes=s3.multipart_bytes, presign_seconds=s3.presign_seconds,
+                   presign_client=presign_client)

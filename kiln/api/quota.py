@@ -23,7 +23,7 @@ from kiln.db.sql import queries
 from kiln.errors import KilnError
 
 if TYPE_CHECKING:
-    from kiln.config import QuotaConfig
+    pass
 
 SQL_FILE = "quota.sql"
 #: expired counters deleted whenever a subject opens a new window (keeps the table small
@@ -52,13 +52,6 @@ class QuotaManager:
         self.anonymous_builds = anonymous_builds
         self.key_builds = key_builds
         self.requests = requests
-
-    @classmethod
-    def from_config(cls, pool: ConnectionPool, config: QuotaConfig) -> QuotaManager:
-        """Return a manager with the configured limits."""
-        return cls(pool, window_seconds=config.window_seconds,
-                   anonymous_builds=config.anonymous_builds, key_builds=config.key_builds,
-                   requests=config.requests)
 
     # limits -------------------------------------------------------------------------
 

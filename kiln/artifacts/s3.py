@@ -20,8 +20,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-import boto3
-from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from kiln.artifacts.store import (
@@ -31,10 +29,9 @@ from kiln.artifacts.store import (
     StoredObject,
     artifact_prefix,
 )
-from kiln.config import ConfigError
 
 if TYPE_CHECKING:
-    from kiln.config import StorageConfig
+    pass
 
 #: S3's smallest part (all but the last); smaller thresholds would be refused by S3
 MIN_PART_BYTES = 5 * 1024 * 1024
@@ -74,36 +71,6 @@ class S3Store:
         self.multipart_bytes = multipart_bytes
         self.presign_seconds = presign_seconds
         self.uuidgen = uuidgen
-
-    @classmethod
-    def from_config(cls, config: StorageConfig) -> S3Store:
-        """Return a store from ``storage.s3``; empty fields fall back to the AWS chain."""
-        s3 = config.s3
-        if not s3.bucket:
-            raise ConfigError("storage.s3.bucket is empty: name the bucket when "
-                              "storage.backend is s3")
-        session = boto3.session.Session(
-            aws_access_key_id=s3.access_key_id or None,
-            aws_secret_access_key=s3.secret_access_key or None,
-            region_name=s3.region or None,
-        )
-        boto_config = BotoConfig(
-            signature_version="s3v4",
-            s3={"addressing_style": s3.addressing_style},
-            retries={"mode": "standard", "max_attempts": 5},
-            # an endpoint that does not answer is reported in seconds, not minutes
-            connect_timeout=10,
-            # gunicorn threads and worker builds share one client
-            max_pool_connections=32,
-        )
-        client = session.client("s3", endpoint_url=s3.endpoint_url or None, config=boto_config)
-        presign_client = None
-        if s3.public_endpoint_url:
-            presign_client = session.client("s3", endpoint_url=s3.public_endpoint_url,
-                                            config=boto_config)
-        return cls(client=client, bucket=s3.bucket, prefix=s3.prefix,
-                   multipart_bytes=s3.multipart_bytes, presign_seconds=s3.presign_seconds,
-                   presign_client=presign_client)
 
     def _key(self, path: str) -> str:
         if path.startswith("/") or ".." in path.split("/"):

@@ -31,8 +31,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from kiln.config import PreemptionConfig
-
 log = logging.getLogger(__name__)
 
 AWS_TOKEN_TTL_SECONDS = 21600
@@ -216,16 +214,6 @@ class AzureDetector:
                     headers={"Metadata": "true", "Content-Type": "application/json"})
         if resp.status != 200:
             raise OSError(f"acknowledging event {notice.event_id} answered {resp.status}")
-
-
-def detectors_from_config(config: PreemptionConfig) -> list[Detector]:
-    """Return the detectors ``worker.preemption.providers`` names."""
-    made: dict[str, Callable[[], Detector]] = {
-        "aws": lambda: AwsSpotDetector(config.aws_url, timeout=config.request_timeout),
-        "gce": lambda: GceDetector(config.gce_url, timeout=config.request_timeout),
-        "azure": lambda: AzureDetector(config.azure_url, timeout=config.request_timeout),
-    }
-    return [made[name]() for name in dict.fromkeys(config.providers)]
 
 
 class PreemptionMonitor:

@@ -19,7 +19,7 @@ from kiln.artifacts.local import LocalStore
 from kiln.artifacts.s3 import MIN_PART_BYTES, S3Store
 from kiln.artifacts.store import ArtifactStore, StorageError, StoredObject
 from kiln.config import ConfigError, LocalStorageConfig, S3StorageConfig, StorageConfig
-from kiln.wiring import make_store
+from kiln.wiring import make_s3_store, make_store
 
 KEY = hashlib.sha256(b"a build").hexdigest()
 OTHER_KEY = hashlib.sha256(b"another build").hexdigest()
@@ -221,7 +221,7 @@ def test_url_serves_the_bytes_under_the_download_name(store: ArtifactStore,
 def s3_store(s3_endpoint: str) -> S3Store:
     bucket = f"kiln-{uuid.uuid4().hex[:12]}"
     s3_client(s3_endpoint).create_bucket(Bucket=bucket)
-    store = S3Store.from_config(s3_config(s3_endpoint, bucket))
+    store = make_s3_store(s3_config(s3_endpoint, bucket))
     return store
 
 
@@ -269,7 +269,7 @@ def test_s3_missing_bucket_is_a_storage_error(s3_store: S3Store, tmp_path: Path)
 
 
 def test_s3_presigned_urls_use_the_public_endpoint(s3_endpoint: str) -> None:
-    store = S3Store.from_config(s3_config(s3_endpoint, "kiln-any",
+    store = make_s3_store(s3_config(s3_endpoint, "kiln-any",
                                           public_endpoint_url="https://s3.example.test"))
     url = store.url(f"builds/{KEY[:2]}/{KEY}/{NAME}", filename=NAME)
     assert url is not None and url.startswith("https://s3.example.test/kiln-any/")

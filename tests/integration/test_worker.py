@@ -545,3 +545,23 @@ def test_idle_exit_ends_run_once_nothing_came_for_that_long(kiln: Kiln) -> None:
     assert kiln.state(key) == "succeeded"  # idle means idle after the work, not instead of it
     row = kiln.worker_row("w1")
     assert row is not None and row["state"] == "gone"
+
+
+def test_claims_no_more_builds_than_its_concurrency_then_the_next_as_one_ends(
+        kiln: Kiln) -> None:
+    keys = [kiln.enqueue(spec_of(n)) for n in (1, 2, 3)]
+    for key in keys:
+        kiln.builder.script(key, Hold())
+    kiln.start("w1", concurrency=2)
+    wait_for("two builds to run", lambda: sorted(kiln.state(k) for k in keys)
+             == ["queued", "running", "running"], WAIT_SECONDS, 0.02)
+    # polls and notifications come and go; the third build still waits for a slot
+    time_to_poll = float(FAST["poll_seconds"]) * 3
+    threading.Event().wait(time_to_poll)
+    assert sorted(kiln.state(k) for k in keys) == ["queued", "running", "running"]
+    first = next(k for k in keys if kiln.state(k) == "running")
+    waiting = next(k for k in keys if kiln.state(k) == "queued")
+    kiln.builder.calls_for(first)[0].finish()
+    kiln.wait_state(first, "succeeded")
+    kiln.wait_state(waiting, "running")  # the freed slot takes the queued build
+    assert len(kiln.builder.calls) == 3

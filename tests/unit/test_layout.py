@@ -185,3 +185,32 @@ def _calls(name: str, function: str) -> bool:
     tree = ast.parse(modules()[name].read_text())
     return any(isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", ""))
                == function for n in ast.walk(tree))
+
+
+#: lines a module may have: past it, it holds more than one job
+MAX_MODULE_LINES = 600
+#: lines an entry point under functions/ may have: it calls kiln, it does not do the work
+MAX_ENTRY_POINT_LINES = 100
+
+
+def test_no_module_is_too_big_to_hold_one_job() -> None:
+    big = {}
+    for name, path in modules().items():
+        limit = MAX_ENTRY_POINT_LINES if name.startswith("functions") else MAX_MODULE_LINES
+        lines = len(path.read_text().splitlines())
+        if lines > limit:
+            big[str(path.relative_to(REPO))] = f"{lines} lines (at most {limit})"
+    assert not big, f"split these: {big}"
+
+
+def test_only_the_wiring_turns_configuration_sections_into_objects() -> None:
+    """No class builds itself from a Config (``from_config``): wiring.py's make_… functions do."""
+    found = []
+    for name, path in modules().items():
+        if name in ("kiln.wiring", "kiln.config"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and (
+                    node.name == "from_config" or node.name.endswith("_from_config")):
+                found.append(f"{name}:{node.lineno} {node.name}")
+    assert not found, f"move into kiln/wiring.py: {found}"

@@ -93,7 +93,7 @@ from kiln.worker.sandbox.docker_engine import (
 from kiln.worker.sandbox.docker_session import DockerSession
 
 if TYPE_CHECKING:
-    from kiln.config import BuildConfig
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -176,26 +176,6 @@ class DockerSandbox:
         self.instance = uuid.uuid4().hex
         self._version: str | None = None
         self._version_lock = threading.Lock()
-
-    @classmethod
-    def from_config(
-        cls, build_config: BuildConfig, *, client: DockerClient, worker_id: str = ""
-    ) -> DockerSandbox:
-        """Return the sandbox ``build.docker`` describes."""
-        settings = build_config.docker
-        return cls(
-            client=client,
-            image=settings.image,
-            cache_dir=build_config.cache_dir,
-            network=settings.network,
-            memory=settings.memory,
-            pids_limit=settings.pids_limit,
-            cpus=settings.cpus,
-            cache_mode=settings.cache_mode,
-            user=settings.user,
-            worker_id=worker_id,
-            goproxy=build_config.goproxy,
-        )
 
     # -- the Sandbox protocol ---------------------------------------------------------
 
