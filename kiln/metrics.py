@@ -31,16 +31,14 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from kiln.db.builds import STATES
-from kiln.db.sql import queries
+from kiln.db.metrics import MetricsTable
 
 log = logging.getLogger(__name__)
 
-SQL_FILE = "metrics.sql"
 FLUSH_SECONDS = 5.0
 #: bucket bounds, seconds
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -81,6 +79,7 @@ class MetricsRecorder:
 
     def __init__(self, pool: ConnectionPool, *, flush_seconds: float = FLUSH_SECONDS) -> None:
         self.pool = pool
+        self.table = MetricsTable(pool)
         self.flush_seconds = flush_seconds
         self._pending: dict[tuple[str, str], _Series] = {}
         self._lock = threading.Lock()
@@ -121,8 +120,7 @@ class MetricsRecorder:
                 for (name, labels), s in sorted(pending.items())  # one lock order everywhere
             ]
             try:
-                with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                    cur.executemany(queries(SQL_FILE)["add"], rows)
+                self.table.add(rows)
             except (psycopg.Error, OSError) as exc:
                 log.warning("cannot store metrics, keeping them for the next flush: %s", exc)
                 with self._lock:
@@ -170,12 +168,11 @@ class KilnCollector(Collector):
 
     def __init__(self, pool: ConnectionPool, *, worker_live_seconds: float = 120.0) -> None:
         self.pool = pool
+        self.table = MetricsTable(pool)
         self.worker_live_seconds = worker_live_seconds
 
     def _rows(self, name: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(queries(SQL_FILE)[name], params or {})
-            return cur.fetchall()
+        return self.table.read(name, params)
 
     def collect(self) -> Iterator[Metric]:
         """Yield the gauges, the attempt histogram and the recorded series."""

@@ -10,22 +10,17 @@ counted (only the optional limit on all requests, ``quota.requests``, counts it)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from kiln.api.principal import Principal, address_group
-from kiln.db.sql import queries
+from kiln.db.quota import QuotaCounters
 from kiln.errors import KilnError
 
-if TYPE_CHECKING:
-    pass
-
-SQL_FILE = "quota.sql"
 #: expired counters deleted whenever a subject opens a new window (keeps the table small
 #: without a scheduled job: each new row pays for removing old ones)
 PRUNE_BATCH = 100
@@ -48,6 +43,7 @@ class QuotaManager:
     def __init__(self, pool: ConnectionPool, *, window_seconds: int = 3600,
                  anonymous_builds: int = 0, key_builds: int = 0, requests: int = 0) -> None:
         self.pool = pool
+        self.counters = QuotaCounters(pool)
         self.window_seconds = window_seconds
         self.anonymous_builds = anonymous_builds
         self.key_builds = key_builds
@@ -110,30 +106,19 @@ class QuotaManager:
 
     def usage(self, principal: Principal) -> int:
         """Return how many new builds ``principal`` started in the current window."""
-        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(queries(SQL_FILE)["usage"], {"subject": self.subject(principal),
-                                                     "window": self.window_seconds})
-            row = cur.fetchone()
-        return int(row["used"]) if row else 0
+        return self.counters.usage(self.subject(principal), window=self.window_seconds)
 
     def prune(self, cur: psycopg.Cursor[Any], *, limit: int = PRUNE_BATCH) -> None:
         """Delete up to ``limit`` counters of ended windows."""
-        cur.execute(queries(SQL_FILE)["prune"], {"window": self.window_seconds, "limit": limit})
+        self.counters.prune(cur, window=self.window_seconds, limit=limit)
 
     def _consume(self, cur: psycopg.Cursor[Any], subject: str, limit: int) -> bool:
-        cur.execute(queries(SQL_FILE)["consume"], {"subject": subject, "limit": limit,
-                                                   "window": self.window_seconds})
-        row = cur.fetchone()
-        if row is None:
+        used = self.counters.consume(cur, subject, limit=limit, window=self.window_seconds)
+        if used is None:
             return False
-        used = row["used"] if isinstance(row, dict) else row[0]
         if used == 1:
             self.prune(cur)
         return True
 
     def _window_left(self, cur: psycopg.Cursor[Any]) -> int:
-        cur.execute(queries(SQL_FILE)["window_left"], {"window": self.window_seconds})
-        row = cur.fetchone()
-        assert row is not None
-        seconds = row["seconds"] if isinstance(row, dict) else row[0]
-        return max(1, math.ceil(float(seconds)))
+        return self.counters.window_left(cur, window=self.window_seconds)

@@ -214,3 +214,11 @@ def test_only_the_wiring_turns_configuration_sections_into_objects() -> None:
                     node.name == "from_config" or node.name.endswith("_from_config")):
                 found.append(f"{name}:{node.lineno} {node.name}")
     assert not found, f"move into kiln/wiring.py: {found}"
+
+
+def test_only_db_runs_sql() -> None:
+    """Every query lives in kiln/db/sql/ and is run by its owner in kiln/db/."""
+    outside = sorted(f"{name} (line {line})" for name in modules() if name.startswith("kiln")
+                     and not name.startswith("kiln.db")
+                     for target, line in imports(name) if target == "kiln.db.sql")
+    assert not outside, f"these load SQL outside kiln/db/: {outside}"
