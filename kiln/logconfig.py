@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -29,6 +30,25 @@ JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(process_name)s %(message)s"
 GUNICORN_LOGGERS = ("gunicorn.error", "gunicorn.access")
 #: the fields text lines show, in this order, when a line has them
 CONTEXT_FIELDS = ("request_id", "build_key", "step", "worker_id")
+
+#: what a text line shows escaped: C0 and C1 controls (newline, carriage return, ESC, NUL...),
+#: DEL, Unicode line and paragraph separators and bidirectional overrides. Messages carry
+#: what clients send (request paths, headers); raw, these would start forged lines or
+#: rewrite a terminal
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group()
+    return _ESCAPES.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100
+                                  else f"\\u{ord(char):04x}")
+
+
+def escape_controls(text: str) -> str:
+    """Return ``text`` with control characters written as Python-style escapes."""
+    return _UNPRINTABLE.sub(_escape_char, text)
+
 
 _context: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
     "kiln_log_context", default=None)
@@ -65,11 +85,23 @@ class _Context(logging.Filter):
 
 
 class TextFormatter(logging.Formatter):
-    """The text format, with the context fields at the end of the first line."""
+    """The text format, with the context fields at the end of the first line.
+
+    A record's message and fields are one line whatever they hold (control characters are
+    escaped); only a traceback, after it, spans several.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        message = record.message
+        record.message = escape_controls(message)
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = message
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        fields = [f"{name}={value}" for name in CONTEXT_FIELDS
+        fields = [f"{name}={escape_controls(str(value))}" for name in CONTEXT_FIELDS
                   if (value := getattr(record, name, None))]
         if not fields:
             return text

@@ -88,6 +88,10 @@ def read_json(req: falcon.Request, max_bytes: int) -> dict[str, Any]:
         raise bad_request("send a JSON object, e.g. {\"os\": \"linux\", \"arch\": \"amd64\"}")
     try:
         data = json.loads(raw)
+    except RecursionError:
+        # json's decoder recurses once per array or object it opens
+        raise bad_request("the body nests too deeply; a build request is a flat JSON "
+                          "object of strings and lists of strings") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
