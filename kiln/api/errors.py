@@ -67,10 +67,21 @@ def error_body(status_code: int, message: str, rid: str, field: str | None = Non
     return {"status_code": status_code, "error": error}
 
 
+def _falcon_message(req: falcon.Request, exc: falcon.HTTPError) -> str | None:
+    """Say what is wrong for the errors Falcon raises itself, which carry only a title."""
+    if isinstance(exc, falcon.HTTPRouteNotFound):
+        return "no such route; /openapi.json lists the routes of this API"
+    if isinstance(exc, falcon.HTTPMethodNotAllowed):
+        allowed = dict(exc.headers or {}).get("Allow", "")
+        return f"this route does not take {req.method}; it takes {allowed}"
+    return None
+
+
 def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
     """Render every HTTP error as Kiln's JSON error document."""
     rid = request_id(req)
-    message = getattr(exc, "message", None) or exc.description or exc.title or "error"
+    message = (getattr(exc, "message", None) or exc.description or _falcon_message(req, exc)
+               or exc.title or "error")
     field = getattr(exc, "field", None)
     resp.content_type = falcon.MEDIA_JSON
     resp.text = json.dumps(error_body(exc.status_code, message, rid, field))

@@ -79,6 +79,16 @@ def test_routes_are_templates_and_unknown_paths_one_label() -> None:
                                                                "unmatched"}
 
 
+def test_falcon_s_own_errors_say_what_is_wrong() -> None:
+    client = make_client()
+    missing = client.simulate_get("/api/nope")
+    assert missing.status_code == 404
+    assert "/openapi.json" in missing.json["error"]["message"]
+    wrong = client.simulate_request("PUT", "/api/builds/abc")
+    assert wrong.status_code == 405
+    assert "does not take PUT; it takes GET" in wrong.json["error"]["message"]
+
+
 # -- log lines ----------------------------------------------------------------------------
 
 
