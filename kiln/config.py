@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kiln.errors import KilnError
 
@@ -138,7 +145,8 @@ class ApiConfig(_Section):
     #: gunicorn worker processes and threads per process
     processes: int = Field(2, ge=1)
     threads: int = Field(16, ge=1)
-    #: URL clients reach Kiln at (used in links); empty: from the request
+    #: URL clients reach Kiln at (used in links); empty: from the request, and no webhooks
+    #: (a link in a webhook must not come from a request's Host header)
     public_url: str = ""
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     #: how long /api/download and /api/compat hold a request for a build, seconds
@@ -332,8 +340,20 @@ class SigningConfig(_Section):
 
 
 class WebhooksConfig(_Section):
-    #: HMAC-SHA256 secret of the X-Kiln-Signature header; empty: deliveries are not signed
-    secret: str = Field("", repr=False)
+    @model_validator(mode="before")
+    @classmethod
+    def _no_shared_secret(cls, data: Any) -> Any:
+        # One secret for every delivery let anyone have Kiln sign a delivery to anyone's
+        # receiver; each subscription now has its own. A leftover empty setting is harmless.
+        if isinstance(data, dict) and "secret" in data:
+            data = dict(data)
+            if data.pop("secret"):
+                raise ValueError(
+                    "webhooks.secret is no longer used: each callback is signed with its own "
+                    "secret, returned as webhook.secret in the answer to the build request; "
+                    "remove the setting (and have receivers check that secret)")
+        return data
+
     #: accept callback URLs whose host is a private, loopback or link-local address
     allow_private: bool = False
     #: seconds one delivery may take

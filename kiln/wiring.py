@@ -46,7 +46,6 @@ from kiln.janitor.scheduler import Janitor, Job
 from kiln.janitor.webhooks import Deliverer
 from kiln.metrics import MetricsRecorder
 from kiln.readiness import NEEDS, Dependency, Missing, NotReady, database_check
-from kiln.request.callbacks import SIGNATURE_HEADER
 from kiln.request.catalog import Catalog, CatalogPolicy
 from kiln.resolve.cache import DatabaseResolutionCache
 from kiln.resolve.proxy import ModuleProxy
@@ -229,13 +228,9 @@ def make_sandbox(config: BuildConfig, *, worker_id: str = "") -> Sandbox:
 def make_deliverer(config: Config, *, pool: ConnectionPool) -> Deliverer:
     """Return the janitor's Deliverer wired from the config."""
     settings = config.webhooks
-    if not settings.secret:
-        log.warning("webhooks.secret is empty: callbacks are sent without %s",
-                    SIGNATURE_HEADER)
     return Deliverer(
-        manager=WebhookManager(pool), secret=settings.secret,
-        allow_private=settings.allow_private, timeout=settings.timeout,
-        max_attempts=settings.max_attempts, retry_base_seconds=settings.retry_base_seconds,
+        manager=WebhookManager(pool), allow_private=settings.allow_private,
+        timeout=settings.timeout, max_attempts=settings.max_attempts, retry_base_seconds=settings.retry_base_seconds,
         max_retry_seconds=settings.max_retry_seconds,
     )
 

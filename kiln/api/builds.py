@@ -26,6 +26,7 @@ from kiln.db.builds import Build, QueueManager
 from kiln.db.groups import GroupManager
 from kiln.errors import KilnError
 from kiln.readiness import Dependency, describe, probe
+from kiln.request.callbacks import Webhook
 from kiln.request.spec import BuildRequest, BuildSpec
 
 STREAM_CHUNK = 256 * 1024
@@ -56,41 +57,47 @@ class BuildsResource:
         self.callbacks = callbacks
         self.groups = groups
 
-    def submit_one(self, req: falcon.Request, request: BuildRequest) -> Any:
-        """Submit one build of this HTTP request and register its callback_url."""
+    def submit_one(self, req: falcon.Request, request: BuildRequest,
+                   webhook: Webhook | None) -> Any:
+        """Submit one build of this HTTP request and subscribe its callback to it."""
         submitted = submit(self.service, request, req)
-        if self.callbacks is not None:
-            self.callbacks.subscribe(req, submitted.key)
+        if webhook is not None and self.callbacks is not None:
+            self.callbacks.subscribe(webhook, submitted.key, principal=principal_of(req))
         return submitted
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         data = read_json(req, self.max_body_bytes)
+        webhook = None
         if self.callbacks is not None:
-            self.callbacks.check(req, data)
+            webhook = self.callbacks.check(data)
         elif "callback_url" in data:
             raise bad_request("this server sends no webhooks", field="callback_url")
         if "platforms" in data:
-            self._submit_group(req, resp, data)
+            self._submit_group(req, resp, data, webhook)
             return
         request = request_from_json(data, max_plugins=self.max_plugins)
-        submitted = self.submit_one(req, request)
+        submitted = self.submit_one(req, request, webhook)
         doc = build_document(submitted.build, queue=self.queue)
+        if webhook is not None:
+            doc["webhook"] = webhook.document()
         resp.media = doc
         resp.status = falcon.HTTP_200 if doc["state"] == "succeeded" else falcon.HTTP_202
         resp.location = doc["links"]["self"]
 
     def _submit_group(self, req: falcon.Request, resp: falcon.Response,
-                      data: dict[str, Any]) -> None:
+                      data: dict[str, Any], webhook: Webhook | None) -> None:
         """Queue one build per platform and answer with the group document."""
         if self.groups is None:
             raise bad_request("this server does not take several platforms in one request",
                               field="platforms")
         keys: list[str] = []
         for request in platform_requests(data, max_plugins=self.max_plugins):
-            submitted = self.submit_one(req, request)
+            submitted = self.submit_one(req, request, webhook)
             if submitted.key not in keys:
                 keys.append(submitted.key)
         doc = group_document(self.groups.create(keys), keys, queue=self.queue)
+        if webhook is not None:
+            doc["webhook"] = webhook.document()
         resp.media = doc
         resp.status = falcon.HTTP_200 if doc["state"] == "succeeded" else falcon.HTTP_202
         resp.location = doc["links"]["self"]

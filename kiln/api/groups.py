@@ -4,55 +4,78 @@
 "plugins": [...]}`` (instead of os/arch/arm) queues one build per platform, all with the
 same Caddy version and plugins, and answers with a group document; ``GET /api/groups/{id}``
 shows it again with each build's current state. ``callback_url`` (with one platform or
-several) is POSTed when each build finishes (kiln/janitor/webhooks.py).
+several) is POSTed when each build finishes (kiln/janitor/webhooks.py), signed with a secret
+made for that request and returned in the answer (``webhook``), with links at
+``api.public_url``.
 """
 
 from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import falcon
 
 from kiln.api.documents import build_document, request_from_json
 from kiln.api.errors import ApiError, bad_request, not_found
+from kiln.api.principal import Principal
 from kiln.db.builds import QueueManager
 from kiln.db.groups import GroupManager
 from kiln.db.webhooks import WebhookManager
-from kiln.request.callbacks import AddressResolver, CallbackRefused, check_callback_url
+from kiln.request.callbacks import (
+    AddressResolver,
+    CallbackRefused,
+    Webhook,
+    check_callback_url,
+    new_secret,
+)
 from kiln.request.spec import BuildRequest
 
 PLATFORM_FIELDS = ("os", "arch", "arm")
 
 
 class Callbacks:
-    """Check a request's ``callback_url`` before queueing; register it for each build after."""
+    """Check a request's ``callback_url`` before queueing; subscribe it to each build after.
 
-    def __init__(self, *, webhooks: WebhookManager, allow_private: bool, public_url: str = "",
-                 resolve: AddressResolver = socket.getaddrinfo) -> None:
+    Links in a delivery are made from ``public_url`` only (``api.public_url``): a link taken
+    from the request's Host header would let anyone have Kiln send links to any host. Without
+    it the server takes no callback_url (a 400 telling the operator what to set), rather
+    than refusing to start: webhooks need no switch, and a server nobody asks for callbacks
+    needs no public URL.
+    """
+
+    def __init__(self, *, webhooks: WebhookManager, allow_private: bool, public_url: str,
+                 resolve: AddressResolver = socket.getaddrinfo,
+                 token: Callable[[], str] = new_secret) -> None:
         self.webhooks = webhooks
         self.allow_private = allow_private
-        self.public_url = public_url
+        self.public_url = public_url.rstrip("/")
         self.resolve = resolve
+        self.token = token
 
-    def check(self, req: falcon.Request, data: dict[str, Any]) -> None:
-        """Validate ``callback_url`` (400 naming the problem) and keep it for subscribe()."""
+    def check(self, data: dict[str, Any]) -> Webhook | None:
+        """Return the request's callback with a new secret (None if it names none); 400 if
+        it may not be called."""
         url = data.get("callback_url")
         if url is None:
-            return
+            return None
+        if not self.public_url:
+            raise bad_request("this server sends no webhooks until its operator sets "
+                              "api.public_url (the links in a webhook are made from it)",
+                              field="callback_url")
         try:
-            req.context.callback_url = check_callback_url(
-                url, allow_private=self.allow_private, resolve=self.resolve)
+            url = check_callback_url(url, allow_private=self.allow_private,
+                                     resolve=self.resolve)
         except CallbackRefused as exc:
             raise bad_request(str(exc), field="callback_url") from None
+        return Webhook(url=url, secret=self.token())
 
-    def subscribe(self, req: falcon.Request, key: str) -> None:
-        """Have the build's finish POSTed to the request's callback_url, if it gave one."""
-        url = req.context.get("callback_url")
-        if url:
-            self.webhooks.subscribe(key, url, base_url=self.public_url or req.prefix)
+    def subscribe(self, webhook: Webhook, key: str, *, principal: Principal) -> None:
+        """Have the build's finish POSTed to ``webhook`` for ``principal``."""
+        self.webhooks.subscribe(key, webhook.url, base_url=self.public_url,
+                                requester=principal.requester, secret=webhook.secret)
 
 
 def platform_requests(data: dict[str, Any], *, max_plugins: int) -> list[BuildRequest]:

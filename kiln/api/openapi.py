@@ -80,7 +80,9 @@ SCHEMAS: dict[str, Schema] = {
             "replacements": {**STRINGS, "description": "module[@version]=replacement"},
             "platforms": {"type": "array", "items": ref("Platform")},
             "callback_url": {"type": "string", "format": "uri",
-                             "description": "POSTed to when the build finishes"},
+                             "description": "POSTed to when each build finishes, signed "
+                                            "with the secret returned as webhook.secret "
+                                            "(needs api.public_url on the server)"},
         },
         "additionalProperties": False,
         "examples": [{"os": "linux", "arch": "amd64", "plugins": []}],
@@ -129,6 +131,19 @@ SCHEMAS: dict[str, Schema] = {
         "builds": {"type": "array", "items": ref("Build")},
         "links": {"type": "object", "additionalProperties": {"type": "string"}},
     }),
+    "Webhook": obj({
+        "url": {"type": "string", "format": "uri"},
+        "secret": {"type": "string", "minLength": 32,
+                   "description": "only given here: each delivery for this request carries "
+                                  "X-Kiln-Signature: sha256=<hex HMAC-SHA256 of the body "
+                                  "with this secret>"},
+    }),
+    "Submitted": {
+        "description": "A build, or a group of builds, and the request's webhook if it "
+                       "named a callback_url",
+        "allOf": [{"anyOf": [ref("Build"), ref("Group")]},
+                  obj({"webhook": ref("Webhook")}, [])],
+    },
     "BuildSummary": obj({
         "key": {"type": "string", "pattern": KEY_PATTERN},
         "state": {"enum": list(STATES)},
@@ -359,11 +374,9 @@ def _paths() -> dict[str, dict[str, Schema]]:
                 "400": error("a bad parameter"),
             }, params=[query("limit", {"type": "integer", "minimum": 1, "maximum": 100})]),
             "post": operation("submitBuild", "Ask for a build (or one per platform)", {
-                "200": json_response("already built", {"anyOf": [ref("Build"),
-                                                                 ref("Group")]}),
+                "200": json_response("already built", ref("Submitted")),
                 "202": json_response("queued, or joining a build in progress",
-                                     {"anyOf": [ref("Build"), ref("Group")]},
-                                     {"Location": STRING_HEADER}),
+                                     ref("Submitted"), {"Location": STRING_HEADER}),
                 "400": error("not a valid request; the message says what to fix"),
                 "401": UNAUTHORIZED,
                 "413": error("the body is too large"),

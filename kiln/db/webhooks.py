@@ -23,9 +23,15 @@ class WebhookManager:
             cur.execute(named_queries("webhooks.sql")[name], params)
             return cur.fetchall() if cur.description else []
 
-    def subscribe(self, build_key: str, url: str, *, base_url: str) -> None:
-        """Call ``url`` when the build next reaches a final state (once per build and URL)."""
-        self._rows("subscribe", {"build_key": build_key, "url": url, "base_url": base_url})
+    def subscribe(self, build_key: str, url: str, *, base_url: str, requester: str,
+                  secret: str) -> None:
+        """Call ``url`` when the build next reaches a final state, signed with ``secret``.
+
+        Once per build, URL and requester: asking again keeps one subscription and gives
+        it the new secret.
+        """
+        self._rows("subscribe", {"build_key": build_key, "url": url, "base_url": base_url,
+                                 "requester": requester, "secret": secret})
 
     def fire(self) -> int:
         """Turn the callbacks of finished builds into pending deliveries; return how many."""
@@ -46,5 +52,5 @@ class WebhookManager:
                              "delay": delay, "final": final})
 
     def for_build(self, build_key: str) -> list[dict[str, Any]]:
-        """Return a build's callbacks and their delivery state."""
+        """Return a build's callbacks and their delivery state (never their secrets)."""
         return self._rows("for_build", {"build_key": build_key})

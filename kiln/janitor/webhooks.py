@@ -3,8 +3,11 @@
 A request's callback is stored as 'waiting' (sql/webhooks.sql, kiln_webhooks). The
 janitor's ``deliver_webhooks`` job turns the callbacks of finished builds into 'pending'
 deliveries with a snapshot of the outcome, then POSTs them, retrying with exponential
-backoff until one answers 2xx or ``webhooks.max_attempts`` is spent. The body is signed:
-``X-Kiln-Signature: sha256=<hex HMAC-SHA256 of the body with webhooks.secret>``.
+backoff until one answers 2xx or ``webhooks.max_attempts`` is spent. The body is signed
+with the secret of the subscription it is for, which only its requester was given (in the
+answer to its build request): ``X-Kiln-Signature: sha256=<hex HMAC-SHA256 of the body>``.
+So a receiver can tell the deliveries meant for it from ones another requester had Kiln send
+to the same URL. Links are absolute at ``api.public_url``, stored with the subscription.
 
 Callback hosts are resolved when the build is requested and again before each delivery;
 unless ``webhooks.allow_private`` is set, every address must be public, and the
@@ -147,7 +150,6 @@ class Deliverer:
         self,
         *,
         manager: WebhookManager,
-        secret: str,
         allow_private: bool,
         timeout: float = 10.0,
         max_attempts: int = 8,
@@ -157,7 +159,6 @@ class Deliverer:
         resolve: AddressResolver = socket.getaddrinfo,
     ) -> None:
         self.manager = manager
-        self.secret = secret
         self.allow_private = allow_private
         self.timeout = timeout
         self.max_attempts = max_attempts
@@ -184,8 +185,10 @@ class Deliverer:
             EVENT_HEADER: EVENT,
             DELIVERY_HEADER: str(row["id"]),
         }
-        if self.secret:
-            headers[SIGNATURE_HEADER] = sign_body(self.secret, body)
+        # subscriptions made before secrets were per subscription have none: no requester
+        # holds a secret that could check them
+        if row.get("secret"):
+            headers[SIGNATURE_HEADER] = sign_body(row["secret"], body)
         return headers
 
     def deliver(self, row: dict[str, Any]) -> Outcome:

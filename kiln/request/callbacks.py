@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import secrets
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -12,17 +14,68 @@ from kiln.errors import KilnError
 
 SIGNATURE_HEADER = "X-Kiln-Signature"
 MAX_URL_LENGTH = 2048
+#: random bytes of a subscription's secret (hex-encoded: twice as many characters)
+SECRET_BYTES = 32
 AddressResolver = Callable[..., list[Any]]
+
+
+def new_secret() -> str:
+    """Return a fresh random secret for one webhook subscription."""
+    return secrets.token_hex(SECRET_BYTES)
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """A callback a request named, and the secret that signs the deliveries made for it.
+
+    The secret is given to the requester once, in the answer to its request; a receiver
+    that checks X-Kiln-Signature with it knows the delivery is for that request.
+    """
+
+    url: str
+    secret: str
+
+    def document(self) -> dict[str, str]:
+        """Return the ``webhook`` member of the answer to the request."""
+        return {"url": self.url, "secret": self.secret}
 
 
 class CallbackRefused(KilnError, ValueError):
     """A callback URL Kiln will not call; the message says what to change."""
 
 
+#: IPv6 prefixes whose last 32 bits are an IPv4 address: NAT64 (RFC 6052) and the
+#: deprecated IPv4-compatible form ``::a.b.c.d``; a translator or tunnel reaches that address
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+#: local-use NAT64 (RFC 8215): the IPv4 address sits where the operator chose; never global
+LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """Return the IPv4 addresses an IPv6 address carries (mapped, NAT64, 6to4, Teredo)."""
+    found: list[ipaddress.IPv4Address] = []
+    if ip.ipv4_mapped is not None:
+        found.append(ip.ipv4_mapped)
+    if ip in NAT64 or ip in IPV4_COMPATIBLE:
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found.extend(ip.teredo)  # the server, and the client the packet is bound for
+    return found
+
+
 def _is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+        ip = ip.ipv4_mapped  # the IPv4 address itself, reached over the IPv4 stack
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in LOCAL_NAT64:
+            return False
+        # the embedded address is where the packet ends up, so it must be public too
+        if not all(v4.is_global and not v4.is_multicast for v4 in embedded_ipv4(ip)):
+            return False
     return ip.is_global and not ip.is_multicast
 
 

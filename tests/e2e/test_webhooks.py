@@ -1,7 +1,8 @@
 """End to end: several platforms in one request, and webhooks received by a real server.
 
 The callbacks go to an ``http.server`` on 127.0.0.1 (allowed here with
-``webhooks.allow_private``); the janitor delivers them, signed with HMAC-SHA256.
+``webhooks.allow_private``); the janitor delivers them, each signed (HMAC-SHA256) with the
+secret its request was answered with, and linking to ``api.public_url``.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from typing import Any
 import psycopg
 import pytest
 import requests
+from psycopg_pool import ConnectionPool
 
+from kiln.db.api_keys import KeyManager
 from tests.fixtures import goproxy as gp
 from tests.service import KilnProcesses
 
 pytestmark = pytest.mark.slow
 
-SECRET = "webhook-test-secret"
 MAX_ATTEMPTS = 3
 #: ELF e_machine of each architecture built here
 ELF_MACHINE = {"amd64": 0x3E, "arm64": 0xB7}
@@ -102,14 +104,15 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture(scope="module")
 def kiln_env() -> dict[str, str]:
-    return {"KILN_WEBHOOKS__SECRET": SECRET, "KILN_WEBHOOKS__ALLOW_PRIVATE": "true",
+    return {"KILN_WEBHOOKS__ALLOW_PRIVATE": "true",
             "KILN_WEBHOOKS__INTERVAL": "0.2", "KILN_WEBHOOKS__RETRY_BASE_SECONDS": "0.3",
             "KILN_WEBHOOKS__MAX_ATTEMPTS": str(MAX_ATTEMPTS),
             "KILN_WEBHOOKS__TIMEOUT": "5"}
 
 
 def start_with_janitor(service: KilnProcesses) -> None:
-    """Start a worker, the janitor (which delivers webhooks) and the API."""
+    """Start a worker, the janitor (which delivers webhooks) and the API, at its public URL."""
+    service.env["KILN_API__PUBLIC_URL"] = service.url
     service.start_worker()
     service.wait_for_worker()
     service.start_janitor()
@@ -132,9 +135,16 @@ def wait_group(kiln: KilnProcesses, gid: str, timeout: float = 300.0) -> dict[st
     raise AssertionError(f"group {gid} still {doc.get('state')}:\n" + kiln.log("worker")[-3000:])
 
 
-def signed_correctly(post: Received) -> bool:
-    expected = "sha256=" + hmac.new(SECRET.encode(), post.body, hashlib.sha256).hexdigest()
+def signed_correctly(post: Received, secret: str) -> bool:
+    expected = "sha256=" + hmac.new(secret.encode(), post.body, hashlib.sha256).hexdigest()
     return hmac.compare_digest(post.headers.get("X-Kiln-Signature", ""), expected)
+
+
+def webhook_of(resp: requests.Response, url: str) -> str:
+    """Check the answer names the callback and its new secret; return the secret."""
+    webhook = resp.json()["webhook"]
+    assert webhook["url"] == url and len(webhook["secret"]) >= 32, webhook
+    return str(webhook["secret"])
 
 
 def webhook_rows(kiln: KilnProcesses, key: str) -> list[tuple[Any, ...]]:
@@ -150,6 +160,7 @@ def test_several_platforms_build_each_and_each_finish_is_called_back(
             "callback_url": receiver.url + "/hook"}
     resp = kiln.post_build(body)
     assert resp.status_code == 202, resp.text
+    secret = webhook_of(resp, receiver.url + "/hook")
     group = resp.json()
     assert resp.headers["Location"] == f"/api/groups/{group['id']}"
     assert [(b["os"], b["arch"]) for b in group["builds"]] == [("linux", "amd64"),
@@ -171,24 +182,30 @@ def test_several_platforms_build_each_and_each_finish_is_called_back(
     assert set(by_key) == set(keys)
     for build in done["builds"]:
         post = by_key[build["key"]]
-        assert signed_correctly(post)
+        assert signed_correctly(post, secret)
         assert post.headers["Content-Type"] == "application/json"
         assert post.headers["X-Kiln-Event"] == "build.finished"
         doc = post.doc
         assert (doc["state"], doc["error"]) == ("succeeded", None)
         assert doc["sha256"] == build["artifact"]["sha256"]
         assert doc["filename"] == f"caddy_linux_{build['arch']}_custom"
-        # links are absolute, at the address the request reached Kiln at, and they work
+        # links are absolute, at api.public_url, and they work
         assert doc["links"]["artifact"] == f"{kiln.url}/api/builds/{build['key']}/artifact"
         checksum = requests.get(doc["links"]["checksum"], timeout=10)
         assert checksum.text.startswith(build["artifact"]["sha256"] + "  ")
     for key in keys:
         assert webhook_rows(kiln, key) == [(receiver.url + "/hook", "delivered", 1, 200)]
 
-    # the same request again: the same group, done at once, and called back at once
+    # the same request again: the same group, done at once, and called back at once, signed
+    # with the new request's own secret
     again = kiln.post_build({**body, "callback_url": receiver.url + "/again"})
     assert again.status_code == 200 and again.json()["id"] == group["id"]
-    assert {p.doc["key"] for p in receiver.wait("/again", 2)} == set(keys)
+    again_secret = webhook_of(again, receiver.url + "/again")
+    assert again_secret != secret
+    posts = receiver.wait("/again", 2)
+    assert {p.doc["key"] for p in posts} == set(keys)
+    assert all(signed_correctly(p, again_secret) and not signed_correctly(p, secret)
+               for p in posts)
 
 
 def test_a_failed_build_is_called_back_and_retried_until_answered(
@@ -197,9 +214,10 @@ def test_a_failed_build_is_called_back_and_retried_until_answered(
     resp = kiln.post_build({"os": "linux", "arch": "amd64", "plugins": [gp.BROKEN],
                             "callback_url": receiver.url + "/flaky"})
     key = resp.json()["key"]
+    secret = webhook_of(resp, receiver.url + "/flaky")
     first, second = receiver.wait("/flaky", 2)
     assert first.body == second.body  # a retry sends the same document, signed the same
-    assert signed_correctly(first) and signed_correctly(second)
+    assert signed_correctly(first, secret) and signed_correctly(second, secret)
     doc = second.doc
     assert (doc["key"], doc["state"]) == (key, "failed")
     assert "broken.go" in doc["error"]
@@ -244,6 +262,7 @@ def test_callback_urls_are_checked_before_anything_is_queued(
     strict = KilnProcesses(db_url=kiln.env["KILN_DATABASE__URL"], root=tmp_path,
                            goproxy=f"file://{proxy_dir}", cache_dir=go_cache_dir)
     try:
+        strict.env["KILN_API__PUBLIC_URL"] = strict.url
         strict.start_api()
         for url in ("http://127.0.0.1:9/hook", "http://localhost/hook", "http://[::1]/",
                     "http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/"):
@@ -253,7 +272,47 @@ def test_callback_urls_are_checked_before_anything_is_queued(
             assert "private, loopback or link-local" in resp.json()["error"]["message"]
     finally:
         strict.close()
+    # an API that does not know its public URL cannot link to a build: it takes no callback
+    bare = KilnProcesses(db_url=kiln.env["KILN_DATABASE__URL"], root=tmp_path / "bare",
+                         goproxy=f"file://{proxy_dir}", cache_dir=go_cache_dir,
+                         env={"KILN_WEBHOOKS__ALLOW_PRIVATE": "true"})
+    try:
+        bare.start_api()
+        resp = bare.post_build({"os": "linux", "arch": "amd64",
+                                "callback_url": "https://hooks.example/x"})
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error["field"] == "callback_url" and "api.public_url" in error["message"]
+    finally:
+        bare.close()
     assert builds() == before
+
+
+def test_each_requester_of_a_build_is_called_back_with_its_own_secret(
+        kiln: KilnProcesses, receiver: Receiver) -> None:
+    pool = ConnectionPool(kiln.env["KILN_DATABASE__URL"], min_size=1, max_size=1, open=True,
+                          kwargs={"autocommit": True})
+    try:
+        keys = KeyManager(pool)
+        tokens = [keys.create(name)[1] for name in ("hooks-alice", "hooks-bob")]
+    finally:
+        pool.close()
+    body = {"os": "linux", "arch": "arm64", "plugins": [gp.BROKEN],
+            "callback_url": receiver.url + "/shared"}
+    answers = [kiln.post_build(body, headers={"Authorization": f"Bearer {token}",
+                                              # links never come from the Host header
+                                              "Host": "attacker.example"})
+               for token in tokens]
+    assert len({a.json()["key"] for a in answers}) == 1
+    secrets = [webhook_of(a, receiver.url + "/shared") for a in answers]
+    assert secrets[0] != secrets[1]
+    posts = receiver.wait("/shared", 2)
+    assert len(posts) == 2
+    # each receiver can tell its own delivery: exactly one post verifies with each secret
+    for secret in secrets:
+        assert sum(signed_correctly(p, secret) for p in posts) == 1
+    for post in posts:
+        assert post.doc["links"]["self"].startswith(kiln.url + "/api/builds/")
 
 
 def test_groups_that_do_not_exist(kiln: KilnProcesses) -> None:

@@ -65,6 +65,8 @@ def test_config_path_variable_is_used(tmp_path: Path) -> None:
         ("database:\n  url: ${NOPE}\n", {}, "${NOPE} is used in the config but not set"),
         ("- a\n- b\n", {}, "top level must be a mapping"),
         ("", {"KILN_WORKER__LEASE_SECONDS": "-1"}, "worker.lease_seconds"),
+        # one secret signing every delivery is gone: each subscription has its own
+        ("webhooks:\n  secret: s3cret\n", {}, "webhooks.secret is no longer used"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path: Path, text: str, env: dict[str, str],
@@ -74,3 +76,9 @@ def test_bad_config_names_the_field(tmp_path: Path, text: str, env: dict[str, st
     with pytest.raises(ConfigError) as info:
         load_config(file, env=env)
     assert expected in str(info.value)
+
+
+def test_an_empty_leftover_webhook_secret_is_accepted(tmp_path: Path) -> None:
+    file = tmp_path / "c.yml"
+    file.write_text('webhooks:\n  secret: "${KILN_WEBHOOK_SECRET:-}"\n  interval: 5\n')
+    assert load_config(file, env={}).webhooks.interval == 5

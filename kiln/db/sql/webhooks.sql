@@ -1,9 +1,12 @@
--- Webhook callbacks and their deliveries, by name. Loaded by kiln/janitor/webhooks.py (WebhookManager).
+-- Webhook callbacks and their deliveries, by name. Loaded by kiln/db/webhooks.py (WebhookManager).
 
 -- name: subscribe
-INSERT INTO kiln_webhooks (build_key, url, base_url)
-VALUES (%(build_key)s, %(url)s, %(base_url)s)
-ON CONFLICT (build_key, url) WHERE state = 'waiting' DO NOTHING;
+-- One waiting subscription per build, URL and requester; asking again gives it the newest
+-- secret (the one the latest answer returned).
+INSERT INTO kiln_webhooks (build_key, url, base_url, requester, secret)
+VALUES (%(build_key)s, %(url)s, %(base_url)s, %(requester)s, %(secret)s)
+ON CONFLICT (build_key, url, requester) WHERE state = 'waiting'
+DO UPDATE SET secret = EXCLUDED.secret, base_url = EXCLUDED.base_url;
 
 -- name: fire
 -- Callbacks of builds now in a final state become deliveries, with a snapshot of the
@@ -42,7 +45,8 @@ UPDATE kiln_webhooks w
        next_attempt_at = now() + make_interval(secs => %(lease_seconds)s)
   FROM due
  WHERE w.id = due.id
-RETURNING w.id, w.build_key, w.url, w.base_url, w.payload, w.attempts;
+RETURNING w.id, w.build_key, w.url, w.base_url, w.requester, w.secret, w.payload,
+          w.attempts;
 
 -- name: delivered
 UPDATE kiln_webhooks
