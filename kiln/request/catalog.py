@@ -11,9 +11,16 @@ Clients name plugins in more ways than the catalog lists them, so requests are m
   module paths, e.g. ``example.com/dns/v2`` for ``example.com/dns/v2/providers/x``)
   becomes those packages, at the version asked for; without this the upgraded binary
   would silently lose the plugin;
-- ``base@v2.x`` matches a package registered as ``base/v2`` and the other way round (paths
-  are compared without their ``/vN`` elements);
+- ``base@v2.x`` matches a package registered as ``base/v2`` and the other way round: a
+  path is also compared without its module root's trailing ``/vN``, as Go allows a major
+  version only there (``spellings``);
 - a Caddy module ID (``dns.providers.x``) becomes the one package that registers it.
+
+With ``plugins.allow: registered`` only what the catalog registers is built: a registered
+package, a package inside one, or one of these in another major version of its module. A
+replacement's target must be a module a registered package can lie in. A ``/vN`` element
+is never compared away where it names an owner or a repository (``github.com/v2/x``,
+``github.com/x/v2``): that path is other code, not a major version of a registered one.
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import threading
 import time
 import uuid
@@ -34,7 +40,9 @@ import psycopg
 import yaml
 
 from kiln.errors import KilnError, SpecError
+from kiln.gomod.module import check_module_path, module_prefixes, split_path_version
 from kiln.request.spec import (
+    DEFAULT_MAX_PLUGINS,
     BuildRequest,
     PluginRequest,
     Replacement,
@@ -60,9 +68,11 @@ USER_AGENT = "kiln (plugin catalog mirror)"
 #: seconds a catalog is reused by default
 CATALOG_TTL_SECONDS = 60.0
 
-# A path element that is a major version suffix (/v2, /v10): compared away, so that
-# base@v2.x, base/v2 and base name one plugin family.
-_MAJOR_ELEMENT = re.compile(r"v(?:[2-9]|[1-9][0-9]+)")
+#: packages a mapping error lists before it stops
+SHOWN_PACKAGES = 3
+#: /vN elements of a path that are tried as the end of its module root; a path with more
+#: (Go paths have one, rarely two) is matched only as written, which bounds the work
+MAX_MAJOR_ELEMENTS = 4
 
 
 class CatalogError(KilnError, ValueError):
@@ -226,20 +236,47 @@ def read_catalog_file(path: Path) -> list[Package]:
 # ---------------------------------------------------------------------------
 
 
-def family(path: str) -> str:
-    """Return a path without its /vN elements, so base, base/v2 and base/v3 compare equal."""
-    first, *rest = path.split("/")
-    return "/".join([first, *(e for e in rest if not _MAJOR_ELEMENT.fullmatch(e))])
+def _owned_root(parts: list[str]) -> bool:
+    """Report whether a path (split at /) can be a module root that names its owner.
+
+    On github.com, gitlab.com and bitbucket.org that is host/owner/repository or deeper
+    (module_prefixes' rule); elsewhere at least host/element, since a forge Kiln does not
+    know may give the element after the host to anybody.
+    """
+    head = "/".join(parts[:3])
+    return len(parts) >= 2 and head in module_prefixes(head)
 
 
-def _join(path: str, inner: str) -> str:
-    """Return ``inner`` (a package inside ``path``'s family) spelled from ``path`` down."""
-    if inner.startswith(path + "/"):
-        return inner
-    # the catalog spells the module part differently (with or without /vN): keep the
-    # request's spelling, which carries the major version it asked for
-    rest = family(inner).split("/")[len(family(path).split("/")):]
-    return "/".join([path, *rest])
+def _is_major(element: str) -> bool:
+    """Report whether a path element is a major version suffix (v2, v10; not v0, v1, v02)."""
+    return split_path_version(f"x/{element}")[1] == f"/{element}"
+
+
+def spellings(path: str) -> list[str]:
+    """Return ``path``, then each spelling of it without a module root's trailing /vN.
+
+    Go puts a major version only at the end of a module root (``base/v2``), so only
+    ``github.com/a/b/v2/sub`` is also spelled ``github.com/a/b/sub``; a /vN anywhere else
+    (``github.com/v2/a/b``, ``github.com/a/v2/b``) names an owner or a repository and stays.
+    """
+    parts = path.split("/")
+    majors = [k for k in range(2, len(parts)) if _is_major(parts[k])]
+    if len(majors) > MAX_MAJOR_ELEMENTS:
+        return [path]
+    out = [path]
+    for k in reversed(majors):
+        try:
+            check_module_path("/".join(parts[:k + 1]))
+        except SpecError:
+            continue
+        if _owned_root(parts[:k]):
+            out.append("/".join(parts[:k] + parts[k + 1:]))
+    return out
+
+
+def _starts_major(rest: str) -> bool:
+    """Report whether a path below a module's base begins with a major version (v2/...)."""
+    return _is_major(rest.split("/", 1)[0])
 
 
 class CatalogIndex:
@@ -247,29 +284,62 @@ class CatalogIndex:
 
     def __init__(self, packages: Iterable[Package]) -> None:
         self.packages = list(packages)
-        #: family of every registered package path -> (real path, its entry)
-        self._by_family: dict[str, tuple[str, Package]] = {}
+        #: every spelling of every registered package path -> (real path, its entry)
+        self._by_spelling: dict[str, tuple[str, Package]] = {}
+        #: every path above a registered spelling -> (that spelling, its real path)
+        self._below: dict[str, list[tuple[str, str]]] = {}
         self._by_module: dict[str, set[str]] = {}
         for package in self.packages:
             for path in package.paths:
-                self._by_family.setdefault(family(path), (path, package))
+                # a registered path is found as itself before another's spelling of it
+                self._by_spelling[path] = (path, package)
+        for package in self.packages:
+            for path in package.paths:
+                for spelling in spellings(path)[1:]:
+                    self._by_spelling.setdefault(spelling, (path, package))
             for module in package.modules:
                 self._by_module.setdefault(module.name, set()).add(module.package)
+        for spelling, (real, _) in self._by_spelling.items():
+            parts = spelling.split("/")
+            for cut in range(1, len(parts)):
+                self._below.setdefault("/".join(parts[:cut]), []).append((spelling, real))
 
     def find(self, path: str) -> Package | None:
-        """Return the entry registering ``path`` or a package it lies inside, if any."""
-        parts = family(path).split("/")
-        for cut in range(len(parts), 0, -1):
-            hit = self._by_family.get("/".join(parts[:cut]))
-            if hit is not None:
-                return hit[1]
+        """Return the entry registering ``path`` or a package it lies inside, if any.
+
+        ``path`` may name the package in another major version of its module.
+        """
+        for spelling in spellings(path):
+            parts = spelling.split("/")
+            for cut in range(len(parts), 0, -1):
+                hit = self._by_spelling.get("/".join(parts[:cut]))
+                if hit is not None:
+                    return hit[1]
         return None
 
     def inside(self, path: str) -> list[str]:
-        """Return the registered package paths lying strictly inside ``path``, sorted."""
-        prefix = family(path) + "/"
-        return sorted(real for fam, (real, _) in self._by_family.items()
-                      if fam.startswith(prefix))
+        """Return the registered packages lying strictly inside module ``path``, sorted,
+        each spelled from ``path`` down (so it keeps the major version ``path`` names)."""
+        found: set[str] = set()
+        for spelling in spellings(path):
+            for registered, real in self._below.get(spelling, ()):
+                if real.startswith(path + "/"):
+                    found.add(real)
+                elif not _starts_major(registered[len(spelling) + 1:]):
+                    # the request's spelling carries the major version it asked for
+                    found.add(path + registered[len(spelling):])
+        return sorted(found)
+
+    def holds_module(self, path: str) -> bool:
+        """Report whether module ``path`` is one a registered package can lie in.
+
+        That is a registered package itself, or a module root above one that names its
+        owner, in any major version; a prefix above the owner (``github.com/a`` for
+        ``github.com/a/plug``) or a module below a registered package is not.
+        """
+        return _owned_root(path.split("/")) and any(
+            spelling in self._by_spelling or spelling in self._below
+            for spelling in spellings(path))
 
     def module_package(self, path: str) -> str | None:
         """Return the one package registering Caddy module ID ``path``, if it is one."""
@@ -288,22 +358,34 @@ class CatalogIndex:
         if self.find(path) is not None:
             return [plugin]
         inner = self.inside(path)
-        return [PluginRequest(_join(path, real), plugin.query) for real in inner] or [plugin]
+        return [PluginRequest(real, plugin.query) for real in inner] or [plugin]
 
-    def map_request(self, request: BuildRequest) -> BuildRequest:
-        """Return the request with every plugin mapped to the packages it stands for."""
+    def map_request(self, request: BuildRequest, *,
+                    max_plugins: int = DEFAULT_MAX_PLUGINS) -> BuildRequest:
+        """Return the request with every plugin mapped to the packages it stands for.
+
+        A SpecError is raised when they are more than ``max_plugins``: one module path
+        can stand for many registered packages.
+        """
         plugins: list[PluginRequest] = []
+        stands_for: dict[str, list[str]] = {}
         for plugin in request.plugins:
             for mapped in self.map_plugin(plugin):
                 if mapped not in plugins:
                     plugins.append(mapped)
+                if mapped.path != plugin.path:
+                    stands_for.setdefault(plugin.path, []).append(mapped.path)
         if plugins == list(request.plugins):
             return request
+        # a request the API took at its size is never refused for it, only for growing
+        limit = max(max_plugins, len(request.plugins))
+        if len(plugins) > limit:
+            raise SpecError("plugins", _too_many(len(plugins), limit, stands_for))
         return BuildRequest.create(
             os=request.os, arch=request.arch, arm=request.arm or None,
             caddy_version=request.caddy_query, plugins=[str(p) for p in plugins],
             replacements=[str(r) for r in request.replacements],
-            max_plugins=max(len(plugins), 1),
+            max_plugins=max(limit, len(request.replacements)),
         )
 
     def check(self, request: BuildRequest) -> None:
@@ -319,10 +401,16 @@ class CatalogIndex:
                     f"plugins[{i}]", f"{plugin.path} is registered but not available for "
                     "builds now (its catalog entry says available: false)")
         for i, replacement in enumerate(request.replacements):
-            new = replacement.new
-            if (not is_core_package(new) and self.find(new) is None
-                    and not self.inside(new)):
+            if not is_core_package(replacement.new) and not self.holds_module(replacement.new):
                 raise PackageNotRegistered(f"replacements[{i}]", _replacement_refused(replacement))
+
+
+def _too_many(count: int, limit: int, stands_for: dict[str, list[str]]) -> str:
+    path, inner = max(stands_for.items(), key=lambda item: len(item[1]))
+    shown = ", ".join(inner[:SHOWN_PACKAGES]) + (", ..." if len(inner) > SHOWN_PACKAGES else "")
+    return (f"the plugins asked for stand for {count} catalog packages ({path} is {shown}: "
+            f"{len(inner)} packages), and this server builds at most {limit} plugins per "
+            "build: name the packages you need")
 
 
 def not_registered(path: str) -> str:
@@ -417,9 +505,12 @@ class CatalogPolicy:
     """Map a request's plugins to catalog packages, and refuse unregistered ones when
     ``plugins.allow`` is ``registered``."""
 
-    def __init__(self, catalog: Catalog, *, allow: str = "any") -> None:
+    def __init__(self, catalog: Catalog, *, allow: str = "any",
+                 max_plugins: int = DEFAULT_MAX_PLUGINS) -> None:
         self.catalog = catalog
         self.allow = allow
+        #: plugins a request may stand for once mapped (build.max_plugins)
+        self.max_plugins = max_plugins
 
     def admit(self, request: BuildRequest) -> BuildRequest:
         """Return the request with its plugins mapped; PackageNotRegistered if refused."""
@@ -430,7 +521,7 @@ class CatalogPolicy:
                 raise
             log.warning("plugin catalog unavailable; building plugins as named", exc_info=True)
             return request
-        mapped = index.map_request(request)
+        mapped = index.map_request(request, max_plugins=self.max_plugins)
         if self.allow == "registered":
             index.check(mapped)
         return mapped

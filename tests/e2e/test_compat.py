@@ -322,6 +322,23 @@ def test_error_paths_answer_in_caddyserver_shape(kiln: KilnProcesses) -> None:
     assert head.status_code == 400 and "Location" not in head.headers
 
 
+def test_registered_only_refuses_paths_that_only_look_registered(kiln: KilnProcesses) -> None:
+    # github.com/v2 is another GitHub user: its /v2 is not a major version of gp.HELLO
+    elsewhere = gp.HELLO.replace("github.com/", "github.com/v2/")
+    owner = elsewhere.rsplit("/", 1)[0]
+    builds = count(kiln, "SELECT count(*) FROM kiln_builds")
+    post = lambda body: requests.post(f"{kiln.url}/api/builds", timeout=60,  # noqa: E731
+                                      json={"os": "linux", "arch": "amd64", **body})
+    err = assert_error(post({"plugins": [elsewhere]}), 400,
+                       f"{elsewhere} is not a registered Caddy module package path",
+                       "GET /api/packages")
+    assert err["field"] == "plugins[0]"
+    err = assert_error(post({"plugins": [gp.HELLO], "replacements": [f"{gp.HELLO}={owner}@v0.1.0"]}),
+                       400, f"{owner} is not a registered Caddy module package path")
+    assert err["field"] == "replacements[0]"
+    assert count(kiln, "SELECT count(*) FROM kiln_builds") == builds
+
+
 def test_packages_in_caddyserver_shape(kiln: KilnProcesses) -> None:
     resp = requests.get(kiln.url + "/api/packages", timeout=30)
     assert resp.status_code == 200
