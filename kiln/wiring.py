@@ -100,7 +100,8 @@ def make_services(config: Config, *, application: str = "kiln-api") -> Services:
     catalog = make_catalog(config, pool)
     metrics = MetricsRecorder(pool, flush_seconds=config.metrics.flush_seconds).start()
     service = BuildService(
-        policy=CatalogPolicy(catalog, allow=config.plugins.allow) if catalog else None,
+        policy=CatalogPolicy(catalog, allow=config.plugins.allow,
+                             max_plugins=config.build.max_plugins) if catalog else None,
         queue=queue, resolver=resolver, tags=tuple(config.build.tags),
         ldflags=config.build.ldflags, max_attempts=config.worker.max_attempts,
         worker_live_seconds=config.janitor.worker_gone_seconds,
