@@ -41,6 +41,10 @@ POLICY: dict[tuple[str, str], str] = {
     ("HEAD", "/api/download"): BUILD,
     ("GET", "/api/compat"): BUILD,
     ("HEAD", "/api/compat"): BUILD,
+    # version look-ups ask the module proxy (which may hold credentials, and answers
+    # slowly): with auth.mode keys, only key holders may make Kiln ask it
+    ("GET", "/api/versions"): BUILD,
+    ("GET", "/api/plugin-versions"): BUILD,
 }
 
 CHALLENGE = 'Bearer realm="kiln"'

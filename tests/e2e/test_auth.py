@@ -346,3 +346,14 @@ def test_private_metrics_need_an_admin_key(kilns: Kiln) -> None:
         assert services.metrics is not None
         services.metrics.stop()
         services.queue.pool.close()
+
+
+def test_version_lookups_need_a_key_in_keys_mode(kilns: Kiln) -> None:
+    """Each look-up makes Kiln ask the module proxy: no anonymous look-ups in keys mode."""
+    for path in ("/api/versions", "/api/plugin-versions?path=github.com/caddy-dns/cloudflare"):
+        anonymous = requests.get(kilns.keys_mode.url + path, timeout=60)
+        assert_error(anonymous, 401)
+        with_key = requests.get(kilns.keys_mode.url + path, timeout=60,
+                                headers=bearer(kilns.tokens["ci"]))
+        assert with_key.status_code != 401, with_key.text
+    assert requests.get(kilns.open_mode.url + "/api/versions", timeout=60).status_code == 200
