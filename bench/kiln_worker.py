@@ -47,8 +47,10 @@ def emit(event: str, **fields: Any) -> None:
 class ReportingQueue(QueueManager):
     """Kiln's queue manager, reporting when claims and completions return."""
 
-    def claim(self, worker_id: str, *, limit: int, lease_seconds: float) -> list[Claimed]:
-        claimed = super().claim(worker_id, limit=limit, lease_seconds=lease_seconds)
+    def claim(self, worker_id: str, *, limit: int, lease_seconds: float,
+              sandbox: str | None = None, go_version: str | None = None) -> list[Claimed]:
+        claimed = super().claim(worker_id, limit=limit, lease_seconds=lease_seconds,
+                                sandbox=sandbox, go_version=go_version)
         emit("claim", keys=[c.key for c in claimed])
         return claimed
 

@@ -29,7 +29,7 @@ import falcon
 from kiln.api.builds import serve_artifact, submit
 from kiln.api.errors import ApiError, bad_request, request_id, unavailable
 from kiln.api.service import BuildService
-from kiln.api.waiter import BuildWaiter, WaitResult
+from kiln.api.waiter import BuildWaiter, WaitResult, toolchain_of
 from kiln.api.waiting import WAIT_PARAM, redirect_to_wait
 from kiln.artifacts.store import ArtifactStore
 from kiln.db.builds import Build, QueueManager
@@ -180,8 +180,10 @@ class DownloadResource:
             resp.status = CLIENT_GONE
             return None
         if result.outcome == "no_worker":
-            raise ApiError(falcon.HTTP_502, f"no build worker is running, so build {key} "
-                           "cannot start; try again later (it stays queued)")
+            sandbox, go_version = toolchain_of(result.row) if result.row else (None, None)
+            raise ApiError(falcon.HTTP_502, f"no build worker is running with the toolchain "
+                           f"build {key} is keyed with (sandbox {sandbox}, {go_version}), so "
+                           "it cannot start; try again later (it stays queued)")
         if result.outcome == "missing":
             raise unavailable(f"build {key} disappeared while it was awaited; ask again")
         if redirect_to_wait(req, resp, max_redirects=self.wait_redirects):

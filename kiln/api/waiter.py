@@ -30,8 +30,10 @@ POLL_SECONDS = 5.0
 CONNECTED_POLL_SECONDS = 30.0
 #: seconds between checks of the client's connection (and of the deadline)
 TICK_SECONDS = 0.5
-#: seconds the live-worker count is shared by every waiter of a process
+#: seconds a live-worker count is shared by every waiter of a process
 LIVE_CACHE_SECONDS = 2.0
+#: toolchains whose live-worker counts a process remembers (one per image rollout or so)
+LIVE_CACHE_SIZE = 64
 
 Outcome = Literal["final", "timeout", "gone", "no_worker", "missing"]
 
@@ -43,7 +45,8 @@ def _never() -> bool:
 @dataclass(frozen=True)
 class WaitResult:
     """How a wait ended: ``final`` (row is final), ``timeout``, ``gone`` (the client left),
-    ``no_worker`` (queued with no live worker for worker_wait seconds) or ``missing``."""
+    ``no_worker`` (queued with no live worker of its sandbox and Go for worker_wait
+    seconds) or ``missing``."""
 
     outcome: Outcome
     row: Build | None
@@ -59,6 +62,13 @@ def _announced_state(payload: str) -> str | None:
     except (ValueError, KeyError, TypeError):
         return None
     return state if isinstance(state, str) else None
+
+
+def toolchain_of(row: Build) -> tuple[str | None, str | None]:
+    """Return the sandbox identity and Go version a build is keyed with (None: not named)."""
+    sandbox, go_version = row.spec.get("sandbox"), row.spec.get("go_version")
+    return (sandbox if isinstance(sandbox, str) else None,
+            go_version if isinstance(go_version, str) else None)
 
 
 class BuildWaiter:
@@ -86,7 +96,7 @@ class BuildWaiter:
         self.clock = clock
         self._lock = threading.Lock()
         self._waiting = 0
-        self._live: tuple[float, int] | None = None
+        self._live: dict[tuple[str | None, str | None], tuple[float, int]] = {}
 
     def waiting(self) -> int:
         """Return how many requests this process is holding now."""
@@ -97,16 +107,24 @@ class BuildWaiter:
         """Return how many notification subscriptions this process has open."""
         return self.notifier.subscribers() if self.notifier is not None else 0
 
-    def live_workers(self) -> int:
-        """Return the number of live workers, read at most every LIVE_CACHE_SECONDS."""
+    def live_workers(self, sandbox: str | None = None, go_version: str | None = None) -> int:
+        """Return the number of live workers with this sandbox and Go (None: any).
+
+        Only those claim a build keyed with them (see QueueManager.claim). Each count is
+        read at most every LIVE_CACHE_SECONDS.
+        """
         now = self.clock()
+        toolchain = (sandbox, go_version)
         with self._lock:
-            cached = self._live
+            cached = self._live.get(toolchain)
         if cached is not None and now - cached[0] < LIVE_CACHE_SECONDS:
             return cached[1]
-        count = self.queue.live_workers(seconds=self.worker_live_seconds)
+        count = self.queue.live_workers(seconds=self.worker_live_seconds, sandbox=sandbox,
+                                        go_version=go_version)
         with self._lock:
-            self._live = (now, count)
+            if len(self._live) >= LIVE_CACHE_SIZE:
+                self._live.clear()  # counts are short-lived: start again rather than grow
+            self._live[toolchain] = (now, count)
         return count
 
     def _poll_interval(self) -> float:
@@ -134,7 +152,7 @@ class BuildWaiter:
                 if row.state in FINAL_STATES:
                     return WaitResult("final", row, now - started)
                 if row.state == "queued":
-                    if self.live_workers() == 0:
+                    if self.live_workers(*toolchain_of(row)) == 0:
                         no_worker_since = now if no_worker_since is None else no_worker_since
                         if now - no_worker_since >= self.worker_wait:
                             return WaitResult("no_worker", row, now - started)

@@ -101,6 +101,8 @@ def provenance_statement(
     sha256: str,
     output: BuildOutput,
     info: BuildInfo | None,
+    sandbox: str,
+    go_version: str,
     builder_id: str,
     worker_id: str,
     invocation: str,
@@ -108,7 +110,11 @@ def provenance_statement(
     finished_at: dt.datetime,
     byproducts: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """Return an in-toto Statement v1 with a SLSA provenance v1 predicate for one artifact."""
+    """Return an in-toto Statement v1 with a SLSA provenance v1 predicate for one artifact.
+
+    ``sandbox`` and ``go_version`` are those the build ran with (the worker's sandbox, the
+    binary's own record), not those the spec asks for.
+    """
     settings = dict(info.settings) if info else {}
     # Go leaves -ldflags out of what a -trimpath binary records; they are the spec's
     settings.setdefault("-ldflags", spec.ldflags)
@@ -122,8 +128,8 @@ def provenance_statement(
                 # exactly the resolved spec: its canonical JSON's sha256 is the build key
                 "externalParameters": spec.to_dict(),
                 "internalParameters": {
-                    "goVersion": info.go_version if info else spec.go_version,
-                    "sandbox": spec.sandbox,
+                    "goVersion": go_version,
+                    "sandbox": sandbox,
                     # the flags as the binary itself records them (go version -m)
                     "flags": settings,
                     "goMod": output.go_mod,

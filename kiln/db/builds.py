@@ -179,10 +179,17 @@ class QueueManager:
 
     # claiming and finishing ---------------------------------------------------------
 
-    def claim(self, worker_id: str, *, limit: int, lease_seconds: float) -> list[Claimed]:
-        """Claim up to ``limit`` queued builds for ``worker_id`` with a lease."""
+    def claim(self, worker_id: str, *, limit: int, lease_seconds: float,
+              sandbox: str | None = None, go_version: str | None = None) -> list[Claimed]:
+        """Claim up to ``limit`` queued builds for ``worker_id`` with a lease.
+
+        A worker passes its sandbox identity and Go version and gets only builds keyed with
+        them: what it builds is then what the key and the provenance say. None claims builds
+        of any toolchain (tools and tests that build nothing).
+        """
         rows = self._all("claim", {"worker_id": worker_id, "limit": limit,
-                                   "lease_seconds": lease_seconds})
+                                   "lease_seconds": lease_seconds, "sandbox": sandbox,
+                                   "go_version": go_version})
         return [Claimed(r["key"], r["spec"], r["number"], r["max_attempts"]) for r in rows]
 
     def extend_leases(self, worker_id: str, keys: list[str], *,
@@ -269,9 +276,15 @@ class QueueManager:
         """Return every known worker with how many builds it runs."""
         return self._all("list_workers", {})
 
-    def live_workers(self, *, seconds: float) -> int:
-        """Return how many active workers sent a heartbeat within ``seconds``."""
-        row = self._one("live_workers", {"seconds": seconds})
+    def live_workers(self, *, seconds: float, sandbox: str | None = None,
+                     go_version: str | None = None) -> int:
+        """Return how many active workers sent a heartbeat within ``seconds``.
+
+        With ``sandbox`` and ``go_version``, only the workers that have them, which are the
+        ones that would claim a build keyed with them.
+        """
+        row = self._one("live_workers", {"seconds": seconds, "sandbox": sandbox,
+                                         "go_version": go_version})
         return int(row["count"]) if row else 0
 
     # version resolutions ------------------------------------------------------------

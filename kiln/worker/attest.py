@@ -144,6 +144,15 @@ class Attestor:
         """Write checksum, signature, provenance and SBOM next to the stored artifact."""
         filename = spec.filename
         info = self.inspect(sandbox, output.binary, key=key, log=log)
+        ran = (sandbox.identity, info.go_version)
+        if ran != (spec.sandbox, spec.go_version):
+            # the key and the provenance name the spec's sandbox and Go: signing a binary
+            # made with others would attest what did not run (workers claim only builds of
+            # their own toolchain, so this is a bug or a changed sandbox)
+            raise BuildFailure(
+                f"built in sandbox {ran[0]} with {ran[1]}, but the build is keyed for "
+                f"sandbox {spec.sandbox} with {spec.go_version}: not published",
+                retryable=True, step=INSPECT)
         finished_at = self.clock()
         sbom = canonical_json(cyclonedx_sbom(info=info, filename=filename, sha256=sha256,
                                              spec=spec, key=key, timestamp=finished_at))
@@ -155,6 +164,7 @@ class Attestor:
         ]
         statement = provenance_statement(
             spec=spec, filename=filename, sha256=sha256, output=output, info=info,
+            sandbox=sandbox.identity, go_version=info.go_version,
             builder_id=self.builder_id, worker_id=worker_id,
             invocation=f"{key}/{attempt}", started_at=started_at, finished_at=finished_at,
             byproducts=byproducts,

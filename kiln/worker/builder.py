@@ -15,6 +15,8 @@ from kiln.worker.sandbox.base import COMPILE, FETCH, EachStep, Sandbox, Session,
 
 #: lines of Go output kept in a failure message
 ERROR_LINES = 20
+#: longest failure message kept (UTF-8 bytes): it is stored with the build and served with it
+MAX_ERROR_BYTES = 4 * 1024
 
 #: a log sink receives (step, line); steps are resolve, fetch, compile, upload
 LogSink = Callable[[str, str], None]
@@ -42,10 +44,27 @@ _UNREACHABLE = re.compile(
 )
 
 
+def clip_error(message: str, limit: int = MAX_ERROR_BYTES) -> str:
+    """Return ``message`` cut to at most ``limit`` UTF-8 bytes, saying how many were cut.
+
+    What it returns fits, so clipping a clipped message changes nothing.
+    """
+    data = message.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return message
+    # room for the note, whose count has at most 20 digits
+    kept = data[:limit - 64].decode("utf-8", "ignore")  # a character cut in two is dropped
+    return f"{kept}… ({len(data) - len(kept.encode())} bytes cut)"
+
+
 class BuildFailure(KilnError):
-    """A build did not produce a binary; ``retryable`` says whether trying again may help."""
+    """A build did not produce a binary; ``retryable`` says whether trying again may help.
+
+    The message is cut at MAX_ERROR_BYTES: Go's output, which it quotes, has no bound.
+    """
 
     def __init__(self, message: str, *, retryable: bool, step: str = "") -> None:
+        message = clip_error(message)
         super().__init__(message)
         self.message = message
         self.retryable = retryable

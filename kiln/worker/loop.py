@@ -25,7 +25,7 @@ from kiln.db.notify import CANCEL_CHANNEL, QUEUE_CHANNEL
 from kiln.logconfig import bind_context, unbind_context
 from kiln.request.spec import BuildSpec
 from kiln.worker.attest import Attestor
-from kiln.worker.builder import Builder, BuildFailure, Cancelled, LogSink
+from kiln.worker.builder import Builder, BuildFailure, Cancelled, LogSink, clip_error
 from kiln.worker.sandbox.base import SandboxError
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,8 @@ class Worker:
         self._started_jobs = 0
         self._finished_jobs = 0
         self._last_busy = clock()
+        #: (sandbox identity, Go version) this worker builds with; read when run() starts
+        self._toolchain = ("", "")
 
     # lifecycle ----------------------------------------------------------------------
 
@@ -130,9 +132,12 @@ class Worker:
         removed = sandbox.cleanup_orphans()
         if removed:
             log.info("removed %d sandbox(es) left by a previous worker", removed)
+        # claimed builds are those keyed with this sandbox and Go: what is built and
+        # attested is what the key names, whatever else the fleet runs
+        self._toolchain = (sandbox.identity, sandbox.go_version())
         self.queue.register_worker(self.id, hostname=socket.gethostname(), pid=os.getpid(),
-                                   concurrency=self.concurrency, sandbox=sandbox.identity,
-                                   go_version=sandbox.go_version())
+                                   concurrency=self.concurrency, sandbox=self._toolchain[0],
+                                   go_version=self._toolchain[1])
         log.info("worker %s ready: concurrency %d, sandbox %s", self.id, self.concurrency,
                  sandbox.identity)
         heart = threading.Thread(target=self._heartbeat_loop, name="kiln-heartbeat", daemon=True)
@@ -179,8 +184,10 @@ class Worker:
                 self._wake.clear()
                 next_poll = now + self.poll_seconds
                 try:
+                    sandbox, go_version = self._toolchain
                     claimed = self.queue.claim(self.id, limit=free,
-                                               lease_seconds=self.lease_seconds)
+                                               lease_seconds=self.lease_seconds,
+                                               sandbox=sandbox, go_version=go_version)
                 except psycopg.Error as exc:
                     log.warning("claim failed, retrying: %s", exc)
                     claimed = []
@@ -309,6 +316,8 @@ class Worker:
             unbind_context(context)
 
     def _fail(self, job: Claimed, sink: LogSink, message: str, *, retryable: bool) -> None:
+        # stored in the build and its attempt, and served by every view of the build
+        message = clip_error(message)
         delay = backoff(job.attempt, self.retry_base_seconds)
         state = self.queue.fail(job.key, self.id, error=message, retryable=retryable,
                                 retry_after=delay, attempt=job.attempt)

@@ -117,6 +117,25 @@ def test_gone_timeout_and_no_worker(queue: QueueManager, notifier: Notifier) -> 
     assert patient.wait(KEY, timeout=0.2).outcome == "timeout"
 
 
+def test_only_a_worker_with_the_builds_sandbox_and_go_counts_as_live(
+        queue: QueueManager, notifier: Notifier) -> None:
+    # a worker of another sandbox or Go would never claim the build: held, it would wait in
+    # vain for max_wait instead of hearing after worker_wait that nobody can build it
+    spec = {**SPEC, "sandbox": "docker:kiln-sandbox@sha256:new", "go_version": "go1.27.3"}
+    queue.enqueue(KEY, spec)
+    queue.register_worker("w-process", hostname="h", pid=1, concurrency=1,
+                          sandbox="process:go1.27.3", go_version="go1.27.3")
+    queue.register_worker("w-old-go", hostname="h", pid=2, concurrency=1,
+                          sandbox="docker:kiln-sandbox@sha256:new", go_version="go1.26.0")
+    waiter = BuildWaiter(queue=queue, notifier=notifier, worker_live_seconds=60,
+                         worker_wait=0, tick_seconds=0.05)
+    assert waiter.wait(KEY, timeout=30).outcome == "no_worker"
+    queue.register_worker("w-new", hostname="h", pid=3, concurrency=1,
+                          sandbox="docker:kiln-sandbox@sha256:new", go_version="go1.27.3")
+    time.sleep(2.1)  # the live-worker count is shared for two seconds
+    assert waiter.wait(KEY, timeout=0.3).outcome == "timeout"
+
+
 class _Upstream(BaseHTTPRequestHandler):
     """An upstream /api/packages with an ETag; ``status`` makes it fail."""
 

@@ -157,3 +157,43 @@ def test_notifier_fans_out_to_subscribers_of_a_key(queue: QueueManager, db_url: 
         assert notifier.subscribers() == 0
     finally:
         notifier.stop()
+
+
+def toolchain_spec(sandbox: str, go_version: str) -> dict[str, str]:
+    return {"os": "linux", "arch": "amd64", "sandbox": sandbox, "go_version": go_version}
+
+
+def test_a_worker_claims_only_builds_keyed_with_its_sandbox_and_go(queue: QueueManager) -> None:
+    # a mixed fleet (an image rollout, an `auto` sandbox that fell back to process): each
+    # build waits for a worker that has the sandbox and the Go it was keyed and attested with
+    queue.enqueue(key_of(1), toolchain_spec("docker:kiln-sandbox@sha256:new", "go1.27.3"))
+    queue.enqueue(key_of(2), toolchain_spec("process:go1.27.3", "go1.27.3"))
+    queue.enqueue(key_of(3), toolchain_spec("docker:kiln-sandbox@sha256:new", "go1.26.0"))
+    # only builds a worker of its own toolchain would take count as ahead of it
+    assert queue.queue_position(key_of(3)) == 0
+    assert queue.queue_position(key_of(2)) == 0
+
+    assert queue.claim("w-process", sandbox="process:go1.27.3", go_version="go1.27.3",
+                       limit=3, lease_seconds=30)[0].key == key_of(2)
+    assert queue.claim("w-process", sandbox="process:go1.27.3", go_version="go1.27.3",
+                       limit=3, lease_seconds=30) == []
+    assert queue.claim("w-old", sandbox="docker:kiln-sandbox@sha256:old", go_version="go1.27.3",
+                       limit=3, lease_seconds=30) == []
+    [new] = queue.claim("w-new", sandbox="docker:kiln-sandbox@sha256:new", go_version="go1.27.3",
+                        limit=3, lease_seconds=30)
+    assert new.key == key_of(1)
+    build = queue.get(key_of(3))
+    assert build is not None and build.state == "queued" and build.attempts == 0
+
+
+def test_live_workers_counts_only_those_with_the_toolchain_asked_for(
+        queue: QueueManager) -> None:
+    queue.register_worker("w-process", hostname="h", pid=1, concurrency=1,
+                          sandbox="process:go1.27.3", go_version="go1.27.3")
+    assert queue.live_workers(seconds=60) == 1
+    assert queue.live_workers(seconds=60, sandbox="process:go1.27.3",
+                              go_version="go1.27.3") == 1
+    assert queue.live_workers(seconds=60, sandbox="docker:kiln-sandbox@sha256:new",
+                              go_version="go1.27.3") == 0
+    assert queue.live_workers(seconds=60, sandbox="process:go1.27.3",
+                              go_version="go1.26.0") == 0

@@ -222,6 +222,14 @@ class Kiln:
     # what users and operators see
 
     def enqueue(self, spec: BuildSpec, *, max_attempts: int = 3) -> str:
+        """Queue ``spec`` keyed as the API keys it: with the workers' sandbox and Go."""
+        sandbox = self.builder.sandbox
+        return self.enqueue_as_is(dataclasses.replace(
+            spec, sandbox=sandbox.identity, go_version=sandbox.go_version()),
+            max_attempts=max_attempts)
+
+    def enqueue_as_is(self, spec: BuildSpec, *, max_attempts: int = 3) -> str:
+        """Queue ``spec`` with the sandbox and Go it names."""
         self.queue.enqueue(spec.key(), spec.to_dict(), max_attempts=max_attempts)
         return spec.key()
 
@@ -281,8 +289,10 @@ class Kiln:
                          " WHERE key = %(key)s", {"key": key})
             requeued = conn.execute(queries()["requeue_expired"]).fetchall()
             assert [r[0] for r in requeued] == [key]
-            claimed = conn.execute(queries()["claim"], {"worker_id": by, "limit": 1,
-                                                        "lease_seconds": LEASE_SECONDS})
+            sandbox = self.builder.sandbox
+            claimed = conn.execute(queries()["claim"], {
+                "worker_id": by, "limit": 1, "lease_seconds": LEASE_SECONDS,
+                "sandbox": sandbox.identity, "go_version": sandbox.go_version()})
             assert [r[0] for r in claimed.fetchall()] == [key]
 
 
@@ -518,6 +528,44 @@ def test_build_failures_are_retried_only_when_retrying_may_help(kiln: Kiln) -> N
     assert build.error == "dial tcp: i/o timeout"
     assert build.error_kind == "retryable" and build.attempts == 2
     assert [a[2] for a in kiln.attempts(flaky)] == ["failed", "failed"]
+
+
+def test_a_huge_failure_message_is_stored_and_logged_capped(kiln: Kiln) -> None:
+    key = kiln.enqueue(spec_of(1), max_attempts=1)
+    message = "go: " + "x" * (5 * 1024 * 1024)
+    kiln.builder.script(key, BuildFailure(message, retryable=False))
+    kiln.start("w1")
+
+    kiln.wait_state(key, "failed")
+    error = kiln.build(key).error
+    assert error is not None and error.startswith("go: xxx")
+    assert len(error) <= 8 * 1024
+    kept, _, cut = error.rpartition("… (")
+    assert cut.endswith(" bytes cut)")
+    assert len(kept) + int(cut.removesuffix(" bytes cut)")) == len(message)  # all ASCII
+    [(_, _, _, attempt_error)] = kiln.attempts(key)
+    assert attempt_error == error
+    [(_, line)] = kiln.wait_results(key, 1)
+    assert line == f"failed: {error}"
+
+
+def test_a_build_keyed_with_another_sandbox_or_go_waits_for_a_worker_that_has_them(
+        kiln: Kiln) -> None:
+    # BASE_SPEC names the sandbox "process" and go1.27.3: not what this worker runs
+    assert kiln.builder.sandbox.identity != BASE_SPEC.sandbox
+    other_sandbox = kiln.enqueue_as_is(dataclasses.replace(
+        spec_of(1), go_version=kiln.builder.sandbox.go_version()))
+    other_go = kiln.enqueue_as_is(dataclasses.replace(
+        spec_of(2), sandbox=kiln.builder.sandbox.identity, go_version="go1.2.3"))
+    own = kiln.enqueue(spec_of(3))
+    kiln.start("w1")
+
+    kiln.wait_state(own, "succeeded")
+    threading.Event().wait(float(FAST["poll_seconds"]) * 3)  # polls come and go
+    for key in (other_sandbox, other_go):
+        build = kiln.build(key)
+        assert build.state == "queued" and build.attempts == 0 and build.worker_id is None
+        assert kiln.builder.calls_for(key) == []
 
 
 def test_max_jobs_ends_run_after_that_many_builds(kiln: Kiln) -> None:

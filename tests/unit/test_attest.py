@@ -8,10 +8,12 @@ JSON schema shipped by cyclonedx-python-lib.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from cyclonedx.validation.json import JsonStrictValidator
 
 from kiln.api.errors import ApiError
 from kiln.api.groups import group_state, platform_requests
+from kiln.artifacts.local import LocalStore
 from kiln.artifacts.provenance import (
     SLSA_PROVENANCE_V1,
     STATEMENT_TYPE,
@@ -45,9 +48,9 @@ from kiln.db.groups import group_id
 from kiln.janitor.webhooks import sign_body, verify_body
 from kiln.request.callbacks import CallbackRefused, check_callback_url
 from kiln.request.spec import BuildSpec, ResolvedPlugin
-from kiln.worker.attest import parse_go_version_m
-from kiln.worker.builder import BuildOutput
-from kiln.worker.sandbox.process import find_go
+from kiln.worker.attest import Attestor, parse_go_version_m
+from kiln.worker.builder import BuildFailure, BuildOutput
+from kiln.worker.sandbox.process import ProcessSandbox, find_go
 
 H1 = "h1:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
 H1_HEX = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
@@ -190,7 +193,8 @@ def test_provenance_statement_names_the_artifact_and_the_whole_build() -> None:
         spec=s, filename=s.filename, sha256="ab" * 32,
         output=BuildOutput(binary=Path("x"), go_mod="module caddy\n",
                            go_sum=f"github.com/a/b v1.0.0 {H1}\n", timings={"fetch": 1.5}),
-        info=parse_go_version_m(SAMPLE), builder_id="https://kiln.example/", worker_id="w-1",
+        info=parse_go_version_m(SAMPLE), sandbox="process:go1.27.3", go_version="go1.27.3",
+        builder_id="https://kiln.example/", worker_id="w-1",
         invocation="key/1", started_at=started, finished_at=started + dt.timedelta(seconds=9),
         byproducts=[])
     assert statement["_type"] == STATEMENT_TYPE
@@ -210,6 +214,64 @@ def test_provenance_statement_names_the_artifact_and_the_whole_build() -> None:
                                           "worker": "w-1"}}
     assert run["metadata"] == {"invocationId": "key/1", "startedOn": "2026-01-02T03:04:05Z",
                                "finishedOn": "2026-01-02T03:04:14Z"}
+
+
+def test_provenance_records_the_sandbox_and_go_that_ran_not_those_the_spec_names() -> None:
+    s = spec()
+    moment = dt.datetime(2026, 1, 2, tzinfo=dt.UTC)
+    statement = provenance_statement(
+        spec=s, filename=s.filename, sha256="ab" * 32,
+        output=BuildOutput(binary=Path("x"), go_mod="", go_sum=""), info=None,
+        sandbox="docker:kiln-sandbox@sha256:ran", go_version="go1.26.9",
+        builder_id="b", worker_id="w-1", invocation="key/1", started_at=moment,
+        finished_at=moment, byproducts=[])
+    internal = statement["predicate"]["buildDefinition"]["internalParameters"]
+    assert internal["sandbox"] == "docker:kiln-sandbox@sha256:ran"
+    assert internal["goVersion"] == "go1.26.9"
+
+
+@pytest.fixture(scope="module")
+def process_sandbox(tmp_path_factory: pytest.TempPathFactory) -> ProcessSandbox:
+    return ProcessSandbox(go=find_go(), cache_dir=tmp_path_factory.mktemp("go-cache"))
+
+
+def publish_go_itself(sandbox: ProcessSandbox, root: Path, built_as: BuildSpec
+                      ) -> tuple[LocalStore, Any]:
+    """Publish the attestations of a Go binary (the go command) as the build of ``built_as``."""
+    store = LocalStore(root / "store")
+    workdir = root / "work"
+    workdir.mkdir()
+    binary = workdir / built_as.filename
+    shutil.copyfile(find_go(), binary)
+    digest = hashlib.sha256(binary.read_bytes()).hexdigest()
+    published = Attestor(store=store, signer=None).publish(
+        key=built_as.key(), spec=built_as, sha256=digest, sandbox=sandbox, worker_id="w-1",
+        output=BuildOutput(binary=binary, go_mod="module caddy\n", go_sum=""), attempt=1,
+        started_at=dt.datetime(2026, 1, 2, tzinfo=dt.UTC), log=lambda step, line: None)
+    return store, published
+
+
+def test_attestations_of_a_build_run_in_another_sandbox_or_go_are_refused(
+        process_sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    ran = process_sandbox.go_version()
+    other_sandbox = dataclasses.replace(spec(), sandbox="docker:kiln-sandbox@sha256:x",
+                                        go_version=ran)
+    with pytest.raises(BuildFailure, match="docker:kiln-sandbox@sha256:x") as caught:
+        publish_go_itself(process_sandbox, tmp_path / "a", other_sandbox)
+    assert caught.value.retryable  # a worker with that sandbox may take it
+    assert process_sandbox.identity in caught.value.message
+    assert [f for f in (tmp_path / "a" / "store").rglob("*") if f.is_file()] == []
+
+    other_go = dataclasses.replace(spec(), sandbox=process_sandbox.identity, go_version="go1.2.3")
+    with pytest.raises(BuildFailure, match="go1.2.3"):
+        publish_go_itself(process_sandbox, tmp_path / "b", other_go)
+
+    matching = dataclasses.replace(spec(), sandbox=process_sandbox.identity, go_version=ran)
+    store, published = publish_go_itself(process_sandbox, tmp_path / "c", matching)
+    envelope = json.loads((store.root / published.provenance).read_bytes())
+    internal = json.loads(base64.b64decode(envelope["payload"]))[
+        "predicate"]["buildDefinition"]["internalParameters"]
+    assert internal["sandbox"] == process_sandbox.identity and internal["goVersion"] == ran
 
 
 def test_the_sbom_is_valid_cyclonedx_1_5() -> None:

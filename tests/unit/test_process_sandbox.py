@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.worker.sandbox.base import Step
+from kiln.worker.sandbox.base import MAX_LINE_BYTES, Step
 from kiln.worker.sandbox.process import ProcessSandbox, find_go
 
 
@@ -45,3 +45,20 @@ def test_a_child_that_keeps_the_output_open_dies_at_the_timeout(
     result = sandbox.run(Step("fetch", ("sh", "-c", "sleep 30 & exit 0"), timeout=0.5),
                          workdir=tmp_path)
     assert result.killed == "timeout"
+
+
+def test_a_huge_line_without_newline_is_cut_as_it_is_read(
+        sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    size = 8 * 1024 * 1024
+    passed: list[str] = []
+    result = sandbox.run(
+        Step("fetch", ("sh", "-c", f"head -c {size} /dev/zero | tr '\\0' x; echo; echo after")),
+        workdir=tmp_path, on_output=passed.append)
+
+    assert result.ok
+    huge, after = passed
+    assert huge.startswith("x" * 100)
+    assert huge.endswith(f"… ({size - MAX_LINE_BYTES} bytes cut)")
+    assert len(huge) < MAX_LINE_BYTES + 100
+    assert after == "after"
+    assert result.output.splitlines() == passed

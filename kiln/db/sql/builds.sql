@@ -31,10 +31,13 @@ SELECT key, spec, state, priority, attempts, max_attempts, worker_id, lease_expi
  WHERE key = %(key)s;
 
 -- name: queue_position
--- Builds that a worker would claim before this one (0: next).
+-- Builds that a worker would claim before this one (0: next): those of its sandbox and Go
+-- (see claim).
 SELECT count(*)
   FROM kiln_builds q, kiln_builds b
  WHERE b.key = %(key)s AND b.state = 'queued' AND q.state = 'queued'
+   AND q.spec->>'sandbox' IS NOT DISTINCT FROM b.spec->>'sandbox'
+   AND q.spec->>'go_version' IS NOT DISTINCT FROM b.spec->>'go_version'
    AND (q.priority > b.priority
         OR (q.priority = b.priority AND (q.queued_at, q.key) < (b.queued_at, b.key)));
 
@@ -47,10 +50,14 @@ SELECT key, spec, state, attempts, created_at, finished_at, error, artifact_size
 -- name: claim
 -- Claim up to `limit` builds in priority then age order; kiln_builds_claim_idx matches the
 -- ORDER BY, and SKIP LOCKED lets any number of workers claim at once without waiting.
+-- Only builds keyed with the worker's sandbox identity and Go version: the key and the
+-- provenance name them, so a build waits for a worker that has them (NULL: any, for tools).
 WITH next AS (
     SELECT key
       FROM kiln_builds
      WHERE state = 'queued' AND run_after <= now()
+       AND (%(sandbox)s::text IS NULL OR spec->>'sandbox' = %(sandbox)s::text)
+       AND (%(go_version)s::text IS NULL OR spec->>'go_version' = %(go_version)s::text)
      ORDER BY priority DESC, queued_at, key
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
@@ -242,8 +249,12 @@ SELECT sandbox, go_version
  LIMIT 1;
 
 -- name: live_workers
+-- Workers that sent a heartbeat lately; with a sandbox identity and a Go version, only those
+-- that have them (the ones that would claim a build keyed with them).
 SELECT count(*) FROM kiln_workers
- WHERE state = 'active' AND heartbeat_at > now() - make_interval(secs => %(seconds)s);
+ WHERE state = 'active' AND heartbeat_at > now() - make_interval(secs => %(seconds)s)
+   AND (%(sandbox)s::text IS NULL OR sandbox = %(sandbox)s::text)
+   AND (%(go_version)s::text IS NULL OR go_version = %(go_version)s::text);
 
 -- name: get_resolution
 SELECT version, extract(epoch FROM resolved_at)::float8 AS stored_at

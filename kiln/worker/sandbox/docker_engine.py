@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import logging
 import os
 import re
@@ -17,7 +16,7 @@ from docker import DockerClient
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import LogConfig
 
-from kiln.worker.sandbox.base import OutputCallback, SandboxError
+from kiln.worker.sandbox.base import SandboxError, StepOutput
 
 if TYPE_CHECKING:
     from kiln.config import BuildConfig
@@ -64,8 +63,6 @@ EXIT_WAIT_SECONDS = 30
 IDLE_COMMAND = ("sh", "-c", "while :; do sleep 3600; done")
 #: seconds the one-off ``go env GOVERSION`` container may take
 PROBE_TIMEOUT_SECONDS = 60
-#: output kept per step; older lines are dropped from the result (not from the callback)
-MAX_OUTPUT_CHARS = 256 * 1024
 #: size of the tmpfs HOME (Go keeps only small config files there)
 HOME_TMPFS_BYTES = 64 * 1024 * 1024
 #: the engine's copy of a probe's output (read once it has exited)
@@ -103,39 +100,14 @@ def docker_client(
     return client
 
 
-class _Lines:
-    """The output of a step: passed on line by line, the last MAX_OUTPUT_CHARS kept."""
-
-    def __init__(self, on_output: OutputCallback | None) -> None:
-        self.on_output = on_output
-        self.lines: list[str] = []
-        self.size = 0
-
-    def emit(self, line: str) -> None:
-        """Pass ``line`` on and keep it."""
-        if self.on_output is not None:
-            self.on_output(line)
-        self.lines.append(line)
-        self.size += len(line) + 1
-        while self.size > MAX_OUTPUT_CHARS and len(self.lines) > 1:
-            self.size -= len(self.lines.pop(0)) + 1
+class _Lines(StepOutput):
+    """The output of a step, read from the engine's stream (see StepOutput)."""
 
     def read(self, stream: Iterable[bytes]) -> None:
         """Split a stream of UTF-8 chunks into lines until it ends."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pending = ""
         for chunk in stream:
-            pending += decoder.decode(chunk)
-            *complete, pending = pending.split("\n")
-            for line in complete:
-                self.emit(line)
-        pending += decoder.decode(b"", final=True)
-        if pending:
-            self.emit(pending)
-
-    def text(self) -> str:
-        """Return the kept output."""
-        return "\n".join(self.lines)
+            self.feed(chunk)
+        self.close()
 
 
 #: what a program says when the kernel refuses it another process or thread (EAGAIN): in

@@ -25,13 +25,15 @@ from kiln.worker.sandbox.base import (
     OutputCallback,
     SandboxError,
     Step,
+    StepOutput,
     StepResult,
 )
 
 #: seconds between checks for cancellation while a step runs
 CANCEL_POLL_SECONDS = 0.2
-#: output kept per step; older lines are dropped from the result (not from the callback)
-MAX_OUTPUT_CHARS = 256 * 1024
+#: most bytes of output read at once (whatever is there, up to this: lines stream out as
+#: they are written)
+READ_BYTES = 64 * 1024
 
 
 def find_go(configured: str = "") -> Path:
@@ -150,14 +152,11 @@ class ProcessSandbox:
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    text=True,
-                    errors="replace",
                 )
             except OSError as exc:
                 raise SandboxError(f"cannot start {argv[0]}: {exc}") from exc
             killed: list[str] = []
-            lines: list[str] = []
-            size = 0
+            lines = StepOutput(on_output)
 
             def kill(reason: str) -> None:
                 if not killed:
@@ -183,14 +182,10 @@ class ProcessSandbox:
             watcher = threading.Thread(target=watch, name=f"kiln-watch-{proc.pid}", daemon=True)
             watcher.start()
             assert proc.stdout is not None
-            for line in proc.stdout:
-                line = line.rstrip("\n")
-                if on_output is not None:
-                    on_output(line)
-                lines.append(line)
-                size += len(line) + 1
-                while size > MAX_OUTPUT_CHARS and len(lines) > 1:
-                    size -= len(lines.pop(0)) + 1
+            # by chunk, not by line: a line is cut as it is read, however long it runs
+            while chunk := os.read(proc.stdout.fileno(), READ_BYTES):
+                lines.feed(chunk)
+            lines.close()
             code = proc.wait()
             exited.set()
             # the step's own children may outlive it; the group dies with the step
@@ -202,7 +197,7 @@ class ProcessSandbox:
         reason = killed[0] if killed else None
         return StepResult(
             exit_code=code,
-            output="\n".join(lines),
+            output=lines.text(),
             duration=time.monotonic() - started,
             timed_out=reason == "timeout",
             killed=reason,
