@@ -612,4 +612,6 @@ def test_claims_no_more_builds_than_its_concurrency_then_the_next_as_one_ends(
     kiln.builder.calls_for(first)[0].finish()
     kiln.wait_state(first, "succeeded")
     kiln.wait_state(waiting, "running")  # the freed slot takes the queued build
-    assert len(kiln.builder.calls) == 3
+    # (the claim marks it running a moment before the worker calls the builder)
+    wait_for("the third build to start", lambda: len(kiln.builder.calls) == 3,
+             WAIT_SECONDS, 0.01)
