@@ -79,6 +79,11 @@ def _retracted(version: str, ranges: Iterable[tuple[str, str]]) -> bool:
 # ---------------------------------------------------------------------------
 
 
+#: module paths a package path may be looked up under (longest first): real plugins sit a few
+#: elements below their module root, and each candidate costs up to three proxy requests
+MAX_MODULE_CANDIDATES = 6
+
+
 class Resolver:
     """Resolve version queries with cmd/go's semantics through a ModuleProxy, with caching.
 
@@ -136,6 +141,13 @@ class Resolver:
         check_import_path(package_path)
         q = check_version_query(query)
         candidates = module_prefixes(package_path)
+        if len(candidates) > MAX_MODULE_CANDIDATES:
+            # each candidate costs up to three proxy requests: a long made-up path must not
+            # make one request cost hundreds
+            raise SpecError("plugins", (
+                f"{package_path} could be in any of {len(candidates)} modules, and Kiln tries "
+                f"at most {MAX_MODULE_CANDIDATES}: name the module itself (module@version), "
+                f"or a package at most {MAX_MODULE_CANDIDATES - 1} path elements below it"))
         tried: list[str] = []
         first_error: ModuleNotFound | None = None
         refused: ModuleRefused | None = None

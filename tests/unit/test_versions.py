@@ -734,3 +734,17 @@ def test_resolve_spec_unknown_plugin(goproxy: str) -> None:
     with pytest.raises(ModuleNotFound) as exc:
         resolve_spec(request, resolver_for(goproxy), go_version="go1.25.3", sandbox="s")
     assert "github.com/nobody/nothing" in str(exc.value)
+
+
+def test_a_long_made_up_package_path_costs_no_proxy_request_past_the_bound(
+        http: Served) -> None:
+    """Each candidate module costs up to three proxy requests: a deep path is refused first."""
+    resolver = resolver_for(http.url)
+    deep = "github.com/x/plug/" + "/".join(f"d{i}" for i in range(40))
+    with pytest.raises(SpecError) as exc:
+        resolver.resolve_package(deep, "latest")
+    assert "tries at most 6" in str(exc.value) and "name the module itself" in str(exc.value)
+    assert http.count() == 0
+    # a package a few elements below its module is still found
+    assert resolver.resolve_package("github.com/x/plug/a/b/c/d", "v0.1.0") == (
+        "github.com/x/plug", "v0.1.0")
