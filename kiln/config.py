@@ -139,6 +139,10 @@ class BuildConfig(_Section):
         return value
 
 
+#: held connections one client may keep per API process when api.max_held_per_client is unset
+DEFAULT_HELD_PER_CLIENT = 4
+
+
 class ApiConfig(_Section):
     #: host:port gunicorn binds
     listen: str = "127.0.0.1:8234"
@@ -161,6 +165,42 @@ class ApiConfig(_Section):
     #: CIDRs of reverse proxies whose X-Forwarded-For is believed (for quotas and logs);
     #: empty: the client address is the TCP peer
     trusted_proxies: list[str] = []
+    #: held downloads and live log streams one API process serves at once (each keeps one
+    #: of its threads); past it they are answered 503 with Retry-After. Empty: three
+    #: quarters of api.threads, the rest kept for /healthz and ordinary requests. Must be
+    #: below api.threads (0: never hold; a download of a build not yet done is a 503)
+    max_held: int | None = Field(None, ge=0)
+    #: how many of those one client may hold (an API key, else an address; IPv6 per /64);
+    #: empty: 4, or max_held if lower. Must be below api.threads
+    max_held_per_client: int | None = Field(None, ge=1)
+    #: seconds a live log stream lasts; then it ends with a comment saying to reconnect,
+    #: and EventSource (or `kiln logs`) resumes where it was with Last-Event-ID
+    max_stream_seconds: float = Field(600.0, gt=0)
+
+    @property
+    def held_limit(self) -> int:
+        """Return the cap on held connections per process (api.max_held or its default)."""
+        if self.max_held is not None:
+            return self.max_held
+        return self.threads * 3 // 4
+
+    @property
+    def held_per_client_limit(self) -> int:
+        """Return the cap on one client's held connections per process."""
+        if self.max_held_per_client is not None:
+            return self.max_held_per_client
+        return max(min(DEFAULT_HELD_PER_CLIENT, self.held_limit), 1)
+
+    @model_validator(mode="after")
+    def _caps_below_threads(self) -> ApiConfig:
+        for name, value in (("max_held", self.max_held),
+                            ("max_held_per_client", self.max_held_per_client)):
+            if value is not None and value >= self.threads:
+                raise ValueError(
+                    f"api.{name} ({value}) must be below api.threads ({self.threads}): "
+                    "held downloads and live log streams would otherwise take every thread "
+                    "and /healthz and ordinary requests would wait behind them")
+        return self
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -21,6 +21,7 @@ from kiln.api.errors import (
     serialize_error,
 )
 from kiln.api.groups import Callbacks, GroupResource
+from kiln.api.held import SlotTable
 from kiln.api.metrics import MetricsMiddleware, MetricsResource
 from kiln.api.principal import parse_networks
 from kiln.api.quota import QuotaExceeded
@@ -62,6 +63,8 @@ class Services:
     keys: KeyManager | None = None
     #: this process's metrics recorder; None: made from the queue's pool (not flushed on a timer)
     metrics: MetricsRecorder | None = None
+    #: this process's held downloads and live streams; None: made from api.max_held*
+    slots: SlotTable | None = None
 
 
 class RequestIdMiddleware:
@@ -139,22 +142,27 @@ def create_app(services: Services) -> falcon.App:
     app.add_route("/api/builds/{key}/artifact", ArtifactResource(
         queue=services.queue, store=services.store,
         redirect=config.storage.serve == "redirect"))
+    # held downloads and live streams each keep a thread: capped per client and in all, so
+    # that the process keeps threads for /healthz and ordinary requests
+    slots = services.slots or SlotTable(limit=config.api.held_limit,
+                                        per_client=config.api.held_per_client_limit)
     if services.logs is not None:
         events.add_routes(app, queue=services.queue, logs=services.logs,
-                          notifier=services.notifier,
-                          keepalive=config.build_logs.keepalive_seconds)
+                          notifier=services.notifier, slots=slots,
+                          keepalive=config.build_logs.keepalive_seconds,
+                          lifetime=config.api.max_stream_seconds)
     ui.add_routes(app, service=services.service)
     add_compat_routes(
         app, service=services.service, queue=services.queue, store=services.store,
         waiter=BuildWaiter(queue=services.queue, notifier=services.notifier,
                            worker_live_seconds=config.janitor.worker_gone_seconds,
                            worker_wait=config.api.worker_wait),
-        catalog=services.catalog, max_wait=config.api.max_wait,
+        slots=slots, catalog=services.catalog, max_wait=config.api.max_wait,
         max_plugins=config.build.max_plugins, redirect=config.storage.serve == "redirect",
         public_url=config.api.public_url, wait_redirects=config.api.wait_redirects)
     admin.add_routes(app, queue=services.queue, store=services.store)
     scrape = MetricsResource(recorder=metrics, collector=KilnCollector(
-        pool, worker_live_seconds=config.janitor.worker_gone_seconds))
+        pool, worker_live_seconds=config.janitor.worker_gone_seconds), slots=slots)
     if not config.metrics.public:
         scrape.auth = {"GET": ADMIN}
     app.add_route("/metrics", scrape)

@@ -10,7 +10,9 @@
 
 A held request costs a thread (or greenlet) and no database connection: it waits on the
 process's notification fan-out (kiln/api/waiter.py). It checks its client's socket between
-naps, so a client that goes away frees it within a tick.
+naps, so a client that goes away frees it within a tick. It is counted against the client's
+and the process's caps on held connections (kiln/api/held.py): past them, a build that is
+not done yet is answered 503 with Retry-After (the build goes on).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import falcon
 
 from kiln.api.builds import serve_artifact, submit
 from kiln.api.errors import ApiError, bad_request, request_id, unavailable
+from kiln.api.held import SlotTable, client_of
 from kiln.api.service import BuildService
 from kiln.api.waiter import BuildWaiter, WaitResult, toolchain_of
 from kiln.api.waiting import WAIT_PARAM, redirect_to_wait
@@ -134,12 +137,13 @@ class DownloadResource:
     """``/api/download`` and ``/api/compat``: build, hold, answer with the binary."""
 
     def __init__(self, *, service: BuildService, queue: QueueManager, store: ArtifactStore,
-                 waiter: BuildWaiter, max_wait: float, max_plugins: int, redirect: bool,
-                 public_url: str = "", wait_redirects: int = 0) -> None:
+                 waiter: BuildWaiter, slots: SlotTable, max_wait: float, max_plugins: int,
+                 redirect: bool, public_url: str = "", wait_redirects: int = 0) -> None:
         self.service = service
         self.queue = queue
         self.store = store
         self.waiter = waiter
+        self.slots = slots
         self.max_wait = max_wait
         self.max_plugins = max_plugins
         self.redirect = redirect
@@ -158,7 +162,11 @@ class DownloadResource:
         if row.state not in ("succeeded", "failed", "cancelled"):
             log.debug("holding %s %s for build %s", req.method, req.path, key,
                       extra={"request_id": request_id(req)})
-            result = self.waiter.wait(key, timeout=self.max_wait, gone=client_gone(req))
+            # the slot is given back however the wait ends: final, timeout, or client gone
+            with self.slots.hold(client_of(req), "download", advice=(
+                    f"build {key} goes on meanwhile and the same request is then answered "
+                    f"from it (progress: GET /api/builds/{key})")):
+                result = self.waiter.wait(key, timeout=self.max_wait, gone=client_gone(req))
             waited = result.waited
             row = self._settle(req, resp, key, result)
             if row is None:
@@ -273,12 +281,13 @@ class VersionsResource:
 
 
 def add_routes(app: falcon.App, *, service: BuildService, queue: QueueManager,
-               store: ArtifactStore, waiter: BuildWaiter, catalog: Catalog | None,
+               store: ArtifactStore, waiter: BuildWaiter, slots: SlotTable,
+               catalog: Catalog | None,
                max_wait: float, max_plugins: int, redirect: bool, public_url: str,
                wait_redirects: int = 0, versions_ttl: float = VERSIONS_TTL_SECONDS) -> None:
     """Mount caddyserver.com's endpoints on ``app``."""
     download = DownloadResource(service=service, queue=queue, store=store, waiter=waiter,
-                                max_wait=max_wait, max_plugins=max_plugins, redirect=redirect,
+                                slots=slots, max_wait=max_wait, max_plugins=max_plugins, redirect=redirect,
                                 public_url=public_url, wait_redirects=wait_redirects)
     app.add_route("/api/download", download)
     app.add_route("/api/compat", download)

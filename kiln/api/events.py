@@ -10,7 +10,10 @@ none lost, and a state event only if the state changed meanwhile.
 
 An open stream holds a server thread (or greenlet) but no database connection: it waits on
 the API process's one LISTEN connection (``kiln.db.notify``) and borrows a pooled connection
-only to read what a notification announced.
+only to read what a notification announced. The thread is counted against the client's and
+the process's caps on held connections (``kiln.api.held``; a 503 past them), and a stream
+ends after ``api.max_stream_seconds`` with a comment saying to reconnect: an EventSource
+reconnects with Last-Event-ID by itself and resumes where it was, in a fresh slot.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 import falcon
 
 from kiln.api.documents import build_document, load_build
+from kiln.api.held import HeldStream, SlotTable, client_of
 from kiln.db.build_logs import LOGS_CHANNEL, RESULT_STEP, BuildLogs, LogLine
 from kiln.db.builds import FINAL_STATES, Build, QueueManager
 from kiln.db.notify import EVENTS_CHANNEL, Notifier
@@ -53,6 +57,8 @@ COALESCE_SECONDS = 0.02
 RETRY_MS = 2000
 #: lines read per query while catching up
 PAGE_LINES = 500
+#: seconds a stream lasts before it ends and asks its client to reconnect (api.max_stream_seconds)
+MAX_STREAM_SECONDS = 600.0
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +210,7 @@ class BuildWatch:
     def __init__(self, *, key: str, cursor: Cursor, queue: QueueManager, logs: BuildLogs,
                  notifier: Notifier | None, reader: BuildReader | None = None,
                  keepalive: float = KEEPALIVE_SECONDS,
+                 lifetime: float = MAX_STREAM_SECONDS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.key = key
         self.cursor = cursor
@@ -212,6 +219,7 @@ class BuildWatch:
         self.notifier = notifier
         self.reader = reader or BuildReader(queue=queue, logs=logs)
         self.keepalive = keepalive
+        self.lifetime = lifetime
         self.clock = clock
         self._final_since: float | None = None
 
@@ -238,6 +246,7 @@ class BuildWatch:
         try:
             yield f"retry: {RETRY_MS}\n: kiln build {self.key}\n\n".encode()
             last_sent = self.clock()
+            ends = last_sent + self.lifetime
             if self.cursor.done:
                 self.cursor = replace(self.cursor, done=False)
             not_before = time.monotonic()
@@ -253,6 +262,9 @@ class BuildWatch:
                     last_sent = self.clock()
                 if done:
                     return
+                if self.clock() >= ends:
+                    yield self._reconnect()
+                    return
                 not_before = time.monotonic()
                 if more:
                     continue
@@ -264,7 +276,8 @@ class BuildWatch:
                 if self.notifier is None:
                     wait = min(wait, NO_NOTIFIER_POLL_SECONDS)
                 try:
-                    arrived, _ = inbox.get(timeout=max(min(wait, until_keepalive), 0.01))
+                    arrived, _ = inbox.get(timeout=max(
+                        min(wait, until_keepalive, ends - self.clock()), 0.01))
                 except queue.Empty:
                     continue
                 # one read answers every notification that has piled up meanwhile, as
@@ -275,6 +288,12 @@ class BuildWatch:
         finally:
             for sub in subs:
                 sub.close()
+
+    def _reconnect(self) -> bytes:
+        """Return the comment that ends a stream at the end of its lifetime."""
+        return (f": this stream ends after {self.lifetime:g}s (api.max_stream_seconds); "
+                f"reconnect with Last-Event-ID {self.cursor.encode()} to resume where it "
+                "was\n\n").encode()
 
     def _advance(self, not_before: float) -> tuple[list[bytes], bool, bool, float]:
         """Read what is new; return (events, more to read, finished, seconds to wait)."""
@@ -377,11 +396,14 @@ class EventsResource:
     """``/api/builds/{key}/events``: the build, live, as Server-Sent Events."""
 
     def __init__(self, *, queue: QueueManager, logs: BuildLogs, notifier: Notifier | None,
-                 keepalive: float = KEEPALIVE_SECONDS) -> None:
+                 slots: SlotTable, keepalive: float = KEEPALIVE_SECONDS,
+                 lifetime: float = MAX_STREAM_SECONDS) -> None:
         self.queue = queue
         self.logs = logs
         self.notifier = notifier
+        self.slots = slots
         self.keepalive = keepalive
+        self.lifetime = lifetime
         self.reader = BuildReader(queue=queue, logs=logs)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
@@ -391,21 +413,29 @@ class EventsResource:
                               or req.get_param("last_event_id"))
         watch = BuildWatch(key=key, cursor=cursor, queue=self.queue, logs=self.logs,
                            notifier=self.notifier, reader=self.reader,
-                           keepalive=self.keepalive)
+                           keepalive=self.keepalive, lifetime=self.lifetime)
         if watch.finished_already():
             # 204 tells an EventSource to stop reconnecting
             resp.status = falcon.HTTP_204
             return
+        # the stream keeps a thread until it ends: a 503 past the caps, before any header
+        slot = self.slots.acquire(client_of(req), "stream", advice=(
+            f"the build's state is also at GET /api/builds/{key}, its log so far at "
+            f"GET /api/builds/{key}/log"))
         resp.content_type = "text/event-stream; charset=utf-8"
         resp.set_header("Cache-Control", "no-store")
         # proxies such as nginx must pass events on as they come
         resp.set_header("X-Accel-Buffering", "no")
-        resp.stream = watch.events()
+        # given back when the server closes the body: at its end, or when the client left
+        resp.stream = HeldStream(watch.events(), slot)
 
 
 def add_routes(app: falcon.App, *, queue: QueueManager, logs: BuildLogs,
-               notifier: Notifier | None, keepalive: float = KEEPALIVE_SECONDS) -> None:
+               notifier: Notifier | None, slots: SlotTable,
+               keepalive: float = KEEPALIVE_SECONDS,
+               lifetime: float = MAX_STREAM_SECONDS) -> None:
     """Serve the log routes."""
     app.add_route("/api/builds/{key}/log", LogResource(queue=queue, logs=logs))
     app.add_route("/api/builds/{key}/events", EventsResource(
-        queue=queue, logs=logs, notifier=notifier, keepalive=keepalive))
+        queue=queue, logs=logs, notifier=notifier, slots=slots, keepalive=keepalive,
+        lifetime=lifetime))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
+from kiln.api.held import KINDS, SlotTable
 from kiln.metrics import HTTP_BUCKETS, KilnCollector, MetricsRecorder
 
 if TYPE_CHECKING:
@@ -45,15 +48,38 @@ class MetricsMiddleware:
             self.clock() - started, HTTP_BUCKETS)
 
 
+class HeldCollector(Collector):
+    """The held downloads and live streams of the process that answers the scrape."""
+
+    def __init__(self, slots: SlotTable) -> None:
+        self.slots = slots
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        held = GaugeMetricFamily(
+            "kiln_api_held_connections",
+            "Held downloads and live log streams of the API process that answered",
+            labels=["kind"])
+        for kind in KINDS:
+            held.add_metric([kind], self.slots.held(kind))
+        yield held
+        yield GaugeMetricFamily(
+            "kiln_api_held_limit",
+            "Held connections one API process serves at once (api.max_held)",
+            value=self.slots.limit)
+
+
 class MetricsResource:
     """``/metrics``: Prometheus text exposition of the whole deployment."""
 
-    def __init__(self, *, recorder: MetricsRecorder, collector: KilnCollector) -> None:
+    def __init__(self, *, recorder: MetricsRecorder, collector: KilnCollector,
+                 slots: SlotTable | None = None) -> None:
         #: requirements for kiln.api.auth (empty: public)
         self.auth: dict[str, str] = {}
         self.recorder = recorder
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
+        if slots is not None:
+            self.registry.register(HeldCollector(slots))
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         # this process's latest counts belong in the answer it gives

@@ -112,6 +112,10 @@ def kiln_env(kiln_root: Path) -> dict[str, str]:
         "KILN_PLUGINS__CATALOG_FILE": str(kiln_root / "catalog.json"),
         "KILN_PLUGINS__ALLOW": "registered",
         "KILN_PLUGINS__CATALOG_TTL": "0",
+        # the concurrency test holds 100 downloads from one client (start_wide_api's threads)
+        "KILN_API__THREADS": "128",
+        "KILN_API__MAX_HELD": "120",
+        "KILN_API__MAX_HELD_PER_CLIENT": "120",
     }
 
 

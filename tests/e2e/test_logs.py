@@ -134,7 +134,11 @@ def watched(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_tem
     kiln = KilnProcesses(db_url=db_url, root=root, goproxy=f"file://{proxy_dir}",
                          cache_dir=go_cache_dir,
                          env={"KILN_DATABASE__POOL_MAX": str(POOL_MAX),
-                              "KILN_BUILD_LOGS__KEEPALIVE_SECONDS": "1"})
+                              "KILN_BUILD_LOGS__KEEPALIVE_SECONDS": "1",
+                              # every watcher comes from one address: let them all in
+                              "KILN_API__THREADS": str(IDLE_WATCHERS + 40),
+                              "KILN_API__MAX_HELD": str(IDLE_WATCHERS + 20),
+                              "KILN_API__MAX_HELD_PER_CLIENT": str(IDLE_WATCHERS + 20)})
     try:
         # a worker registers the toolchain build keys are made with, then goes away, so
         # the build below stays queued until watchers are connected
