@@ -282,6 +282,8 @@ TOO_MANY = error("over the quota of new builds (or requests) for this window",
                  {"Retry-After": {"schema": {"type": "integer"},
                                   "description": "seconds until the next window"}})
 DEFAULT = error("any other error (503: the database or the workers cannot serve now)")
+RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"},
+                               "description": "seconds to wait before asking again"}}
 
 
 def key_param(name: str = "key", pattern: str = KEY_PATTERN, description: str = "") -> Schema:
@@ -339,7 +341,10 @@ def _download(op_id: str, summary: str, head: bool) -> Schema:
         "401": UNAUTHORIZED,
         "429": TOO_MANY,
         "502": error("the module proxy or the build workers cannot be reached"),
-        "503": error("the database cannot serve, or the build was cancelled"),
+        "503": error("the build is not done and this client (api.max_held_per_client) or "
+                     "this API process (api.max_held) holds as many requests as allowed (the "
+                     "build goes on; the message names the cap), or the database cannot serve, "
+                     "or the build was cancelled", RETRY_AFTER),
         "504": error("still building after api.max_wait; ask again later"),
     }, params=DOWNLOAD_PARAMS, auth="build", tags=["caddyserver.com"])
 
@@ -430,10 +435,15 @@ def _paths() -> dict[str, dict[str, Schema]]:
             params=build, tags=["logs"])},
         "/api/builds/{key}/events": {"get": operation(
             "watchBuild", "The build live: state, step, log and result events (SSE)", {
-                "200": body("Server-Sent Events until the result",
+                "200": body("Server-Sent Events until the result, or until "
+                            "api.max_stream_seconds (then a comment says to reconnect "
+                            "with Last-Event-ID)",
                             {"text/event-stream": ref("BuildEvent")}),
                 "204": {"description": "the build finished and the client saw it all"},
                 "404": NOT_FOUND,
+                "503": error("this client (api.max_held_per_client) or this API process "
+                             "(api.max_held) holds as many live streams and held downloads "
+                             "as allowed; the message names the cap", RETRY_AFTER),
             }, params=[*build, query("last_event_id", {"type": "string"},
                                      "resume after this event id (or Last-Event-ID)")],
             tags=["logs"])},
