@@ -106,6 +106,10 @@ class KilnProcesses:
                   worker_class: str = "gthread", env: Mapping[str, str] | None = None,
                   name: str = "api") -> None:
         """Start gunicorn serving functions.api:app and wait until /healthz answers."""
+        # the held-request caps are derived from api.threads: unless a test sets it, make it
+        # the number of threads gunicorn runs
+        if "KILN_API__THREADS" not in {**self.env, **(env or {})}:
+            env = {"KILN_API__THREADS": str(threads), **(env or {})}
         self._spawn(name, [
             sys.executable, "-m", "gunicorn", "functions.api:app",
             "--bind", f"127.0.0.1:{self.port}", "--workers", str(workers),

@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -242,6 +243,10 @@ class PackagesResource:
         resp.set_header("Cache-Control", "public, max-age=60")
 
 
+#: modules whose version lists /api/versions keeps (each a few KB)
+VERSIONS_CACHE_ENTRIES = 256
+
+
 class VersionsResource:
     """``/api/versions``: a module's versions (Caddy's by default), newest first."""
 
@@ -251,7 +256,8 @@ class VersionsResource:
         self.ttl = ttl
         self.clock = clock
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
+        #: newest answers, least recently used dropped first: any module may be asked for
+        self._cache: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         module = req.get_param("module") or CADDY_MODULE
@@ -277,6 +283,9 @@ class VersionsResource:
         result = {"module": module, "latest": latest, "versions": versions}
         with self._lock:
             self._cache[module] = (self.clock(), result)
+            self._cache.move_to_end(module)
+            while len(self._cache) > VERSIONS_CACHE_ENTRIES:
+                self._cache.popitem(last=False)
         return result
 
 

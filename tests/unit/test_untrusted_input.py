@@ -164,3 +164,24 @@ def test_a_body_nested_within_reason_is_read() -> None:
     body = {"a": [[[[{"b": [1]}]]]]}
     result = make_client().simulate_post("/api/builds/abc", json=body)
     assert result.status_code == 200 and result.json == body
+
+
+class _AnyModule:
+    """Answers for any module path, as a proxy serving every module asked for would."""
+
+    def available_versions(self, module: str) -> list[str]:
+        return ["v1.0.0"]
+
+    def resolve(self, module: str, query: str) -> str:
+        return "v1.0.0"
+
+
+def test_versions_route_keeps_a_bounded_number_of_modules() -> None:
+    """Anyone may ask /api/versions about any module: its memory must not grow with them."""
+    from kiln.api.compat import VERSIONS_CACHE_ENTRIES, VersionsResource
+
+    resource = VersionsResource(resolver=_AnyModule())  # type: ignore[arg-type]
+    for n in range(VERSIONS_CACHE_ENTRIES * 3):
+        resource._versions(f"example.com/m{n}")
+    assert len(resource._cache) == VERSIONS_CACHE_ENTRIES
+    assert f"example.com/m{VERSIONS_CACHE_ENTRIES * 3 - 1}" in resource._cache  # newest kept
