@@ -11,6 +11,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 import requests
 from psycopg_pool import ConnectionPool
 
+from kiln.api.service import TOOLCHAIN_CACHE_SECONDS
 from kiln.db.builds import QueueManager
 from tests.fixtures import goproxy as gp
 from tests.service import REPO, KilnProcesses
@@ -303,6 +305,9 @@ def test_admin_deletes_an_artifact_and_the_next_request_rebuilds(kilns: Kiln) ->
     service.start_worker(env={"KILN_WORKER__CONCURRENCY": "1"})
     try:
         service.wait_for_worker()
+        # a worker claims only builds keyed with its own toolchain: wait until the API keys
+        # new builds with the real worker's, not the registered stand-in's it cached
+        time.sleep(TOOLCHAIN_CACHE_SECONDS + 0.5)
         body = {"os": "linux", "arch": "amd64", "caddy_version": gp.CADDY_OLDEST}
         key = post_build(service.url, body, kilns.tokens["ci"]).json()["key"]
         assert service.wait_build(key)["state"] == "succeeded"
