@@ -37,7 +37,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     import psycopg
 
     from kiln.db.migrate import migrate
-    from kiln.readiness import where
+    from kiln.readiness import first_line, where
     from kiln.wiring import database_url
 
     config = _config(args)
@@ -47,7 +47,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         applied = migrate(url, config.database)
     except psycopg.OperationalError as exc:
         print(f"kiln: cannot migrate: the database at {where(url)} is unreachable: "
-              f"{str(exc).strip().splitlines()[0]}", file=sys.stderr)
+              f"{first_line(exc)}", file=sys.stderr)
         return 1
     print("applied: " + ", ".join(applied) if applied else "the database is up to date")
     return 0

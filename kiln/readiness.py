@@ -63,7 +63,8 @@ def where(url: str) -> str:
     return f"{host}{port}{parts.path or ''}"
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """Return the first line of an error's message (psycopg's run to several), or its type."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -80,7 +81,7 @@ def schema_check(opener: Callable[[], AbstractContextManager[psycopg.Connection]
                 if table and table[0]:
                     applied = {r[0] for r in conn.execute("SELECT name FROM kiln_migrations")}
         except (psycopg.Error, PoolTimeout) as exc:
-            raise NotReady(f"unreachable at {place}: {_first_line(exc)}") from exc
+            raise NotReady(f"unreachable at {place}: {first_line(exc)}") from exc
         try:
             carried = load_migrations(MIGRATIONS_DIR)
         except MigrationError as exc:
@@ -111,7 +112,7 @@ def probe(deps: Sequence[Dependency], *, missing: set[str] | None = None
             dep.check()
         except Exception as exc:  # any failure is a reason to report, not to crash on
             results[dep.name] = str(exc) if isinstance(exc, KilnError) else (
-                f"{type(exc).__name__}: {_first_line(exc)}")
+                f"{type(exc).__name__}: {first_line(exc)}")
             if missing is not None and isinstance(exc, Missing):
                 missing.add(dep.name)
         else:

@@ -270,12 +270,9 @@ def engine_check(config: Config) -> Callable[[], None]:
 
 def make_dependencies(config: Config, role: str, *, url: str) -> list[Dependency]:
     """Return what ``role`` (worker, api, janitor) needs, as checks."""
-    made = {
-        "database": lambda: Dependency("database", database_check(url, config.database)),
-        "store": lambda: Dependency("store", store_check(config)),
-        "engine": lambda: Dependency("engine", engine_check(config)),
-    }
-    return [made[name]() for name in NEEDS[role]]
+    checks = {"database": database_check(url, config.database),
+              "store": store_check(config), "engine": engine_check(config)}
+    return [Dependency(name, checks[name]) for name in NEEDS[role]]
 
 
 def make_janitor(config: Config, *, url: str) -> Janitor:
@@ -308,7 +305,7 @@ def make_janitor(config: Config, *, url: str) -> Janitor:
         mirror = CatalogMirror(store=CatalogStore(queue.pool), url=config.plugins.catalog_url)
         jobs.append(Job("refresh_catalog", config.plugins.catalog_refresh, mirror.refresh))
     return Janitor(queue=queue, migrate=lambda: migrate(url, config.database), jobs=jobs,
-               maintenance=maintenance)
+                   maintenance=maintenance)
 
 
 # each part from its section of the configuration -----------------------------------------

@@ -14,17 +14,16 @@ def get_app() -> Any:
         from kiln.api.app import create_app
         from kiln.config import load_config
         from kiln.logconfig import setup_logging
-        from kiln.wiring import make_services
+        from kiln.wiring import database_url, make_dependencies, make_services
 
         config = load_config()
         setup_logging(config.logging, process="api")
         services = make_services(config)
         _app = create_app(services)
         # the API starts whatever it cannot reach (it answers 503 until it can): say what
-        from kiln.readiness import Dependency, database_check, probe, report
+        from kiln.readiness import probe, report
 
-        database = Dependency("database", database_check(config.database.url, config.database))
-        report(probe([database, Dependency("store", services.store.check)]), role="api",
+        report(probe(make_dependencies(config, "api", url=database_url(config))), role="api",
                consequence="/healthz answers 503 until it is back")
     return _app
 

@@ -17,14 +17,13 @@ from kiln.api.documents import (
     read_json,
     request_from_json,
 )
-from kiln.api.errors import ApiError, bad_request, http_error, not_found, unavailable
+from kiln.api.errors import ApiError, bad_request, not_found, unavailable
 from kiln.api.groups import Callbacks, group_document, platform_requests
 from kiln.api.principal import principal_of
 from kiln.api.service import BuildService
 from kiln.artifacts.store import ArtifactStore, StorageError
 from kiln.db.builds import Build, QueueManager
 from kiln.db.groups import GroupManager
-from kiln.errors import KilnError
 from kiln.readiness import Dependency, describe, probe
 from kiln.request.callbacks import Webhook
 from kiln.request.spec import BuildRequest, BuildSpec
@@ -34,14 +33,9 @@ STREAM_CHUNK = 256 * 1024
 
 def submit(service: BuildService, request: BuildRequest, req: falcon.Request) -> Any:
     """Submit for the sender of ``req`` (its priority and quotas apply); the service's
-    errors become their HTTP statuses (kiln/api/errors.py)."""
-    try:
-        return service.submit(request, principal=principal_of(req))
-    except KilnError as exc:
-        error = http_error(exc)
-        if error is None:
-            raise
-        raise error from None
+    errors reach the app's KilnError handler, which gives each its HTTP status
+    (kiln/api/errors.py STATUSES)."""
+    return service.submit(request, principal=principal_of(req))
 
 
 class BuildsResource:
