@@ -123,6 +123,12 @@ class BuildConfig(_Section):
     latest_ttl: float = Field(300.0, ge=0)
     #: seconds a proxy request may take
     proxy_timeout: float = Field(20.0, gt=0)
+    #: module-proxy requests one API request (a build, a version look-up) may make; past
+    #: it the request gets a 400 asking for less. Cached resolutions cost nothing
+    max_proxy_calls: int = Field(64, ge=1)
+    #: seconds all of one API request's module-proxy requests may take together; past it
+    #: a 503 with Retry-After. Each proxy request waits at most the time left
+    proxy_deadline: float = Field(30.0, gt=0)
     tags: list[str] = list(DEFAULT_TAGS)
     ldflags: str = DEFAULT_LDFLAGS
     docker: DockerSandboxConfig = DockerSandboxConfig()

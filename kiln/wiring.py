@@ -47,6 +47,7 @@ from kiln.janitor.webhooks import Deliverer
 from kiln.metrics import MetricsRecorder
 from kiln.readiness import NEEDS, Dependency, Missing, NotReady, database_check
 from kiln.request.catalog import Catalog, CatalogPolicy
+from kiln.resolve.budget import ProxyLimits
 from kiln.resolve.cache import DatabaseResolutionCache
 from kiln.resolve.proxy import ModuleProxy
 from kiln.resolve.resolver import Resolver
@@ -96,6 +97,8 @@ def make_services(config: Config, *, application: str = "kiln-api") -> Services:
         ModuleProxy(config.build.goproxy, timeout=config.build.proxy_timeout),
         cache=DatabaseResolutionCache(queue, latest_ttl=config.build.latest_ttl),
         latest_ttl=config.build.latest_ttl,
+        limits=ProxyLimits(max_calls=config.build.max_proxy_calls,
+                           deadline=config.build.proxy_deadline),
     )
     catalog = make_catalog(config, pool)
     metrics = MetricsRecorder(pool, flush_seconds=config.metrics.flush_seconds).start()

@@ -273,9 +273,10 @@ class VersionsResource:
             hit = self._cache.get(module)
         if hit is not None and self.clock() - hit[0] < self.ttl:
             return hit[1]
+        resolver = self.resolver.for_request()
         try:
-            versions = self.resolver.available_versions(module)
-            latest = self.resolver.resolve(module, "latest")
+            versions = resolver.available_versions(module)
+            latest = resolver.resolve(module, "latest")
         except ModuleNotFound as exc:
             raise ApiError(falcon.HTTP_404, str(exc), field="module") from None
         except ProxyUnavailable as exc:

@@ -16,6 +16,7 @@ import falcon
 from kiln.api.service import NoToolchain
 from kiln.errors import KilnError, SpecError
 from kiln.request.catalog import CatalogUnavailable
+from kiln.resolve.budget import ProxyCallsExceeded, ProxyDeadlineExceeded
 from kiln.resolve.proxy import ModuleNotFound, ProxyUnavailable
 
 log = logging.getLogger("kiln.api")
@@ -114,6 +115,10 @@ STATUSES: tuple[tuple[type[KilnError], str, str], ...] = (
     (SpecError, falcon.HTTP_400, ""),
     (ModuleNotFound, falcon.HTTP_400, ""),
     (ProxyUnavailable, falcon.HTTP_502, "the Go module proxy cannot be reached: "),
+    # one request's share of module-proxy look-ups (build.max_proxy_calls): ask for less
+    (ProxyCallsExceeded, falcon.HTTP_400, ""),
+    # the proxy is slow now (build.proxy_deadline): retryable
+    (ProxyDeadlineExceeded, falcon.HTTP_503, ""),
     (NoToolchain, falcon.HTTP_503, ""),
     (CatalogUnavailable, falcon.HTTP_503, ""),
 )

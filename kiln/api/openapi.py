@@ -344,7 +344,7 @@ def _download(op_id: str, summary: str, head: bool) -> Schema:
         "503": error("the build is not done and this client (api.max_held_per_client) or "
                      "this API process (api.max_held) holds as many requests as allowed (the "
                      "build goes on; the message names the cap), or the database cannot serve, "
-                     "or the build was cancelled", RETRY_AFTER),
+                     "or the build was cancelled, or the module proxy was slow", RETRY_AFTER),
         "504": error("still building after api.max_wait; ask again later"),
     }, params=DOWNLOAD_PARAMS, auth="build", tags=["caddyserver.com"])
 
@@ -387,7 +387,7 @@ def _paths() -> dict[str, dict[str, Schema]]:
                 "413": error("the body is too large"),
                 "429": TOO_MANY,
                 "502": error("the Go module proxy cannot be reached"),
-                "503": error("no worker has registered yet, or the database cannot serve"),
+                "503": error("no worker yet, or the database or module proxy is slow", RETRY_AFTER),
             }, request=ref("BuildRequest"), auth="build"),
         },
         "/api/builds/{key}": {
@@ -471,7 +471,7 @@ def _paths() -> dict[str, dict[str, Schema]]:
         "/api/plugin-versions": {"get": operation(
             "listPluginVersions", "A plugin's module and versions, newest first", {
                 "200": json_response("the versions", ref("PluginVersions")),
-                "400": error("no or a malformed path"),
+                "400": error("no or a malformed path, or over build.max_proxy_calls look-ups"),
                 "404": error("no such module"),
                 "502": error("the Go module proxy cannot be reached"),
             }, params=[query("path", {"type": "string"}, "the plugin's package path",
@@ -490,7 +490,7 @@ def _paths() -> dict[str, dict[str, Schema]]:
         "/api/versions": {"get": operation(
             "listVersions", "A module's versions (Caddy's by default), newest first", {
                 "200": json_response("the versions", ref("Versions")),
-                "400": error("a malformed module path"),
+                "400": error("a malformed module path, or over build.max_proxy_calls look-ups"),
                 "404": error("no such module"),
                 "502": error("the Go module proxy cannot be reached"),
             }, params=[query("module", {"type": "string"})], tags=["caddyserver.com"])},

@@ -89,8 +89,9 @@ class BuildService:
         if self.policy is not None:
             request = self.policy.admit(request)
         sandbox, go_version = self.toolchain()
-        return resolve_spec(request, self.resolver, go_version=go_version, sandbox=sandbox,
-                            tags=self.tags, ldflags=self.ldflags)
+        # one module-proxy budget for the whole request, however many plugins it names
+        return resolve_spec(request, self.resolver.for_request(), go_version=go_version,
+                            sandbox=sandbox, tags=self.tags, ldflags=self.ldflags)
 
     def submit(self, request: BuildRequest, *, priority: int | None = None,
                requested_by: str | None = None,

@@ -94,7 +94,7 @@ class PluginVersionsResource:
         if not path:
             raise bad_request("give the plugin's package path: ?path=github.com/owner/repo",
                               field="path")
-        resolver = self.service.resolver
+        resolver = self.service.resolver.for_request()
         try:
             module, latest = resolver.resolve_package(path, "latest")
             versions = resolver.available_versions(module)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import copy
+import http.client
 import json
 import re
 import urllib.error
@@ -15,6 +17,7 @@ from pathlib import Path
 from kiln.errors import KilnError
 from kiln.gomod.module import encode_path, encode_version
 from kiln.gomod.semver import canonical_version, is_pseudo_version, is_semver, semver_sort
+from kiln.resolve.budget import ProxyBudget
 
 PROXY_TIMEOUT_SECONDS = 30.0
 USER_AGENT = "kiln (module resolver)"
@@ -22,6 +25,7 @@ _MAX_LIST_BYTES = 8 << 20
 _MAX_INFO_BYTES = 1 << 20
 _MAX_MOD_BYTES = 4 << 20
 _MAX_DETAIL_CHARS = 300
+_READ_CHUNK = 64 << 10
 
 
 class ModuleNotFound(KilnError):
@@ -63,6 +67,11 @@ def _parse_time(value: object) -> datetime | None:
         return datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Return whether a urllib error is a socket timeout."""
+    return isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError)
 
 
 def _detail(body: bytes) -> str:
@@ -114,11 +123,20 @@ def _split_credentials(url: str) -> tuple[str, str]:
 class ModuleProxy:
     """A client for a GOPROXY list of http(s):// and file:// module proxies."""
 
-    def __init__(self, goproxy: str, *, timeout: float = PROXY_TIMEOUT_SECONDS) -> None:
+    def __init__(self, goproxy: str, *, timeout: float = PROXY_TIMEOUT_SECONDS,
+                 budget: ProxyBudget | None = None) -> None:
         self.timeout = timeout
+        #: what every HTTP call spends from (one per API request; see spending); None: no bound
+        self.budget = budget
         self._entries = self._parse(goproxy)
         # One opener per client: it honours HTTPS_PROXY/NO_PROXY from the environment.
         self._opener = urllib.request.build_opener()
+
+    def spending(self, budget: ProxyBudget) -> ModuleProxy:
+        """Return this client (same proxies, same opener) with every HTTP call spending from budget."""
+        bounded = copy.copy(self)
+        bounded.budget = budget
+        return bounded
 
     @staticmethod
     def _parse(goproxy: str) -> tuple[_Entry, ...]:
@@ -175,9 +193,12 @@ class ModuleProxy:
         if entry.authorization:
             headers["Authorization"] = entry.authorization
         req = urllib.request.Request(url, headers=headers)
+        budget = self.budget
+        # a call never waits past the request's deadline (cached answers never get here)
+        timeout = self.timeout if budget is None else budget.spend(self.timeout)
         try:
-            with self._opener.open(req, timeout=self.timeout) as resp:
-                body: bytes = resp.read(limit + 1)
+            with self._opener.open(req, timeout=timeout) as resp:
+                body = self._read(resp, limit)
         except urllib.error.HTTPError as exc:
             body = b""
             try:
@@ -197,13 +218,42 @@ class ModuleProxy:
                 raise _Rejected(f"{url} answered 403: {_detail(body) or 'forbidden'}") from None
             raise ProxyUnavailable(f"module proxy {base} answered {exc.code} for {rel}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
+            if budget is not None and (budget.expired()
+                                       or (timeout < self.timeout and _timed_out(exc))):
+                # the wait was cut short by the deadline, not by proxy_timeout
+                raise budget.overdue() from None
             reason = getattr(exc, "reason", exc)
             raise ProxyUnavailable(f"module proxy {base} is unreachable: {reason}") from None
+        except KilnError:
+            raise
         except Exception as exc:  # http.client errors such as RemoteDisconnected
+            if budget is not None and budget.expired():
+                raise budget.overdue() from None
             raise ProxyUnavailable(f"module proxy {base} failed: {exc!r}") from None
         if len(body) > limit:
             raise ProxyUnavailable(f"module proxy {base} sent more than {limit} bytes for {rel}")
         return body
+
+    def _read(self, resp: http.client.HTTPResponse, limit: int) -> bytes:
+        """Read at most limit + 1 bytes, checking the deadline between reads.
+
+        Each read waits at most the call's timeout; a proxy that trickles its answer is
+        cut off at the first read that ends past the deadline.
+        """
+        budget = self.budget
+        # an HTTPResponse; anything else a redirect could yield (ftp://) is read as it comes
+        read = getattr(resp, "read1", resp.read)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = read(min(_READ_CHUNK, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if budget is not None and budget.expired():
+                raise budget.overdue()
+        return b"".join(chunks)
 
     @staticmethod
     def _read_file(base: str, rel: str, limit: int) -> bytes:

@@ -10,6 +10,7 @@ moving queries for a short, clock-measured time.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import OrderedDict
@@ -45,6 +46,7 @@ from kiln.request.spec import (
     ResolvedPlugin,
     is_core_package,
 )
+from kiln.resolve.budget import ProxyLimits
 from kiln.resolve.cache import CACHE_MAX_ENTRIES, ResolutionCache
 from kiln.resolve.proxy import (
     ModuleNotFound,
@@ -56,6 +58,8 @@ from kiln.resolve.proxy import (
 
 LATEST_TTL_SECONDS = 300.0
 MISSING_TTL_SECONDS = 60.0
+#: each request's module-proxy budget when none is given (MAX_PROXY_CALLS, PROXY_DEADLINE_SECONDS)
+DEFAULT_LIMITS = ProxyLimits()
 
 
 # ---------------------------------------------------------------------------
@@ -99,8 +103,11 @@ class Resolver:
         clock: Callable[[], float] = time.time,
         latest_ttl: float = LATEST_TTL_SECONDS,
         missing_ttl: float = MISSING_TTL_SECONDS,
+        limits: ProxyLimits = DEFAULT_LIMITS,
     ) -> None:
         self.proxy = proxy
+        #: the module-proxy budget of each request (for_request)
+        self.limits = limits
         self.cache = cache
         self.clock = clock
         self.latest_ttl = latest_ttl
@@ -111,6 +118,16 @@ class Resolver:
         self._missing_lock = threading.Lock()
 
     # -- public API --------------------------------------------------------
+
+    def for_request(self) -> Resolver:
+        """Return this resolver with a fresh module-proxy budget: one per API request.
+
+        It shares the cache and the recent "not found" answers; only its proxy calls are
+        counted and bounded (ProxyCallsExceeded, ProxyDeadlineExceeded).
+        """
+        bounded = copy.copy(self)
+        bounded.proxy = self.proxy.spending(self.limits.start())
+        return bounded
 
     def resolve(self, module: str, query: str) -> str:
         """Return the absolute version a module query selects; raise ModuleNotFound or ProxyUnavailable."""

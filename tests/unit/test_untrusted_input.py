@@ -169,6 +169,9 @@ def test_a_body_nested_within_reason_is_read() -> None:
 class _AnyModule:
     """Answers for any module path, as a proxy serving every module asked for would."""
 
+    def for_request(self) -> _AnyModule:
+        return self
+
     def available_versions(self, module: str) -> list[str]:
         return ["v1.0.0"]
 
