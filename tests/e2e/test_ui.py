@@ -162,3 +162,41 @@ def test_a_bad_plugin_path_is_explained_on_the_form(kiln: KilnProcesses, browser
     assert "github.com/kiln-fixtures/nosuchplugin" in alert.inner_text()
     assert page.url == kiln.url + "/"
     page.close()
+
+
+def test_a_refused_live_stream_is_retried_then_polled_to_the_end(
+        kiln: KilnProcesses, kiln_root: Path, browser: Any) -> None:
+    """An API that holds no streams (api.max_held: 0) answers 503: the page still follows."""
+    busy = KilnProcesses(db_url=kiln.db_url, root=kiln_root / "busy",
+                         goproxy=kiln.env["KILN_BUILD__GOPROXY"],
+                         cache_dir=Path(kiln.env["KILN_BUILD__CACHE_DIR"]),
+                         env={"KILN_API__MAX_HELD": "0"})
+    try:
+        busy.start_api()
+        # a build no other test asks for, built by the module's worker
+        resp = busy.post_build({"os": "linux", "arch": "amd64", "caddy_version": "v2.8.0",
+                                "plugins": [f"{gp.HELLO}@v0.1.0"]})
+        assert resp.status_code in (200, 202), resp.text
+        key = resp.json()["key"]
+        refused = requests.get(f"{busy.url}/api/builds/{key}/events", timeout=30)
+        assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 0
+
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(f"{busy.url}/builds/{key}")
+        expect(page.locator("#state")).to_contain_text("Server busy, retrying in",
+                                                       timeout=30_000)
+        # refused every time, the page polls the build until it ends, then shows it all
+        page.locator("#download").wait_for(state="visible", timeout=BUILD_TIMEOUT_MS)
+        assert page.locator("#state").inner_text() == "Built"
+        doc = requests.get(f"{busy.url}/api/builds/{key}", timeout=30).json()
+        assert page.locator("#sha256").inner_text() == doc["artifact"]["sha256"]
+        assert log_lines(page) > 0
+        assert page.locator("#log").inner_text().splitlines()[-1].startswith("succeeded: ")
+        assert [s.get_attribute("class") for s in page.locator("#steps li").all()] == [
+            "step done"] * page.locator("#steps li").count()
+        assert errors == []
+        page.close()
+    finally:
+        busy.close()

@@ -420,31 +420,183 @@ async function showBuild(key) {
   watch(key);
 }
 
-function watch(key) {
-  let step = "";
-  const source = new EventSource("/api/builds/" + key + "/events");
-  source.addEventListener("state", (ev) => {
+// The stream is read with fetch, not EventSource: past the server's caps on held
+// connections it answers 503 with Retry-After, which an EventSource cannot read (it just
+// gives up). Refused again and again, the page polls the build's state instead.
+const FINAL_STATES = ["succeeded", "failed", "cancelled"];
+// stream attempts refused or lost in a row before the page polls instead
+const STREAM_TRIES = 3;
+const POLL_SECONDS = 5;
+// seconds to wait when a 503 names no Retry-After
+const BUSY_SECONDS = 10;
+const EVENT_END = /\r\n\r\n|\n\n|\r\r/;
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function parseEvent(block) {
+  const ev = { event: "message", data: [], id: null, retry: null };
+  for (const line of block.split(/\r\n|\r|\n/)) {
+    if (!line || line.startsWith(":")) continue;  // a comment: keep-alive, reconnect hint
+    const colon = line.indexOf(":");
+    const field = colon < 0 ? line : line.slice(0, colon);
+    let value = colon < 0 ? "" : line.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (field === "event") ev.event = value;
+    else if (field === "data") ev.data.push(value);
+    else if (field === "id") ev.id = value;
+    else if (field === "retry" && /^\d+$/.test(value)) ev.retry = Number(value);
+  }
+  return { ...ev, data: ev.data.join("\n") };
+}
+
+// Read one stream to its end, handing each event to onEvent (false: stop reading).
+// Returns how it ended: "done" (nothing more will come), "ended" (reconnect), or
+// { status, retryAfter, message } when the server refused it.
+async function readStream(url, lastEventId, onEvent) {
+  const headers = { Accept: "text/event-stream", ...authHeaders() };
+  if (lastEventId) headers["Last-Event-ID"] = lastEventId;
+  const resp = await fetch(url, { headers, cache: "no-store" });
+  if (resp.status === 204) return "done";
+  if (!resp.ok || !(resp.headers.get("Content-Type") || "").startsWith("text/event-stream")) {
+    const body = await resp.json().catch(() => null);
+    const retryAfter = parseInt(resp.headers.get("Retry-After") || "", 10);
+    return {
+      status: resp.status,
+      retryAfter: retryAfter >= 0 ? retryAfter : BUSY_SECONDS,
+      message: body && body.error ? body.error.message : resp.status + " " + resp.statusText,
+    };
+  }
+  const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return "ended";
+    buffer += value;
+    let end;
+    while ((end = EVENT_END.exec(buffer))) {
+      const block = buffer.slice(0, end.index);
+      buffer = buffer.slice(end.index + end[0].length);
+      if (onEvent(parseEvent(block)) === false) {
+        reader.cancel().catch(() => {});
+        return "done";
+      }
+    }
+  }
+}
+
+async function countdown(seconds, text) {
+  for (let left = seconds; left > 0; left--) {
+    setState(text(left), "");
+    await sleep(1000);
+  }
+}
+
+async function watch(key) {
+  const url = "/api/builds/" + key + "/events";
+  const view = { step: "", finished: false };
+  let lastEventId = "";
+  let retryMs = 2000;
+  let failures = 0;
+  const onEvent = (ev) => {
+    if (ev.id !== null) lastEventId = ev.id;
+    if (ev.retry !== null) retryMs = ev.retry;
+    failures = 0;  // the stream works: a later loss starts the count again
+    if (!ev.data) return true;
     const data = JSON.parse(ev.data);
-    setState(describeState(data), data.state);
-    if (data.state === "queued") renderSteps("", "");
-  });
-  source.addEventListener("step", (ev) => {
-    step = JSON.parse(ev.data).step;
-    renderSteps(step, "");
-    $("log").append(el("span", { class: "marker", text: "▸ " + (STEP_NAMES[step] || step) }), "\n");
-  });
-  source.addEventListener("log", (ev) => appendLog(JSON.parse(ev.data)));
-  source.addEventListener("result", (ev) => {
-    source.close();
-    const doc = JSON.parse(ev.data);
-    setState(describeState(doc), doc.state);
-    renderSteps(step, doc.state);
-    showResult(doc);
-    loadRecent();
-  });
-  source.onerror = () => {
-    if (source.readyState === EventSource.CONNECTING) setState("Connection lost; reconnecting…", "");
+    if (ev.event === "state") {
+      setState(describeState(data), data.state);
+      if (data.state === "queued") renderSteps("", "");
+    } else if (ev.event === "step") {
+      view.step = data.step;
+      renderSteps(view.step, "");
+      $("log").append(el("span", { class: "marker", text: "▸ " + (STEP_NAMES[view.step] || view.step) }), "\n");
+    } else if (ev.event === "log") {
+      appendLog(data);
+    } else if (ev.event === "result") {
+      showFinal(data, view);
+      return false;
+    }
+    return true;
   };
+  for (;;) {
+    let outcome;
+    try {
+      outcome = await readStream(url, lastEventId, onEvent);
+    } catch (e) {
+      outcome = "lost";
+    }
+    if (view.finished) return;
+    if (outcome === "done") return pollBuild(key, view);  // ended without a result: ask
+    if (outcome === "ended") {
+      // the stream's lifetime is over (api.max_stream_seconds): resume where it was
+      failures = 0;
+      await sleep(retryMs);
+      continue;
+    }
+    if (outcome.status && outcome.status < 500) {
+      setState(outcome.status === 404 ? "No build has this key." : outcome.message, "failed");
+      return;
+    }
+    failures++;
+    if (failures >= STREAM_TRIES) return pollBuild(key, view);
+    if (outcome === "lost") {
+      setState("Connection lost; reconnecting…", "");
+      await sleep(retryMs);
+    } else {
+      await countdown(outcome.retryAfter, (left) => "Server busy, retrying in " + left + " s");
+    }
+  }
+}
+
+// Without a live stream: read the build's state every few seconds until it is final.
+async function pollBuild(key, view) {
+  for (;;) {
+    try {
+      const doc = await getJSON("/api/builds/" + key);
+      if (FINAL_STATES.includes(doc.state)) {
+        await loadLogText(key, view);
+        showFinal(doc, view);
+        return;
+      }
+      setState(describeState(doc) + " (no live log: the server is busy; checking every " +
+               POLL_SECONDS + " s)", doc.state);
+    } catch (e) {
+      if (e.status === 404) { setState("No build has this key.", "failed"); return; }
+      setState("Kiln cannot be reached; trying again in " + POLL_SECONDS + " s", "");
+    }
+    await sleep(POLL_SECONDS * 1000);
+  }
+}
+
+// The whole log as plain text (GET /api/builds/{key}/log), for a build not followed live.
+async function loadLogText(key, view) {
+  try {
+    const resp = await fetch("/api/builds/" + key + "/log", { headers: authHeaders() });
+    if (!resp.ok) return;
+    const log = $("log");
+    log.replaceChildren();
+    for (const line of (await resp.text()).split("\n")) {
+      const attempt = /^==> attempt (\d+)$/.exec(line);
+      const step = /^==> (\S+)$/.exec(line);
+      if (attempt) {
+        log.append(el("span", { class: "marker", text: "▸ Attempt " + attempt[1] }), "\n");
+      } else if (step) {
+        view.step = step[1];
+        log.append(el("span", { class: "marker", text: "▸ " + (STEP_NAMES[view.step] || view.step) }), "\n");
+      } else if (line) {
+        log.append(el("span", { class: "line", text: line }), "\n");
+      }
+    }
+    log.scrollTop = log.scrollHeight;
+  } catch (e) { /* the state and result still show */ }
+}
+
+function showFinal(doc, view) {
+  view.finished = true;
+  setState(describeState(doc), doc.state);
+  renderSteps(view.step, doc.state);
+  showResult(doc);
+  loadRecent();
 }
 
 // --- recent builds ----------------------------------------------------------------------
