@@ -3,7 +3,9 @@
 Written by hand, next to the code it describes: every route of ``create_app`` must be in
 ``PATHS`` (tests/e2e/test_openapi.py lists the ones that are not), and Schemathesis checks
 the running server's answers against it. Errors everywhere have the one JSON shape of
-kiln/api/errors.py, so each operation lists its specific error statuses and a ``default``.
+kiln/api/errors.py, and each operation lists every status it answers with, no ``default``: its
+own, plus the three any route may give (401 for a key sent that is not valid, 500, and 503 when
+the database cannot serve), so a status the document does not name is a bug.
 Which operations need a key depends on ``auth.mode`` and ``metrics.public``; the document
 says so for the server that serves it.
 """
@@ -281,7 +283,15 @@ NOT_FOUND = error("no such build (or file)")
 TOO_MANY = error("over the quota of new builds (or requests) for this window",
                  {"Retry-After": {"schema": {"type": "integer"},
                                   "description": "seconds until the next window"}})
-DEFAULT = error("any other error (503: the database or the workers cannot serve now)")
+#: what any route may answer: a key is checked wherever one is sent (kiln/api/auth.py), and
+#: every request may meet a bug or a database that cannot serve (kiln/api/errors.py)
+EVERY_ROUTE = {
+    "401": UNAUTHORIZED,
+    "500": error("internal error: the message gives the id to report to the operator"),
+    "503": error("the database cannot serve now; try again shortly",
+                 {"Retry-After": {"schema": {"type": "integer"},
+                                  "description": "seconds to wait before asking again"}}),
+}
 RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"},
                                "description": "seconds to wait before asking again"}}
 
@@ -306,7 +316,7 @@ def operation(op_id: str, summary: str, responses: dict[str, Schema], *,
               auth: str = "public", tags: list[str] | None = None) -> Schema:
     """Return an operation; ``auth`` is public, build, key or admin (see kiln/api/auth.py)."""
     op: Schema = {"operationId": op_id, "summary": summary, "tags": tags or ["builds"],
-                  "responses": {**responses, "default": DEFAULT}}
+                  "responses": dict(sorted({**EVERY_ROUTE, **responses}.items()))}
     if params:
         op["parameters"] = params
     if request is not None:

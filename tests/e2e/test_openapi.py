@@ -66,6 +66,16 @@ def test_every_route_is_described(db_url: str) -> None:
         "\n  ".join(stale)
 
 
+def test_every_operation_lists_its_statuses_without_a_default() -> None:
+    for path, methods in openapi_spec(auth_mode="keys")["paths"].items():
+        for method, op in methods.items():
+            responses = op["responses"]
+            assert "default" not in responses, f"{method.upper()} {path} has a default response"
+            # what any route may answer: a bad key, a bug, a database that cannot serve
+            assert {"401", "500", "503"} <= set(responses), f"{method.upper()} {path}"
+            assert all(code.isdigit() and 100 <= int(code) < 600 for code in responses)
+
+
 def test_security_follows_the_auth_mode() -> None:
     open_mode = openapi_spec(auth_mode="open")["paths"]
     keys_mode = openapi_spec(auth_mode="keys", metrics_public=False)["paths"]
@@ -107,9 +117,16 @@ def validator(spec: dict[str, Any], schema: dict[str, Any]) -> jsonschema.Draft2
 
 
 def check(spec: dict[str, Any], path: str, method: str, resp: requests.Response) -> None:
-    """Assert that ``resp`` is an answer the document allows for this operation."""
+    """Assert that ``resp`` is an answer the document allows for this operation.
+
+    The document has no ``default`` response: a status it does not name for the operation
+    is an answer a client cannot expect, and fails.
+    """
     op = spec["paths"][path][method]
-    documented = op["responses"].get(str(resp.status_code)) or op["responses"]["default"]
+    documented = op["responses"].get(str(resp.status_code))
+    assert documented is not None, (
+        f"{method.upper()} {path} answered {resp.status_code}, which the document does not "
+        f"list (it lists {sorted(op['responses'])}): {resp.text[:300]}")
     content = documented.get("content")
     if not content:
         return
@@ -157,6 +174,9 @@ def test_real_answers_match_the_document(served: tuple[KilnProcesses, str]) -> N
                        timeout=30)),
         ("/healthz", "get", requests.get(service.url + "/healthz", timeout=30)),
         ("/api/platforms", "get", requests.get(service.url + "/api/platforms", timeout=30)),
+        # a public route still checks a key that is sent
+        ("/api/platforms", "get", requests.get(service.url + "/api/platforms", timeout=30,
+                                               headers={"Authorization": "Bearer kiln_no"})),
     ]
     statuses = []
     for path, method, resp in answers:
@@ -164,6 +184,7 @@ def test_real_answers_match_the_document(served: tuple[KilnProcesses, str]) -> N
         statuses.append(resp.status_code)
     assert statuses[:4] == [200, 400, 401, 200]
     assert statuses[5] == 409  # a succeeded build cannot be cancelled
+    assert statuses[-1] == 401
 
 
 @pytest.mark.slow
