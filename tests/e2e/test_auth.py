@@ -1,8 +1,8 @@
 """API keys end to end: `kiln keys`, bearer tokens on every guarded route, both auth modes.
 
 Two gunicorns share one database: one in ``auth.mode: keys``, one in ``open``. A worker row
-is registered so that build keys can be made, but no worker runs (builds stay queued) until
-the artifact test starts a real one.
+is registered so that build keys can be made, but no worker runs (builds stay queued) except
+while the ``built`` fixture has a real one build what the tests that need a binary use.
 """
 
 from __future__ import annotations
@@ -110,6 +110,54 @@ def new_build(kilns: Kiln, token: str | None = "ci") -> str:
     return str(resp.json()["key"])
 
 
+#: what a real worker builds once for the module, by name (linux/amd64: new_build's bodies
+#: never ask for it, so none of them is keyed the same)
+BUILT = {
+    "deleted": {"os": "linux", "arch": "amd64", "caddy_version": gp.CADDY_OLDEST},
+    "scopes": {"os": "linux", "arch": "amd64", "caddy_version": gp.CADDY_OLDEST,
+               "plugins": [f"{gp.HELLO}@v0.1.0"]},
+    "download": {"os": "linux", "arch": "amd64", "caddy_version": gp.CADDY_OLDEST,
+                 "plugins": [f"{gp.HELLO}@v0.2.0"]},
+}
+
+
+@pytest.fixture(scope="module")
+def built(kilns: Kiln) -> dict[str, str]:
+    """Build BUILT with a real worker, then stop it; return each build's key by name."""
+    service = kilns.keys_mode
+    admin = bearer(kilns.tokens["ops"])
+    # an operator clears the queue before a worker starts: only these builds run
+    queued = requests.get(f"{service.url}/api/admin/builds",
+                          params={"state": "queued", "limit": 500}, headers=admin,
+                          timeout=30).json()["builds"]
+    for build in queued:
+        cancelled = requests.delete(f"{service.url}/api/builds/{build['key']}", headers=admin,
+                                    timeout=30)
+        assert cancelled.status_code == 200, cancelled.text
+    # the stand-in leaves: once the real worker stops too, new builds are keyed with the
+    # toolchain of the most recently started worker, the real one's, and stay queued
+    with ConnectionPool(kilns.db_url, min_size=1, max_size=1,
+                        kwargs={"autocommit": True}) as pool:
+        QueueManager(pool).set_worker_state(FAKE_WORKER, "gone")
+    service.start_worker(env={"KILN_WORKER__CONCURRENCY": "1"})
+    try:
+        service.wait_for_worker()
+        # a worker claims only builds keyed with its own toolchain: wait until the API keys
+        # new builds with the real worker's, not the registered stand-in's it cached
+        time.sleep(TOOLCHAIN_CACHE_SECONDS + 0.5)
+        keys = {}
+        for name, body in BUILT.items():
+            posted = post_build(service.url, body, kilns.tokens["ci"])
+            assert posted.status_code == 202, posted.text
+            keys[name] = str(posted.json()["key"])
+        for key in keys.values():
+            final = service.wait_build(key)
+            assert final["state"] == "succeeded", final
+    finally:
+        service.stop("worker")
+    return keys
+
+
 # -- kiln keys ----------------------------------------------------------------------------
 
 
@@ -148,15 +196,29 @@ def test_keys_command_explains_mistakes(kilns: Kiln) -> None:
 
 # -- every guarded route --------------------------------------------------------------------
 
-#: (method, path template, what it needs in keys mode)
+#: (method, path template, what it needs in keys mode, an admin's answer once the build it
+#: names is in the state the route acts on: see ``ready_build``)
 GUARDED = [
-    ("POST", "/api/builds", "build"),
-    ("DELETE", "/api/builds/{key}", "key"),
-    ("GET", "/api/admin/builds", "admin"),
-    ("POST", "/api/admin/builds/{key}/rebuild", "admin"),
-    ("GET", "/api/admin/workers", "admin"),
-    ("DELETE", "/api/admin/builds/{key}/artifact", "admin"),
+    ("POST", "/api/builds", "build", 202),
+    ("DELETE", "/api/builds/{key}", "key", 200),
+    ("GET", "/api/admin/builds", "admin", 200),
+    ("POST", "/api/admin/builds/{key}/rebuild", "admin", 202),
+    ("GET", "/api/admin/workers", "admin", 200),
+    ("DELETE", "/api/admin/builds/{key}/artifact", "admin", 200),
 ]
+
+
+def ready_build(kilns: Kiln, template: str, built: dict[str, str]) -> str | None:
+    """Return a build ``template`` can act on: finished for a rebuild, stored for a delete."""
+    if template == "/api/admin/builds/{key}/rebuild":
+        key = new_build(kilns)
+        cancelled = requests.delete(f"{kilns.keys_mode.url}/api/builds/{key}",
+                                    headers=bearer(kilns.tokens["ops"]), timeout=30)
+        assert cancelled.status_code == 200, cancelled.text
+        return key
+    if template == "/api/admin/builds/{key}/artifact":
+        return built["scopes"]
+    return None  # a new queued build (call() makes it), or no build at all
 
 
 def call(kilns: Kiln, method: str, template: str, headers: dict[str, str],
@@ -178,9 +240,9 @@ def assert_error(resp: requests.Response, status: int) -> None:
         assert resp.headers["WWW-Authenticate"].startswith('Bearer realm="kiln"')
 
 
-@pytest.mark.parametrize(("method", "template", "need"), GUARDED)
+@pytest.mark.parametrize(("method", "template", "need", "admin_status"), GUARDED)
 def test_without_a_valid_key_the_answer_is_401(kilns: Kiln, method: str, template: str,
-                                               need: str) -> None:
+                                               need: str, admin_status: int) -> None:
     wrong = "kiln_" + "x" * 43
     key = new_build(kilns) if "{key}" in template else None
     for headers in ({}, bearer(wrong), bearer(kilns.tokens["gone"]),
@@ -191,23 +253,36 @@ def test_without_a_valid_key_the_answer_is_401(kilns: Kiln, method: str, templat
             assert "not valid" in resp.json()["error"]["message"]
 
 
-@pytest.mark.parametrize(("method", "template", "need"), GUARDED)
-def test_scopes_decide_between_403_and_success(kilns: Kiln, method: str, template: str,
-                                               need: str) -> None:
-    as_builder = call(kilns, method, template, bearer(kilns.tokens["ci"]))
-    as_admin = call(kilns, method, template, bearer(kilns.tokens["ops"]))
+@pytest.mark.parametrize(("method", "template", "need", "admin_status"), GUARDED)
+def test_scopes_decide_between_403_and_success(kilns: Kiln, built: dict[str, str],
+                                               method: str, template: str, need: str,
+                                               admin_status: int) -> None:
+    as_builder = call(kilns, method, template, bearer(kilns.tokens["ci"]),
+                      key=ready_build(kilns, template, built))
     if need == "admin":
         assert_error(as_builder, 403)
         assert "admin" in as_builder.json()["error"]["message"]
     else:
-        assert as_builder.status_code in (200, 202), as_builder.text
-    # an admin key may do everything (a queued build has no artifact and cannot be
-    # rebuilt: 409 says the key was accepted and the build's state is the obstacle)
-    assert as_admin.status_code in (200, 202, 409), as_admin.text
+        # a builder may do what an admin may on a build it asked for
+        assert as_builder.status_code == admin_status, as_builder.text
+    # an admin key may do everything: given a build in the state the route acts on, the
+    # answer is the route's success, never a 409
+    as_admin = call(kilns, method, template, bearer(kilns.tokens["ops"]),
+                    key=ready_build(kilns, template, built))
+    assert as_admin.status_code == admin_status, as_admin.text
+    if template == "/api/builds/{key}":
+        assert as_admin.json()["state"] == "cancelled"
+    if template == "/api/admin/builds/{key}/artifact":
+        assert "artifact" not in as_admin.json()
+        gone = requests.head(f"{kilns.keys_mode.url}/api/builds/{built['scopes']}/artifact",
+                             timeout=30)
+        assert gone.status_code == 404
+    if template == "/api/admin/builds/{key}/rebuild":
+        assert as_admin.json()["state"] == "queued"
 
 
 def test_open_mode_builds_anonymously_but_guards_the_rest(kilns: Kiln) -> None:
-    for method, template, need in GUARDED:
+    for method, template, need, _admin_status in GUARDED:
         resp = call(kilns, method, template, {}, base=kilns.open_mode.url)
         if need == "build":
             assert resp.status_code == 202, resp.text
@@ -291,28 +366,10 @@ def test_a_keys_priority_puts_its_builds_first(kilns: Kiln) -> None:
 # -- deleting an artifact -------------------------------------------------------------------
 
 
-def test_admin_deletes_an_artifact_and_the_next_request_rebuilds(kilns: Kiln) -> None:
+def test_admin_deletes_an_artifact_and_the_next_request_rebuilds(kilns: Kiln,
+                                                                  built: dict[str, str]) -> None:
     service = kilns.keys_mode
-    admin = bearer(kilns.tokens["ops"])
-    # an operator clears the queue before a worker starts: only this test's build runs
-    queued = requests.get(f"{service.url}/api/admin/builds",
-                          params={"state": "queued", "limit": 500}, headers=admin,
-                          timeout=30).json()["builds"]
-    for build in queued:
-        cancelled = requests.delete(f"{service.url}/api/builds/{build['key']}", headers=admin,
-                                    timeout=30)
-        assert cancelled.status_code == 200, cancelled.text
-    service.start_worker(env={"KILN_WORKER__CONCURRENCY": "1"})
-    try:
-        service.wait_for_worker()
-        # a worker claims only builds keyed with its own toolchain: wait until the API keys
-        # new builds with the real worker's, not the registered stand-in's it cached
-        time.sleep(TOOLCHAIN_CACHE_SECONDS + 0.5)
-        body = {"os": "linux", "arch": "amd64", "caddy_version": gp.CADDY_OLDEST}
-        key = post_build(service.url, body, kilns.tokens["ci"]).json()["key"]
-        assert service.wait_build(key)["state"] == "succeeded"
-    finally:
-        service.stop("worker")
+    key, body = built["deleted"], BUILT["deleted"]
     artifact = f"{service.url}/api/builds/{key}/artifact"
     assert requests.head(artifact, timeout=30).status_code == 200
     gone = requests.delete(f"{service.url}/api/admin/builds/{key}/artifact",
@@ -326,6 +383,35 @@ def test_admin_deletes_an_artifact_and_the_next_request_rebuilds(kilns: Kiln) ->
     # asked for again, it is built again
     again = post_build(service.url, body, kilns.tokens["ci"])
     assert again.status_code == 202 and again.json()["state"] == "queued"
+
+
+def test_download_in_keys_mode_needs_a_build_key(kilns: Kiln, built: dict[str, str]) -> None:
+    """caddyserver.com's download route starts builds: in keys mode it wants a key too."""
+    service = kilns.keys_mode
+    url = service.url + "/api/download"
+    params = {"os": "linux", "arch": "amd64", "version": gp.CADDY_OLDEST,
+              "p": f"{gp.HELLO}@v0.2.0"}
+    anonymous = requests.get(url, params=params, timeout=60)
+    assert_error(anonymous, 401)
+    assert anonymous.json()["error"]["message"] == (
+        "Building needs an API key on this server: send it as 'Authorization: Bearer <token>'")
+    looked = requests.head(url, params=params, timeout=60)
+    assert looked.status_code == 401 and looked.headers["WWW-Authenticate"].startswith("Bearer")
+    for token in ("kiln_" + "x" * 43, kilns.tokens["gone"]):
+        refused = requests.get(url, params=params, headers=bearer(token), timeout=60)
+        assert_error(refused, 401)
+        assert "not valid" in refused.json()["error"]["message"]
+    status = requests.get(f"{service.url}/api/builds/{built['download']}", timeout=30).json()
+    served = requests.get(url, params=params, headers=bearer(kilns.tokens["ci"]), timeout=120)
+    assert served.status_code == 200, served.text
+    assert served.headers["X-Kiln-Build-Key"] == built["download"]
+    assert served.headers["Content-Disposition"] == \
+        'attachment; filename="caddy_linux_amd64_custom"'
+    assert hashlib.sha256(served.content).hexdigest() == status["artifact"]["sha256"]
+    # the same request in open mode needs no key
+    anyone = requests.get(kilns.open_mode.url + "/api/download", params=params, timeout=120)
+    assert anyone.status_code == 200, anyone.text
+    assert anyone.content == served.content
 
 
 def test_private_metrics_need_an_admin_key(kilns: Kiln) -> None:
