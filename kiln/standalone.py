@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 #: seconds children get to exit after SIGTERM before they are killed
 STOP_GRACE_SECONDS = 20.0
+#: gunicorn's gthread worker, answering the requests gunicorn refuses itself (a URL over
+#: 4 KiB, oversized headers) in Kiln's JSON error shape rather than HTML
+WORKER_CLASS = "kiln.api.gunicorn_worker.ApiWorker"
 #: seconds between looks at the children
 POLL_SECONDS = 0.2
 
@@ -40,7 +43,7 @@ def gunicorn_command(config: Config) -> list[str]:
         "--bind", config.api.listen,
         "--workers", str(config.api.processes),
         "--threads", str(config.api.threads),
-        "--worker-class", "gthread",
+        "--worker-class", WORKER_CLASS,
         "--timeout", "0",
         "--graceful-timeout", "10",
         "--keep-alive", "75",

@@ -17,6 +17,8 @@ from typing import Any
 
 import requests
 
+from kiln.standalone import WORKER_CLASS
+
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 30.0
 
@@ -103,7 +105,7 @@ class KilnProcesses:
         return proc
 
     def start_api(self, *, workers: int = 1, threads: int = 32,
-                  worker_class: str = "gthread", env: Mapping[str, str] | None = None,
+                  worker_class: str = WORKER_CLASS, env: Mapping[str, str] | None = None,
                   name: str = "api") -> None:
         """Start gunicorn serving functions.api:app and wait until /healthz answers."""
         # the held-request caps are derived from api.threads: unless a test sets it, make it

@@ -9,6 +9,7 @@ The API image starts gunicorn this way, so ``api.listen``, ``api.processes`` and
 from __future__ import annotations
 
 from kiln.config import load_config
+from kiln.standalone import WORKER_CLASS
 
 #: seconds an idle client connection stays open; keep it above the load balancer's idle
 #: timeout in production (GUNICORN_CMD_ARGS="--keep-alive N"), or the balancer may reuse a
@@ -22,7 +23,8 @@ bind = [_config.api.listen]
 workers = _config.api.processes
 threads = _config.api.threads
 # held downloads wait on a notification, not on the CPU: threads, not processes, carry them
-worker_class = "gthread"
+# (gunicorn's gthread worker, answering the requests gunicorn refuses itself in JSON)
+worker_class = WORKER_CLASS
 # a held /api/download may legitimately take api.max_wait seconds
 timeout = 0
 graceful_timeout = 10

@@ -287,6 +287,10 @@ TOO_MANY = error("over the quota of new builds (or requests) for this window",
 #: every request may meet a bug or a database that cannot serve (kiln/api/errors.py)
 EVERY_ROUTE = {
     "401": UNAUTHORIZED,
+    # refused by gunicorn before the app reads it (kiln/api/gunicorn_worker.py)
+    "414": error("the URL is longer than the server reads (4094 bytes with the request line)"),
+    "431": error("the headers are larger than the server reads (over 100, or one over 8190 "
+                 "bytes)"),
     "500": error("internal error: the message gives the id to report to the operator"),
     "503": error("the database cannot serve now; try again shortly",
                  {"Retry-After": {"schema": {"type": "integer"},

@@ -146,6 +146,8 @@ def query_cases() -> list[Case]:
         f"/api/builds/{KEY}/log?offset=abc",
         "/api/admin/builds?state=..%2F", "/api/admin/builds?limit=-5",
         "/api/admin/workers?x=%00",
+        # past gunicorn's request line limit (4094 bytes): refused before the app sees it
+        "/api/builds?limit=" + "9" * 5000, "/api/admin/builds?state=" + "%5B" * 2000,
     ]
     cases += [Case(f"query {short(q)}", "GET", q) for q in others]
     return cases
@@ -169,6 +171,9 @@ HEADERS: dict[str, tuple[tuple[str, str], ...]] = {
     "range-many": (("Range", "bytes=" + ",".join(f"{i}-{i}" for i in range(500))),),
     "last-event-id": (("Last-Event-ID", "\xff" * 100),),
     "accept-odd": (("Accept", "*/*;q=" + "9" * 1000),),
+    # past gunicorn's header limits (8190 bytes a field, 100 fields): refused before the app
+    "header-huge": (("X-Padding", "x" * 9000),),
+    "headers-many": tuple((f"X-Pad-{i}", "x") for i in range(120)),
 }
 
 
