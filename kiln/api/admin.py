@@ -21,6 +21,8 @@ from kiln.db.builds import STATES, Build, QueueManager
 #: builds one listing returns by default, and at most
 LIST_LIMIT = 50
 MAX_LIST_LIMIT = 500
+#: longer than any key id or addr:<IPv6 address> a build records as its requester
+MAX_REQUESTER_CHARS = 200
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -106,9 +108,15 @@ class AdminBuildsResource:
         limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_LIST_LIMIT,
                                      default=LIST_LIMIT)
         before = _time_param(req, "before")
+        requested_by = req.get_param("requested_by")
+        # a requester is a key id or addr:<address>: printable, and PostgreSQL's text cannot
+        # hold a NUL at all
+        if requested_by is not None and (len(requested_by) > MAX_REQUESTER_CHARS
+                                         or not requested_by.isprintable()):
+            raise bad_request("requested_by must be a key id or addr:<client address>, as a "
+                              "build's requested_by.id shows it", field="requested_by")
         rows = self.queue.admin_list_builds(limit=limit, state=state,
-                                            requested_by=req.get_param("requested_by"),
-                                            before=before)
+                                            requested_by=requested_by, before=before)
         builds = [admin_build_document(Build.from_row(r), queue=self.queue,
                                        key_name=r.get("key_name")) for r in rows]
         doc: dict[str, Any] = {"builds": builds}

@@ -12,6 +12,8 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ import psycopg
 import pytest
 
 from tests.fixtures import goproxy as gp
-from tests.service import KilnProcesses
+from tests.service import REPO, KilnProcesses
 
 pytestmark = pytest.mark.slow
 
@@ -358,3 +360,24 @@ def test_every_log_line_is_one_record(kiln: KilnProcesses) -> None:
     for line in kiln.log("api").splitlines():
         assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ", line) \
             or line.startswith("[20"), line  # gunicorn's master, before Kiln's logging
+
+
+# last: it makes an admin key, which test_nothing_is_left_behind would count
+
+@pytest.fixture(scope="module")
+def admin_token(kiln: KilnProcesses) -> str:
+    made = subprocess.run([sys.executable, "-m", "kiln.cli", "keys", "create", "ops",
+                           "--scope", "admin", "--json"], cwd=REPO, env=kiln.env,
+                          capture_output=True, text=True, timeout=60, check=True)
+    return str(json.loads(made.stdout)["token"])
+
+
+@pytest.mark.parametrize("value", ["%00", "a%00b", "k_%0A", "%1B%5B31m", "k" * 300])
+def test_an_admin_filter_no_requester_can_match_is_a_400(kiln: KilnProcesses, admin_token: str,
+                                                         value: str) -> None:
+    status, headers, data = send(kiln, Case(value, "GET", f"/api/admin/builds?requested_by={value}",
+                                            headers=(("Authorization", f"Bearer {admin_token}"),)))
+    assert status == 400, (status, data[:500])
+    assert headers["content-type"].startswith("application/json")
+    error = json.loads(data)["error"]
+    assert error["field"] == "requested_by" and "key id" in error["message"], error
