@@ -288,7 +288,12 @@ class JanitorConfig(_Section):
     requeue_interval: float = Field(10.0, gt=0)
     #: seconds without a heartbeat before a worker is marked gone
     worker_gone_seconds: float = Field(120.0, gt=0)
+    #: seconds between sweeps for gone workers and for unclaimable builds
     worker_interval: float = Field(30.0, gt=0)
+    #: seconds after which a queued build whose toolchain (sandbox identity, Go version) no
+    #: worker has offered for as long fails, naming the toolchain it needs and the ones the
+    #: workers offer; 0: such builds wait for a worker with their toolchain for ever
+    unclaimable_after: float = Field(1800.0, ge=0)
     #: seconds between deletions of expired "latest" resolutions
     resolutions_interval: float = Field(60.0, gt=0)
     #: seconds between storage collections (retention and size budget)

@@ -297,6 +297,10 @@ def make_janitor(config: Config, *, url: str) -> Janitor:
         Job("mark_gone_workers", jc.worker_interval,
             lambda: queue.mark_gone_workers(seconds=jc.worker_gone_seconds)),
         Job("expire_resolutions", jc.resolutions_interval, queue.expire_resolutions),
+        # builds keyed with a toolchain the fleet no longer runs (an image or Go rollout)
+        *([Job("fail_unclaimable", jc.worker_interval,
+               lambda: queue.fail_unclaimable(seconds=jc.unclaimable_after))]
+          if jc.unclaimable_after else []),
         Job("storage_gc", jc.gc_interval, collector.collect),
         Job("prune", jc.prune_interval, pruner.prune),
         # callbacks of finished builds (kiln/janitor/webhooks.py)

@@ -15,6 +15,9 @@ from psycopg_pool import ConnectionPool
 
 from kiln.db.sql import queries
 
+#: builds fail_unclaimable fails per statement (the next run takes the rest)
+UNCLAIMABLE_BATCH = 1000
+
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -184,12 +187,15 @@ class QueueManager:
         """Claim up to ``limit`` queued builds for ``worker_id`` with a lease.
 
         A worker passes its sandbox identity and Go version and gets only builds keyed with
-        them: what it builds is then what the key and the provenance say. None claims builds
-        of any toolchain (tools and tests that build nothing).
+        them: what it builds is then what the key and the provenance say. Neither claims
+        builds of any toolchain (tools and tests that build nothing).
         """
-        rows = self._all("claim", {"worker_id": worker_id, "limit": limit,
-                                   "lease_seconds": lease_seconds, "sandbox": sandbox,
-                                   "go_version": go_version})
+        if (sandbox is None) != (go_version is None):
+            raise ValueError("claim: give both sandbox and go_version, or neither")
+        rows = self._all("claim" if sandbox is not None else "claim_any",
+                         {"worker_id": worker_id, "limit": limit,
+                          "lease_seconds": lease_seconds, "sandbox": sandbox,
+                          "go_version": go_version})
         return [Claimed(r["key"], r["spec"], r["number"], r["max_attempts"]) for r in rows]
 
     def extend_leases(self, worker_id: str, keys: list[str], *,
@@ -236,6 +242,17 @@ class QueueManager:
     def requeue_expired(self) -> list[dict[str, Any]]:
         """Requeue (or fail, past max_attempts) running builds whose lease expired."""
         return self._all("requeue_expired", {})
+
+    def fail_unclaimable(self, *, seconds: float,
+                         limit: int = UNCLAIMABLE_BATCH) -> list[str]:
+        """Fail queued builds whose toolchain no worker offered within ``seconds``.
+
+        Only builds that waited longer than ``seconds`` too; their error names the
+        toolchain they need and the ones the workers offer. Return their keys.
+        """
+        rows = self._all("fail_unclaimable", {"seconds": seconds, "limit": limit,
+                                              "after": _span(seconds)})
+        return [r["key"] for r in rows]
 
     def next_run_after(self) -> float | None:
         """Return seconds until the earliest delayed queued build may be claimed."""
@@ -304,6 +321,15 @@ class QueueManager:
     def expire_resolutions(self) -> None:
         """Delete expired resolutions."""
         self._one_exec("expire_resolutions", {})
+
+
+def _span(seconds: float) -> str:
+    """Return a duration as people write it: 45 s, 30 min, 2 h, 1.5 days."""
+    for unit, size in (("days", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if seconds >= size:
+            amount = round(seconds / size, 1)
+            return "1 day" if unit == "days" and amount == 1 else f"{amount:g} {unit}"
+    return f"{round(seconds, 1):g} s"
 
 
 def _enqueue_keeps(build: Build) -> bool:

@@ -5,6 +5,9 @@ Jobs (each with its own interval, see ``janitor`` in the config):
 - ``requeue_expired``: running builds whose lease ran out (worker killed or cut off) go back
   to the queue at once, the attempt recorded as lost; past ``max_attempts`` they fail.
 - ``mark_gone_workers``: workers without a heartbeat are marked gone.
+- ``fail_unclaimable``: queued builds keyed with a toolchain (sandbox identity, Go version)
+  no worker has offered for ``unclaimable_after`` fail, saying which toolchain they need
+  and which the workers offer.
 - ``expire_resolutions``: "latest" resolutions past their TTL are deleted.
 - ``storage_gc``: artifacts past their retention, then over the size budget, are deleted
   (kiln/janitor/gc.py); the build row stays, so the next request rebuilds it.

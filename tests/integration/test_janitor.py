@@ -157,6 +157,94 @@ def test_janitor_marks_silent_workers_gone_and_expires_resolutions(
     assert sql(pool, "SELECT query FROM kiln_resolutions") == [("v1.0.0",)]
 
 
+OLD = "docker:kiln-sandbox@sha256:old"
+NEW = "docker:kiln-sandbox@sha256:new"
+PROCESS = "process:go1.27.3"
+
+
+def toolchain_build(queue: QueueManager, pool: ConnectionPool, n: int, sandbox: str | None,
+                    *, waited: str) -> str:
+    """Queue a build keyed with ``sandbox`` and go1.27.3 that has waited ``waited``."""
+    spec = dict(SPEC, **({"sandbox": sandbox, "go_version": "go1.27.3"} if sandbox else {}))
+    queue.enqueue(key_of(n), spec)
+    sql(pool, "UPDATE kiln_builds SET queued_at = now() - %(w)s::interval WHERE key = %(k)s",
+        {"w": waited, "k": key_of(n)})
+    return key_of(n)
+
+
+def worker_seen(queue: QueueManager, pool: ConnectionPool, worker_id: str, sandbox: str, *,
+                started: str, seen: str | None) -> None:
+    """Record a worker started ``started`` ago; ``seen`` None: alive, else gone since then."""
+    queue.register_worker(worker_id, hostname="h", pid=1, concurrency=2, sandbox=sandbox,
+                          go_version="go1.27.3")
+    sql(pool, "UPDATE kiln_workers SET started_at = now() - %(s)s::interval WHERE id = %(id)s",
+        {"s": started, "id": worker_id})
+    if seen is not None:
+        sql(pool, """UPDATE kiln_workers SET state = 'gone',
+                            heartbeat_at = now() - %(seen)s::interval,
+                            stopped_at = now() - %(seen)s::interval
+                      WHERE id = %(id)s""", {"seen": seen, "id": worker_id})
+
+
+def test_janitor_fails_builds_no_worker_can_claim_and_spares_the_others(
+        db_url: str, queue: QueueManager, pool: ConnectionPool, tmp_path: Path) -> None:
+    # an image rollout replaced the fleet's sandbox: builds keyed with the old one would
+    # wait for ever; those of toolchains the fleet offers must not be touched
+    worker_seen(queue, pool, "w-new", NEW, started="1 minute", seen=None)
+    worker_seen(queue, pool, "w-old", OLD, started="3 hours", seen="2 hours")
+    worker_seen(queue, pool, "w-process", PROCESS, started="5 hours", seen="10 minutes")
+    stranded = toolchain_build(queue, pool, 1, OLD, waited="1 hour")
+    fresh = toolchain_build(queue, pool, 2, OLD, waited="5 minutes")
+    served = toolchain_build(queue, pool, 3, NEW, waited="1 hour")
+    recent = toolchain_build(queue, pool, 4, PROCESS, waited="1 hour")
+    events = psycopg.connect(db_url, autocommit=True)
+    events.execute("LISTEN kiln_events")
+
+    run = subprocess.run([sys.executable, "-m", "functions.janitor", "--once", "--job",
+                          "fail_unclaimable"], cwd=REPO,
+                         env=janitor_env(db_url, tmp_path / "artifacts"), capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    build = queue.get(stranded)
+    assert build is not None and build.state == "failed" and build.finished_at is not None
+    assert build.error == (
+        f"no build worker has offered the toolchain this build is keyed with (sandbox {OLD} "
+        f"with go1.27.3) within the last 30 min; the workers offer sandbox {NEW} with "
+        f"go1.27.3; sandbox {PROCESS} with go1.27.3. Ask for the build again: it is then "
+        "keyed with their toolchain")
+    # retryable: asking for it again queues it rather than answering the old failure
+    assert build.error_kind == "retryable"
+    for key in (fresh, served, recent):
+        left = queue.get(key)
+        assert left is not None and (left.state, left.error) == ("queued", None), key
+    # waiting clients are told at once
+    notes = [n.payload for n in events.notifies(timeout=1.0)]
+    events.close()
+    assert f'{{"key" : "{stranded}", "state" : "failed"}}' in notes
+
+
+def test_a_fleet_scaled_to_zero_keeps_the_builds_of_its_toolchain(
+        queue: QueueManager, pool: ConnectionPool) -> None:
+    # no worker runs now; new builds are keyed with the newest worker's toolchain and a
+    # new worker of it is on its way (an autoscaler): those builds wait
+    worker_seen(queue, pool, "w-older", OLD, started="6 hours", seen="4 hours")
+    worker_seen(queue, pool, "w-newest", NEW, started="5 hours", seen="3 hours")
+    kept = toolchain_build(queue, pool, 1, NEW, waited="1 hour")
+    stranded = toolchain_build(queue, pool, 2, OLD, waited="1 hour")
+    unkeyed = toolchain_build(queue, pool, 3, None, waited="1 hour")
+
+    assert sorted(queue.fail_unclaimable(seconds=1800)) == sorted([stranded, unkeyed])
+    assert queue.get(kept).state == "queued"  # type: ignore[union-attr]
+    build = queue.get(unkeyed)
+    assert build is not None and build.state == "failed"
+    assert build.error is not None and build.error.startswith(
+        "no build worker has offered the toolchain this build is keyed with (sandbox "
+        "(none recorded) with (none recorded)) within the last 30 min; the workers offer "
+        f"sandbox {NEW} with go1.27.3.")
+    assert queue.fail_unclaimable(seconds=1800) == []  # nothing twice
+
+
 def test_retries_wait_out_their_backoff_and_end_with_the_last_error(
         queue: QueueManager) -> None:
     key = key_of(1)

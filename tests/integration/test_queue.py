@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import time
 from collections.abc import Iterator
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from kiln.db.builds import QueueManager
 from kiln.db.notify import QUEUE_CHANNEL
+from kiln.db.sql import queries
 
 
 def key_of(n: int) -> str:
@@ -197,3 +200,57 @@ def test_live_workers_counts_only_those_with_the_toolchain_asked_for(
                               go_version="go1.27.3") == 0
     assert queue.live_workers(seconds=60, sandbox="process:go1.27.3",
                               go_version="go1.26.0") == 0
+
+
+def explain(conn: psycopg.Connection, name: str, params: dict[str, object], *,
+            generic: bool) -> str:
+    """Return the plan of the named builds.sql query: as first run, or as a prepared one."""
+    text = queries()[name]
+    if not generic:
+        return "\n".join(r[0] for r in conn.execute("EXPLAIN " + text, params))
+    # psycopg prepares a statement run often on one connection, and PostgreSQL may then
+    # plan it once for any parameters: that plan must use the index as well
+    names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", text)))
+    numbered = re.sub(r"%\((\w+)\)s", lambda m: f"${names.index(m.group(1)) + 1}", text)
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+    types = ", ".join({str: "text", int: "int", float: "float8"}[type(params[n])]
+                      for n in names)
+    conn.execute(f"PREPARE probe ({types}) AS {numbered}")
+    try:
+        values = sql.SQL(", ").join(sql.Literal(params[n]) for n in names).as_string(conn)
+        return "\n".join(r[0] for r in conn.execute(f"EXPLAIN EXECUTE probe({values})"))
+    finally:
+        conn.execute("DEALLOCATE probe")
+        conn.execute("RESET plan_cache_mode")
+
+
+def test_the_claim_of_one_toolchain_uses_its_index(queue: QueueManager, db_url: str) -> None:
+    # a rollout: thousands of builds queued for other toolchains must not be walked, nor the
+    # whole table scanned, each time a worker claims
+    toolchains = [("docker:kiln-sandbox@sha256:old", "go1.26.0"),
+                  ("docker:kiln-sandbox@sha256:new", "go1.27.3"),
+                  ("process:go1.27.3", "go1.27.3"),
+                  ("docker:kiln-sandbox@sha256:new", "go1.26.0")]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for n, (sandbox, go_version) in enumerate(toolchains):
+            conn.execute(
+                """INSERT INTO kiln_builds (key, spec, state, priority)
+                   SELECT encode(sha256(convert_to(%(n)s::text || '-' || i, 'UTF8')), 'hex'),
+                          jsonb_build_object('os', 'linux', 'arch', 'amd64',
+                                             'sandbox', %(sandbox)s::text,
+                                             'go_version', %(go)s::text),
+                          CASE WHEN i %% 10 = 0 THEN 'succeeded' ELSE 'queued' END, i %% 3
+                     FROM generate_series(1, 1500) AS i""",
+                {"n": str(n), "sandbox": sandbox, "go": go_version})
+        conn.execute("ANALYZE kiln_builds")
+        params = {"worker_id": "w", "limit": 2, "lease_seconds": 60.0,
+                  "sandbox": "process:go1.27.3", "go_version": "go1.27.3"}
+        for generic in (False, True):
+            plan = explain(conn, "claim", params, generic=generic)
+            assert "kiln_builds_claim_toolchain_idx" in plan, plan
+            assert "Seq Scan on kiln_builds" not in plan, plan
+    # and it claims what the index gives: that toolchain's builds, highest priority first
+    claimed = queue.claim("w", limit=2, lease_seconds=60, sandbox="process:go1.27.3",
+                          go_version="go1.27.3")
+    assert [c.spec["sandbox"] for c in claimed] == ["process:go1.27.3"] * 2
+    assert {queue.get(c.key).priority for c in claimed} == {2}  # type: ignore[union-attr]

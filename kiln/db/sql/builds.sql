@@ -48,16 +48,47 @@ SELECT key, spec, state, attempts, created_at, finished_at, error, artifact_size
  LIMIT %(limit)s;
 
 -- name: claim
--- Claim up to `limit` builds in priority then age order; kiln_builds_claim_idx matches the
--- ORDER BY, and SKIP LOCKED lets any number of workers claim at once without waiting.
--- Only builds keyed with the worker's sandbox identity and Go version: the key and the
--- provenance name them, so a build waits for a worker that has them (NULL: any, for tools).
+-- Claim up to `limit` builds in priority then age order; SKIP LOCKED lets any number of
+-- workers claim at once without waiting. Only builds keyed with the worker's sandbox
+-- identity and Go version: the key and the provenance name them, so a build waits for a
+-- worker that has them. kiln_builds_claim_toolchain_idx (migrations/0008) serves both the
+-- filter and the ORDER BY; plain equalities keep it usable by a prepared (generic) plan.
 WITH next AS (
     SELECT key
       FROM kiln_builds
      WHERE state = 'queued' AND run_after <= now()
-       AND (%(sandbox)s::text IS NULL OR spec->>'sandbox' = %(sandbox)s::text)
-       AND (%(go_version)s::text IS NULL OR spec->>'go_version' = %(go_version)s::text)
+       AND spec->>'sandbox' = %(sandbox)s::text
+       AND spec->>'go_version' = %(go_version)s::text
+     ORDER BY priority DESC, queued_at, key
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE kiln_builds b
+       SET state = 'running', attempts = b.attempts + 1, worker_id = %(worker_id)s,
+           lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
+           started_at = now(), updated_at = now()
+      FROM next
+     WHERE b.key = next.key
+ RETURNING b.key, b.spec, b.attempts, b.max_attempts
+), attempt AS (
+    INSERT INTO kiln_attempts (build_key, number, worker_id)
+    SELECT c.key,
+           (SELECT count(*) + 1 FROM kiln_attempts a WHERE a.build_key = c.key),
+           %(worker_id)s
+      FROM claimed c
+    RETURNING build_key, number
+)
+SELECT c.key, c.spec, c.attempts, c.max_attempts, a.number,
+       pg_notify('kiln_events', json_build_object('key', c.key, 'state', 'running')::text)
+  FROM claimed c JOIN attempt a ON a.build_key = c.key;
+
+-- name: claim_any
+-- claim for tools and tests that build nothing: builds of any toolchain, in the same order
+-- (kiln_builds_claim_idx matches it).
+WITH next AS (
+    SELECT key
+      FROM kiln_builds
+     WHERE state = 'queued' AND run_after <= now()
      ORDER BY priority DESC, queued_at, key
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
@@ -193,6 +224,50 @@ SELECT key, state,
        CASE WHEN state = 'queued' THEN pg_notify('kiln_queue', key) END,
        pg_notify('kiln_events', json_build_object('key', key, 'state', state)::text)
   FROM moved;
+
+-- name: fail_unclaimable
+-- Queued builds keyed with a toolchain (sandbox identity, Go version) that no worker has
+-- offered within `seconds`, and waiting longer than that, fail with what they need and what
+-- the workers offer, instead of waiting forever (a rollout replaced the fleet's image or Go).
+-- The toolchain new builds are keyed with (the newest worker's, see toolchain) counts as
+-- offered even when no worker runs: a fleet scaled to zero comes back with it. A retryable
+-- error: asking again keys the build with the toolchain the workers have.
+WITH offered AS (
+    SELECT DISTINCT sandbox, go_version
+      FROM kiln_workers
+     WHERE heartbeat_at > now() - make_interval(secs => %(seconds)s)
+        OR id = (SELECT id FROM kiln_workers ORDER BY started_at DESC LIMIT 1)
+), fleet AS (
+    SELECT coalesce(string_agg(format('sandbox %%s with %%s', sandbox, go_version), '; '
+                               ORDER BY sandbox, go_version),
+                    'nothing (no worker has registered)') AS offers
+      FROM offered
+), stranded AS (
+    SELECT b.key
+      FROM kiln_builds b
+     WHERE b.state = 'queued' AND b.queued_at < now() - make_interval(secs => %(seconds)s)
+       AND NOT EXISTS (SELECT 1 FROM offered o
+                        WHERE o.sandbox = b.spec->>'sandbox'
+                          AND o.go_version = b.spec->>'go_version')
+     ORDER BY b.queued_at
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+), failed AS (
+    UPDATE kiln_builds b
+       SET state = 'failed', finished_at = now(), updated_at = now(), error_kind = 'retryable',
+           error = format('no build worker has offered the toolchain this build is keyed with '
+                          '(sandbox %%s with %%s) within the last %%s; the workers offer %%s. '
+                          'Ask for the build again: it is then keyed with their toolchain',
+                          coalesce(b.spec->>'sandbox', '(none recorded)'),
+                          coalesce(b.spec->>'go_version', '(none recorded)'),
+                          %(after)s::text, fleet.offers)
+      FROM stranded, fleet
+     WHERE b.key = stranded.key
+ RETURNING b.key, b.error
+)
+SELECT key, error,
+       pg_notify('kiln_events', json_build_object('key', key, 'state', 'failed')::text)
+  FROM failed;
 
 -- name: next_run_after
 -- When the earliest delayed build becomes claimable (for a worker's poll timer).
