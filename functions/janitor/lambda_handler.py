@@ -4,9 +4,12 @@ Scheduled (EventBridge, e.g. ``rate(1 minute)``): each invocation applies pendin
 migrations and runs every janitor job that is due (``Janitor.run_once``; each job keeps its
 own interval across invocations and janitors). When ``janitor.cloudwatch_namespace`` is set
 it then publishes the queue depth there, for the worker Auto Scaling group to scale on:
-``QueuedBuilds`` (claimable now), ``RunningBuilds`` and ``WorkerSlots`` (builds the live
-workers can run at once): the gauges ``/metrics`` shows. The janitor and its connection
-pool live across warm invocations.
+``QueuedBuilds`` (claimable now by a worker of a toolchain the fleet offers),
+``RunningBuilds``, ``WorkerSlots`` (builds the live workers can run at once) and
+``UnclaimableBuilds`` (queued for a toolchain no worker offers), without dimensions, and
+the first three again per toolchain (dimensions ``Sandbox`` and ``GoVersion``;
+kiln/janitor/scaling.py). The janitor and its connection pool live across warm
+invocations.
 """
 
 from __future__ import annotations
@@ -17,39 +20,6 @@ from typing import Any
 from kiln.config import Config
 
 log = logging.getLogger("kiln.lambda")
-
-#: CloudWatch metric name → (Prometheus gauge of kiln.metrics, its state label or None)
-GAUGES = {
-    "QueuedBuilds": ("kiln_queue_depth", None),
-    "RunningBuilds": ("kiln_builds", "running"),
-    "WorkerSlots": ("kiln_worker_slots", None),
-}
-
-
-def queue_depth(pool: Any, *, worker_live_seconds: float) -> dict[str, float]:
-    """Return the gauges GAUGES names, read from the database as /metrics reads them."""
-    from kiln.metrics import KilnCollector
-
-    wanted = {(gauge, state): name for name, (gauge, state) in GAUGES.items()}
-    values = dict.fromkeys(GAUGES, 0.0)
-    collector = KilnCollector(pool, worker_live_seconds=worker_live_seconds)
-    for metric in collector.collect():
-        for sample in metric.samples:
-            name = wanted.get((sample.name, sample.labels.get("state")))
-            if name is not None:
-                values[name] = float(sample.value)
-    return values
-
-
-def publish(values: dict[str, float], *, namespace: str, client: Any = None) -> None:
-    """Put the gauges into CloudWatch, one metric each, without dimensions."""
-    if client is None:
-        import boto3
-
-        client = boto3.client("cloudwatch")
-    client.put_metric_data(Namespace=namespace, MetricData=[
-        {"MetricName": name, "Value": value, "Unit": "Count"} for name, value in values.items()
-    ])
 
 
 class JanitorFunction:
@@ -64,14 +34,17 @@ class JanitorFunction:
 
     def __call__(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
         """Run the due janitor jobs once, publish the queue depth; return both."""
+        from kiln.janitor.scaling import publish, queue_by_toolchain, queue_depth
+
         results = self.janitor.run_once()
-        values = queue_depth(self.janitor.queue.pool,
-                             worker_live_seconds=self.config.janitor.worker_gone_seconds)
+        toolchains = queue_by_toolchain(
+            self.janitor.queue.pool, worker_live_seconds=self.config.janitor.worker_gone_seconds)
+        values = queue_depth(toolchains)
         namespace = self.config.janitor.cloudwatch_namespace
         if namespace:
-            publish(values, namespace=namespace)
+            publish(values, namespace=namespace, toolchains=toolchains)
         log.info("janitor run: %s; queue: %s", results, values)
-        return {"jobs": results, "queue": values}
+        return {"jobs": results, "queue": values, "toolchains": toolchains}
 
     def close(self) -> None:
         """Close the janitor's connection pool."""

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import psycopg
 import pytest
 import requests
+import yaml
 
 from functions.api.lambda_handler import ApiFunction, check_config
 from functions.janitor.lambda_handler import JanitorFunction
@@ -29,6 +31,7 @@ from tests.fixtures import goproxy as gp
 from tests.service import KilnProcesses
 
 REGION = "us-east-1"
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Context:
@@ -255,6 +258,63 @@ def test_janitor_requeues_an_expired_lease_and_publishes_queue_depth(
         Period=60, Statistics=["Maximum"])
     assert [p["Maximum"] for p in stats["Datapoints"]] == [1.0]
 
+
+
+def test_queue_depth_counts_only_builds_the_fleet_can_claim(
+        api: ApiFunction, env: dict[str, str]) -> None:
+    # a rollout left builds keyed with a toolchain no worker runs: an autoscaler scaling on
+    # them would add workers that claim nothing. Those builds are published apart, and per
+    # toolchain, and the KEDA trigger counts what QueuedBuilds counts
+    queue = api.services.queue
+    old, other = ("docker:kiln-sandbox@sha256:old", "go1.26.0"), ("docker:b", "go1.27.3")
+    queue.register_worker("lambda-other", hostname="test", pid=2, concurrency=2,
+                          sandbox=other[0], go_version=other[1])
+    register_worker(api)  # process:test with go1.27.3, the newest
+    current = ("process:test", "go1.27.3")
+    for n, (sandbox, go_version) in enumerate([current] * 2 + [old] * 3 + [other] * 2):
+        queue.enqueue(hashlib.sha256(f"depth-{n}".encode()).hexdigest(),
+                      {"os": "linux", "arch": "amd64", "sandbox": sandbox,
+                       "go_version": go_version})
+    assert len(queue.claim("lambda-other", limit=1, lease_seconds=60, sandbox=other[0],
+                           go_version=other[1])) == 1
+
+    function = JanitorFunction(load_config(env=env))
+    try:
+        result = function({"source": "aws.events", "detail-type": "Scheduled Event"}, Context())
+    finally:
+        function.close()
+    assert result["queue"] == {"QueuedBuilds": 3.0, "RunningBuilds": 1.0, "WorkerSlots": 3.0,
+                               "UnclaimableBuilds": 3.0}
+
+    cloudwatch = boto3.client("cloudwatch", endpoint_url=env["KILN_STORAGE__S3__ENDPOINT_URL"],
+                              region_name=REGION)
+    now = dt.datetime.now(dt.UTC)
+
+    def published(name: str, toolchain: tuple[str, str]) -> list[float]:
+        dimensions = [{"Name": "Sandbox", "Value": toolchain[0]},
+                      {"Name": "GoVersion", "Value": toolchain[1]}]
+        stats = cloudwatch.get_metric_statistics(
+            Namespace=env["KILN_JANITOR__CLOUDWATCH_NAMESPACE"], MetricName=name,
+            Dimensions=dimensions, StartTime=now - dt.timedelta(minutes=5),
+            EndTime=now + dt.timedelta(minutes=1), Period=600, Statistics=["Sum"])
+        return [p["Sum"] for p in stats["Datapoints"]]  # one series: one value
+
+    # (the totals above go out without dimensions; moto, unlike CloudWatch, answers a
+    # query without dimensions with every series of the name added up, so they are read
+    # from the function's answer and the per-toolchain series from CloudWatch)
+    assert published("QueuedBuilds", current) == [2.0]
+    assert published("QueuedBuilds", old) == [3.0]
+    assert published("WorkerSlots", old) == [0.0]
+    assert published("QueuedBuilds", other) == [1.0]
+    assert published("WorkerSlots", other) == [2.0]
+    assert published("RunningBuilds", other) == [1.0]
+
+    # the Kubernetes workers' KEDA trigger counts the same builds
+    scaled_job = next(d for d in yaml.safe_load_all((REPO / "infra/k8s/worker.yaml").read_text())
+                      if d["kind"] == "ScaledJob")
+    query = scaled_job["spec"]["triggers"][0]["metadata"]["query"]
+    with psycopg.connect(env["KILN_DATABASE__URL"]) as conn:
+        assert conn.execute(query).fetchone()[0] == 3  # type: ignore[index]
 
 
 @pytest.mark.slow

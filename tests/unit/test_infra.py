@@ -45,7 +45,14 @@ INFRA = REPO / "infra"
 COMPOSE = INFRA / "compose" / "docker-compose.yml"
 K8S = INFRA / "k8s"
 TERRAFORM = INFRA / "terraform" / "aws"
-QUEUE_QUERY = "SELECT count(*) FROM kiln_builds WHERE state = 'queued'"
+#: queued builds a new worker could claim (tests/integration/test_lambda.py runs it on
+#: PostgreSQL against the Lambda janitor's QueuedBuilds)
+QUEUE_QUERY = (
+    "SELECT count(*) FROM kiln_builds b WHERE b.state = 'queued' AND b.run_after <= now() "
+    "AND EXISTS (SELECT 1 FROM kiln_workers w WHERE w.sandbox = b.spec->>'sandbox' "
+    "AND w.go_version = b.spec->>'go_version' AND ((w.state = 'active' "
+    "AND w.heartbeat_at > now() - interval '120 seconds') OR w.id = (SELECT id "
+    "FROM kiln_workers ORDER BY started_at DESC LIMIT 1)))")
 KEDA_CRDS = REPO / "tests" / "unit" / "testdata" / "keda"
 #: the oldest Kubernetes infra/k8s runs on (native sidecars: 1.29) and the newest whose
 #: schemas kubernetes-validate bundles

@@ -38,6 +38,46 @@ SELECT count(*) FILTER (WHERE run_after <= now()) AS ready,
   FROM kiln_builds
  WHERE state = 'queued';
 
+-- name: queue_by_toolchain
+-- Per toolchain (sandbox identity, Go version; NULL in builds keyed before toolchains were):
+-- builds claimable now, running builds, and the slots of the live workers that have it.
+-- offered: a live worker (active, heartbeat within `seconds`) has it, or it is the newest
+-- worker's, which new builds are keyed with and a fleet scaled to zero comes back with.
+-- Builds of other toolchains no worker will claim: an autoscaler counts only offered ones
+-- (infra/k8s/worker.yaml's trigger query counts the same), and the janitor fails the others
+-- after janitor.unclaimable_after.
+WITH newest AS (
+    SELECT sandbox, go_version FROM kiln_workers ORDER BY started_at DESC LIMIT 1
+), live AS (
+    SELECT sandbox, go_version, sum(concurrency) AS slots
+      FROM kiln_workers
+     WHERE state = 'active' AND heartbeat_at > now() - make_interval(secs => %(seconds)s)
+     GROUP BY sandbox, go_version
+), builds AS (
+    SELECT spec->>'sandbox' AS sandbox, spec->>'go_version' AS go_version,
+           count(*) FILTER (WHERE state = 'queued' AND run_after <= now()) AS queued,
+           count(*) FILTER (WHERE state = 'running') AS running
+      FROM kiln_builds
+     WHERE state IN ('queued', 'running')
+     GROUP BY 1, 2
+), toolchains AS (
+    SELECT sandbox, go_version FROM builds
+    UNION SELECT sandbox, go_version FROM live
+    UNION SELECT sandbox, go_version FROM newest
+)
+SELECT t.sandbox, t.go_version,
+       coalesce(b.queued, 0)::float8 AS queued, coalesce(b.running, 0)::float8 AS running,
+       coalesce(l.slots, 0)::float8 AS slots,
+       (l.sandbox IS NOT NULL OR EXISTS (
+            SELECT 1 FROM newest n
+             WHERE n.sandbox = t.sandbox AND n.go_version = t.go_version)) AS offered
+  FROM toolchains t
+  LEFT JOIN builds b
+         ON b.sandbox IS NOT DISTINCT FROM t.sandbox
+        AND b.go_version IS NOT DISTINCT FROM t.go_version
+  LEFT JOIN live l ON l.sandbox = t.sandbox AND l.go_version = t.go_version
+ ORDER BY t.sandbox, t.go_version;
+
 -- name: workers
 -- Workers by state; alive: active with a heartbeat within `seconds`, and their build slots.
 SELECT count(*) FILTER (WHERE state = 'active') AS active,
