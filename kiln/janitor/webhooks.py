@@ -1,6 +1,7 @@
 """Webhooks: POST a signed JSON document to a build's ``callback_url`` when it finishes.
 
-A request's callback is stored as 'waiting' (sql/webhooks.sql, kiln_webhooks). The
+A request's callback is stored as 'subscribed' (sql/webhooks.sql, kiln_webhooks; 'waiting'
+rows are those an API older than migration 0007 stored). The
 janitor's ``deliver_webhooks`` job turns the callbacks of finished builds into 'pending'
 deliveries with a snapshot of the outcome, then POSTs them, retrying with exponential
 backoff until one answers 2xx or ``webhooks.max_attempts`` is spent. The body is signed

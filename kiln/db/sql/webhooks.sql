@@ -1,11 +1,12 @@
 -- Webhook callbacks and their deliveries, by name. Loaded by kiln/db/webhooks.py (WebhookManager).
 
 -- name: subscribe
--- One waiting subscription per build, URL and requester; asking again gives it the newest
--- secret (the one the latest answer returned).
-INSERT INTO kiln_webhooks (build_key, url, base_url, requester, secret)
-VALUES (%(build_key)s, %(url)s, %(base_url)s, %(requester)s, %(secret)s)
-ON CONFLICT (build_key, url, requester) WHERE state = 'waiting'
+-- One subscription per build, URL and requester, 'subscribed' until the build finishes;
+-- asking again gives it the newest secret (the one the latest answer returned). 'waiting'
+-- rows are the API before 0007's, one per build and URL (migrations/0009).
+INSERT INTO kiln_webhooks (build_key, url, base_url, requester, secret, state)
+VALUES (%(build_key)s, %(url)s, %(base_url)s, %(requester)s, %(secret)s, 'subscribed')
+ON CONFLICT (build_key, url, requester) WHERE state = 'subscribed'
 DO UPDATE SET secret = EXCLUDED.secret, base_url = EXCLUDED.base_url;
 
 -- name: fire
@@ -16,7 +17,8 @@ WITH due AS (
            b.finished_at, b.spec
       FROM kiln_webhooks w
       JOIN kiln_builds b ON b.key = w.build_key
-     WHERE w.state = 'waiting' AND b.state IN ('succeeded', 'failed', 'cancelled')
+     WHERE w.state IN ('waiting', 'subscribed')
+       AND b.state IN ('succeeded', 'failed', 'cancelled')
        FOR UPDATE OF w SKIP LOCKED
 )
 UPDATE kiln_webhooks w
