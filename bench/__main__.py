@@ -1,16 +1,19 @@
 """``python -m bench``: run Kiln's benchmarks and write bench/results.json and results.md.
 
 Groups (``--only``): queue (bench/queue_bench.py), builds (the synthetic Caddy,
-bench/build_bench.py), http (bench/http_bench.py) and real (real Caddy from the real Go
-module proxy beside xcaddy, bench/real_bench.py); each module's docstring says what its
-rows mean. ``--smoke`` runs every group once with tiny sizes and judges nothing: a check
-that the benchmarks still run, not a measurement.
+bench/build_bench.py), http (bench/http_bench.py), real (real Caddy from the real Go
+module proxy beside xcaddy, bench/real_bench.py) and fuzz (Schemathesis against the running
+service, bench/fuzz_bench.py); each module's docstring says what its rows mean. With
+``--only``, the other groups' rows already in the output's results.json are kept.
+``--smoke`` runs every group once with tiny sizes and judges nothing: a check that the
+benchmarks still run, not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import statistics
@@ -20,14 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import build_bench, http_bench, queue_bench, real_bench
+from bench import build_bench, fuzz_bench, http_bench, queue_bench, real_bench
 from bench.bulk_plugin import add_bulk
 from bench.infra import fresh_database, load_average, postgres, remove_tree, server_version
 from bench.report import Figure, Results, Row, percentile
 from tests.fixtures import goproxy as gp
 
 HERE = Path(__file__).resolve().parent
-GROUPS = ("queue", "builds", "http", "real")
+GROUPS = ("queue", "builds", "http", "real", "fuzz")
 
 
 def log(message: str) -> None:
@@ -436,6 +439,13 @@ def main(argv: list[str] | None = None) -> int:
                     db_url=lambda name: fresh_database(server.url, name))
                 real_rows(results, data)
                 results.details["real"] = data
+            if "fuzz" in groups:
+                results.group = "fuzz"
+                data = fuzz_bench.run(
+                    db_url=fresh_database(server.url, "kiln_bench_fuzz"), root=root / "fuzz",
+                    proxy_dir=proxy_dir, smoke=args.smoke, progress=log)
+                fuzz_bench.rows(results, data)
+                results.details["fuzz"] = data
     finally:
         results.machine["load_end"] = load_average()
         results.machine["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -443,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:  # a check that everything runs, not a measurement
             for row in results.rows:
                 row.met = None
+        previous = output / "results.json"
+        if groups != set(GROUPS) and previous.exists():  # --only X replaces X's rows alone
+            results.merge(json.loads(previous.read_text()))
         if results.rows:
             js, md = results.write(output)
             log(f"wrote {js} and {md}")

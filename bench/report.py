@@ -72,6 +72,14 @@ class Row:
     #: the benchmark group (python -m bench --only GROUP) that measured it
     group: str = ""
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Row:
+        """Return the row of one entry of results.json's ``rows``."""
+        figures = {name: None if data.get(name) is None
+                   else Figure(**{**data[name], "runs": tuple(data[name]["runs"])})
+                   for name in ("figure", "peer")}
+        return cls(**{**data, **figures})
+
     def figure_text(self) -> str:
         """Return the figure column: ours, then the peer's."""
         if self.figure is None:
@@ -103,6 +111,41 @@ class Results:
         return {"machine": self.machine, "rows": [asdict(r) for r in self.rows],
                 "details": self.details}
 
+    def merge(self, previous: dict[str, Any]) -> None:
+        """Keep the rows and details of an earlier results.json for the groups not measured.
+
+        The earlier rows keep their places; this run's rows take their group's place (a
+        group new to the file goes last); the machine of each earlier run stays, under
+        ``earlier``, with the groups whose rows it measured.
+        """
+        measured = set(self.machine.get("groups") or {r.group for r in self.rows})
+        merged: list[Row] = []
+        placed: set[str] = set()
+        for data in previous.get("rows", []):
+            group = data.get("group", "")
+            if group in measured:
+                if group not in placed:
+                    merged += [r for r in self.rows if r.group == group]
+                    placed.add(group)
+            else:
+                merged.append(Row.from_json(data))
+        merged += [r for r in self.rows if r.group not in placed]
+        kept = {r.group for r in merged} - measured
+        self.rows = merged
+        for group, detail in previous.get("details", {}).items():
+            if group in kept:
+                self.details.setdefault(group, detail)
+        machine = dict(previous.get("machine", {}))
+        runs = machine.pop("earlier", [])
+        runs.append(machine)
+        earlier = []
+        for run in runs:
+            groups = sorted(set(run.get("groups", [])) & kept)
+            if groups:
+                earlier.append({**run, "groups": groups})
+        if earlier:
+            self.machine["earlier"] = earlier
+
     def markdown(self) -> str:
         """Return the Markdown table quoted in the README."""
         lines = ["| benchmark | figure: median (min–max) over runs | target | met? |",
@@ -111,16 +154,20 @@ class Results:
             met = "reported" if r.met is None else ("yes" if r.met else "**no**")
             figure = r.figure_text() + (f" — {r.note}" if r.note else "")
             lines.append(f"| {r.benchmark} | {figure} | {r.target} | {met} |")
-        m = self.machine
         lines.append("")
-        lines.append(
-            f"Measured {m.get('finished', '?')} on {m.get('cores', '?')} cores "
-            f"({m.get('cpu', '?')}), PostgreSQL {m.get('postgres', '?')}, "
-            f"load average {m.get('load_start', '?')} at the start and "
-            f"{m.get('load_end', '?')} at the end; whole run {m.get('duration_s', '?')} s"
-            + (" (quick mode: fewer samples)" if m.get("quick") else "")
-            + (" (smoke mode: every group once with tiny sizes, nothing judged)"
-               if m.get("smoke") else "") + ".")
+        earlier = self.machine.get("earlier", [])
+        for i, m in enumerate([self.machine, *earlier]):
+            if i:
+                lines.append("")
+            groups = "" if not earlier else f"The {', '.join(m.get('groups', []))} rows: m"
+            lines.append(
+                (groups or "M") + f"easured {m.get('finished', '?')} on {m.get('cores', '?')} "
+                f"cores ({m.get('cpu', '?')}), PostgreSQL {m.get('postgres', '?')}, "
+                f"load average {m.get('load_start', '?')} at the start and "
+                f"{m.get('load_end', '?')} at the end; whole run {m.get('duration_s', '?')} s"
+                + (" (quick mode: fewer samples)" if m.get("quick") else "")
+                + (" (smoke mode: every group once with tiny sizes, nothing judged)"
+                   if m.get("smoke") else "") + ".")
         return "\n".join(lines) + "\n"
 
     def write(self, directory: Path) -> tuple[Path, Path]:

@@ -21,8 +21,8 @@ from tests.service import REPO
 pytestmark = pytest.mark.slow
 
 #: the groups of ``python -m bench`` (bench/__main__.py GROUPS)
-GROUPS = {"queue", "builds", "http", "real"}
-#: seconds a smoke run may take: four groups, a few Go builds (cold ones on a new machine)
+GROUPS = {"queue", "builds", "http", "real", "fuzz"}
+#: seconds a smoke run may take: five groups, a few Go builds (cold ones on a new machine)
 SMOKE_TIMEOUT_SECONDS = 2400
 
 
@@ -55,3 +55,9 @@ def test_smoke_run_writes_every_groups_rows(tmp_path: Path, go_cache_dir: Path) 
     run = results["details"]["real"]["runs"][0]
     assert run["xcaddy"]["warm"]["sha256"] == run["process"]["warm"]["sha256"]
     assert run["process"]["warm"]["peak_mib"] > 0, run["process"]["warm"]
+
+    # fuzz: Schemathesis ran both passes against the service and its reports were read
+    passes = results["details"]["fuzz"]["passes"]
+    assert set(passes) == {"pinned", "free"}, passes
+    for name, fuzzed in passes.items():
+        assert fuzzed["cases"] > 0 and fuzzed["operations"] > 20, (name, fuzzed)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,12 @@ from kiln.api.app import create_app
 from kiln.api.openapi import openapi_spec
 from kiln.config import load_config
 from kiln.wiring import make_services
+from tests import fuzzing
 from tests.fixtures import goproxy as gp
-from tests.service import REPO, KilnProcesses, template_database
+from tests.service import KilnProcesses, template_database
 
-#: operations Schemathesis leaves out: they hold requests for builds, and answer 502/504
-#: by design (caddyserver.com's clients expect those); tests/e2e/test_compat.py covers them
-SCHEMATHESIS_EXCLUDED = ("/api/download", "/api/compat")
 #: test cases per operation: enough to reach every documented answer, small enough to run
-#: in well under a minute on two shared cores
+#: in well under a minute on two shared cores (`python -m bench --only fuzz` runs thousands)
 MAX_EXAMPLES = 8
 
 
@@ -94,21 +91,10 @@ def test_security_follows_the_auth_mode() -> None:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str,
            proxy_dir: Path, go_cache_dir: Path) -> Iterator[tuple[KilnProcesses, str]]:
-    name = "kiln_openapi"
-    url = template_database(pg_server_url, pg_template, name)
-    service = KilnProcesses(db_url=url, root=tmp_path_factory.mktemp("openapi"),
-                            goproxy=f"file://{proxy_dir}", cache_dir=go_cache_dir,
-                            env={"KILN_AUTH__MODE": "keys", "KILN_API__MAX_WAIT": "2"})
-    try:
-        service.start_worker()
-        service.wait_for_worker()
-        service.start_api(threads=8)
-        made = subprocess.run([sys.executable, "-m", "kiln.cli", "keys", "create", "fuzz",
-                               "--scope", "admin", "--json"], cwd=REPO, env=service.env,
-                              capture_output=True, text=True, timeout=60, check=True)
-        yield service, json.loads(made.stdout)["token"]
-    finally:
-        service.close()
+    url = template_database(pg_server_url, pg_template, "kiln_openapi")
+    with fuzzing.serve(db_url=url, root=tmp_path_factory.mktemp("openapi"),
+                       proxy_dir=proxy_dir, cache_dir=go_cache_dir) as served:
+        yield served
 
 
 def validator(spec: dict[str, Any], schema: dict[str, Any]) -> jsonschema.Draft202012Validator:
@@ -190,54 +176,13 @@ def test_real_answers_match_the_document(served: tuple[KilnProcesses, str]) -> N
 @pytest.mark.slow
 def test_schemathesis_finds_nothing(served: tuple[KilnProcesses, str], tmp_path: Path) -> None:
     service, token = served
-    auth = {"Authorization": f"Bearer {token}"}
-    # real identifiers, so that operations reach past their 404: a succeeded build
-    built = [b for b in requests.get(service.url + "/api/admin/builds",
-                                     params={"state": "succeeded"}, headers=auth,
-                                     timeout=30).json()["builds"] if "artifact" in b]
-    if not built:
-        body = {"os": "linux", "arch": "amd64", "caddy_version": gp.CADDY_OLDEST}
-        key = requests.post(service.url + "/api/builds", json=body, headers=auth,
-                            timeout=60).json()["key"]
-        built = [service.wait_build(key)]
-    # then the fuzzing runs without a worker: nothing it queues gets built
-    service.stop("worker")
-    # operations that change a build get one of their own, so the artifact stays servable
-    spare = requests.post(service.url + "/api/builds", headers=auth, timeout=60, json={
-        "os": "linux", "arch": "riscv64", "caddy_version": gp.CADDY_OLDEST}).json()["key"]
-    changing = "\n".join(f"""
-[[operations]]
-include-name = "{name}"
-parameters = {{ key = "{spare}" }}
-""" for name in ("POST /api/admin/builds/{key}/rebuild", "DELETE /api/builds/{key}",
-                 "DELETE /api/admin/builds/{key}/artifact"))
-    (tmp_path / "schemathesis.toml").write_text(f"""
-# read two events of a live stream, then move on
-max-stream-events = 2
-[parameters]
-key = "{built[0]["key"]}"
-sha256 = "{built[0]["artifact"]["sha256"]}"
-name = "app.js"
-path = "{gp.HELLO}"
-{changing}
-""")
-    st = Path(sys.executable).with_name("st")
-    argv = [str(st), "run", service.url + "/openapi.json",
-            "--checks", "all",
-            # Kiln's validation is semantic (a plugin must exist on the module proxy, a
-            # callback host must resolve): a schema cannot say which valid-looking inputs
-            # are accepted, so Schemathesis cannot expect them to be
-            "--exclude-checks", "positive_data_acceptance",
-            "--max-examples", str(MAX_EXAMPLES), "--seed", "7",
-            "--phases", "examples,coverage,fuzzing",
-            # one worker: hypothesis's lambda descriptions are not thread-safe on 3.11
-            "--workers", "1",
-            "--header", f"Authorization: Bearer {token}",
-            "--request-timeout", "20", "--no-shrink",
-            "--report", "ndjson", "--report-dir", str(tmp_path)]
-    for path in SCHEMATHESIS_EXCLUDED:
-        argv += ["--exclude-path", path]
-    run = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    # real identifiers, so that operations reach past their 404; then no worker runs
+    work = fuzzing.write_config(tmp_path, fuzzing.prepare(service, token))
+    argv = fuzzing.command(service, token, max_examples=MAX_EXAMPLES, seed=7,
+                           report_dir=tmp_path / "report")
+    run = subprocess.run(argv, cwd=work, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "NO_COLOR": "1", "COLUMNS": "160"}, check=False)
     print(run.stdout[-6000:])
     assert run.returncode == 0, run.stdout[-12000:] + run.stderr[-3000:]
+    report = fuzzing.read_report(tmp_path / "report")
+    assert report.cases > 0 and report.server_errors == 0 and not report.failures, report
