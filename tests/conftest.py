@@ -3,6 +3,9 @@
 PostgreSQL: ``KILN_TEST_DATABASE_URL`` if set, else an embedded server (pgserver, which runs
 postgres as an unprivileged system user). One template database is migrated per session;
 each test gets a fresh copy of it.
+
+Skips are never silent: pytest lists each with its reason (``-ra`` in pyproject.toml), and
+with ``KILN_NO_SKIPS=1`` (CI sets it) a run that skipped anything fails, listing the skips.
 """
 
 from __future__ import annotations
@@ -22,6 +25,46 @@ from tests.fixtures import goproxy
 from tests.service import database_url
 
 TEMPLATE_DB = "kiln_template"
+#: set to 1 where every test must run (.ci/run): a skip then fails the run
+NO_SKIPS_ENV = "KILN_NO_SKIPS"
+
+
+class SkipLedger:
+    """Note every skipped test or module with its reason; with ``strict``, fail the run."""
+
+    def __init__(self, *, strict: bool) -> None:
+        self.strict = strict
+        self.skips: list[str] = []
+
+    def _record(self, report: pytest.TestReport | pytest.CollectReport) -> None:
+        if not report.skipped or hasattr(report, "wasxfail"):  # an expected failure: no skip
+            return
+        longrepr = report.longrepr
+        reason = str(longrepr[2] if isinstance(longrepr, tuple) else longrepr)
+        self.skips.append(f"{report.nodeid}: {reason.removeprefix('Skipped: ')}")
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self._record(report)
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        self._record(report)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.strict and self.skips and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if not (self.strict and self.skips):
+            return
+        terminalreporter.section(f"{NO_SKIPS_ENV}=1 and {len(self.skips)} skipped: the run "
+                                 "fails", sep="=", red=True, bold=True)
+        for line in self.skips:
+            terminalreporter.line(line, red=True)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(
+        SkipLedger(strict=os.environ.get(NO_SKIPS_ENV) == "1"), "kiln-skip-ledger")
 
 
 @pytest.fixture(scope="session")

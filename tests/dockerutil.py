@@ -1,7 +1,9 @@
 """Docker Engine helpers for tests: is an engine here, and is the sandbox image built.
 
-Tests that need Docker skip with the reason when no engine answers, unless
-``KILN_REQUIRE_DOCKER=1`` is set (CI machines that have one): then they fail loudly.
+Tests that need Docker skip with the reason when nothing listens where the engine should
+be, unless ``KILN_REQUIRE_DOCKER=1`` or ``KILN_NO_SKIPS=1`` is set (CI): then they fail
+loudly. Any other Docker error (an engine that answers wrongly or too slowly, a bad
+DOCKER_HOST, a missing SDK) fails the test everywhere: it is a fault, not an absent engine.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import pytest
 
 #: set to 1 where Docker must be present: a missing engine then fails the tests
 REQUIRE_ENV = "KILN_REQUIRE_DOCKER"
+#: set to 1 where no test may skip (tests/conftest.py): Docker must be present too
+NO_SKIPS_ENV = "KILN_NO_SKIPS"
 #: the image worker_image/build_images.sh builds and tests use
 SANDBOX_IMAGE = "kiln-sandbox:latest"
 REPO = Path(__file__).resolve().parent.parent
@@ -26,25 +30,50 @@ BUILD_TIMEOUT_SECONDS = 900
 
 
 def docker_required() -> bool:
-    """Tell whether this run must have a Docker Engine (``KILN_REQUIRE_DOCKER=1``)."""
-    return os.environ.get(REQUIRE_ENV, "") == "1"
+    """Tell whether this run must have a Docker Engine (``KILN_REQUIRE_DOCKER=1`` or
+    ``KILN_NO_SKIPS=1``)."""
+    return "1" in (os.environ.get(REQUIRE_ENV, ""), os.environ.get(NO_SKIPS_ENV, ""))
+
+
+def cannot_connect(exc: BaseException) -> bool:
+    """Tell whether ``exc``, or an error that caused it, says nothing listens for Docker."""
+    import requests
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        # a socket that is missing or refuses: requests wraps both in its ConnectionError,
+        # the Docker SDK wraps that in a DockerException ("Error while fetching server API
+        # version"). A timeout is not one of them: an engine that hangs is a fault.
+        if isinstance(seen, requests.exceptions.ConnectTimeout):
+            return False
+        if isinstance(seen, requests.exceptions.ConnectionError | ConnectionRefusedError
+                      | FileNotFoundError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @functools.cache
-def _engine_problem() -> str | None:
-    """Return why no engine answers, or None when one does (asked once per session)."""
+def _engine_problem() -> tuple[bool, str] | None:
+    """Return (absent, why) when no engine is usable, else None (asked once per session).
+
+    ``absent`` is true only when nothing answers where the engine should be; any other
+    error is a broken engine or setup, which no test may take for an absent one.
+    """
     try:
         import docker
     except ImportError as exc:
-        return f"the docker SDK is not installed ({exc})"
+        return False, f"the docker SDK is not installed ({exc}): run `make install`"
     try:
         client = docker.from_env(version="auto", timeout=10)
         try:
             client.ping()
         finally:
             client.close()
-    except Exception as exc:  # any failure means "no usable engine"
-        return f"no Docker Engine answers ({exc})"
+    except Exception as exc:
+        if cannot_connect(exc):
+            return True, f"no Docker Engine answers ({exc})"
+        return False, f"the Docker Engine failed: {type(exc).__name__}: {exc}"
     return None
 
 
@@ -54,13 +83,19 @@ def docker_available() -> bool:
 
 
 def require_docker() -> None:
-    """Skip the calling test without an engine, or fail it when one is required."""
+    """Skip the calling test without an engine, or fail it when one is required.
+
+    A Docker error other than "cannot connect" always fails.
+    """
     problem = _engine_problem()
     if problem is None:
         return
+    absent, why = problem
+    if not absent:
+        pytest.fail(why, pytrace=False)
     if docker_required():
-        pytest.fail(f"{REQUIRE_ENV}=1 but {problem}", pytrace=False)
-    pytest.skip(f"{problem}; set {REQUIRE_ENV}=1 to make this a failure")
+        pytest.fail(f"{REQUIRE_ENV}=1 or {NO_SKIPS_ENV}=1 but {why}", pytrace=False)
+    pytest.skip(f"{why}; set {REQUIRE_ENV}=1 to make this a failure")
 
 
 @functools.cache

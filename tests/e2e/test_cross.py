@@ -1,8 +1,8 @@
 """Cross-compilation: every platform Kiln offers builds, and each binary is what it says.
 
 One fetch of a Caddy with a plugin, then one compile step per platform through the
-Builder, in the sandbox production uses (docker where an engine answers; the process
-sandbox elsewhere), with the shared Go caches: a platform's standard library is compiled
+Builder, in the sandbox production uses (docker: without an engine the tests skip and
+say so, or fail where Docker is required), with the shared Go caches: a platform's standard library is compiled
 once per cache, so later runs only link.
 """
 
@@ -24,9 +24,9 @@ from kiln.request.spec import BuildSpec, ResolvedPlugin
 from kiln.worker.builder import BuildFailure
 from kiln.worker.sandbox.base import Sandbox
 from tests import binfmt
-from tests.dockerutil import docker_available, docker_required, ensure_sandbox_image
+from tests.dockerutil import ensure_sandbox_image
 from tests.fixtures import goproxy as gp
-from tests.sandboxes import builder, docker_sandbox, process_sandbox, readable_proxy
+from tests.sandboxes import builder, docker_sandbox, readable_proxy
 
 pytestmark = pytest.mark.slow
 
@@ -60,14 +60,11 @@ def spec_for(sandbox: Sandbox, platform: Platform) -> BuildSpec:
 @pytest.fixture(scope="module")
 def sandbox(go_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[tuple[Sandbox, Path]]:
-    """Yield the sandbox production would pick here and a proxy it can read."""
+    """Yield the sandbox production uses (docker) and a proxy it can read."""
+    image = ensure_sandbox_image()  # skips with the reason where no engine answers
     proxy = readable_proxy(tmp_path_factory.mktemp("cross-proxy"))
-    if not docker_available() and not docker_required():
-        yield process_sandbox(go_cache_dir), proxy
-        return
     from kiln.worker.sandbox.docker_engine import docker_client
 
-    image = ensure_sandbox_image()
     client = docker_client(required=True)
     assert client is not None
     try:
