@@ -33,8 +33,17 @@ $(CHECKOV_VENV)/.installed:
 	$(CHECKOV_VENV)/bin/python -m pip install -q checkov==$(CHECKOV_VERSION)
 	touch $@
 
+# OpenTofu, terraform's command-compatible fork (tests/unit/test_infra.py runs it on
+# infra/terraform), built from its Go module into the cache of builds from the real module proxy
+TOFU_VERSION := 1.10.6
+TOFU := $(KILN_TEST_CACHE)/real-goproxy/bin/tofu-v$(TOFU_VERSION)/tofu
+
+$(TOFU):
+	GOMODCACHE=$(KILN_TEST_CACHE)/real-goproxy/mod GOCACHE=$(KILN_TEST_CACHE)/real-goproxy/build \
+		sh tests/install_tofu.sh $(TOFU_VERSION) $@
+
 .PHONY: tools
-tools: $(CHECKOV_VENV)/.installed ## Install checkov, which the infra tests run, in its own virtualenv
+tools: $(CHECKOV_VENV)/.installed $(TOFU) ## Install the infra tests' checkov (own virtualenv) and OpenTofu
 
 .PHONY: install
 install: $(VENV)/.installed tools ## Create the virtualenv and install Kiln with its dev tools

@@ -4,7 +4,7 @@ No cloud and no cluster here: these check what an API server, ``docker compose``
 ``terraform plan`` would refuse first (missing fields, dangling references, unknown
 settings), and the things Kiln itself needs of a deployment (health checks on /healthz,
 work directories mounted at the same path, a load balancer timeout above api.max_wait).
-Where the real tool is installed (docker compose, terraform) it checks too.
+Where the real tool is installed (docker compose) it checks too.
 
 Beyond that, each Kubernetes manifest is validated against the API's own schemas
 (kubernetes-validate) and its KEDA resources against KEDA's CRD schemas (vendored in
@@ -12,8 +12,11 @@ testdata/keda), strictly: an unknown field is an error, as with kubectl's server
 validation. The real kustomize renders infra/k8s, and an overlay of it, and what it renders is
 validated too. checkov runs over infra/terraform, infra/k8s, the Dockerfiles and the compose
 file, and must report no failed check: each check skipped says why where it is skipped.
-kustomize (go install) and checkov (a virtualenv of its own) are installed once into the
-shared test cache; where they cannot be had, the tests skip, or fail in CI.
+OpenTofu (terraform's command-compatible fork) checks the formatting of infra/terraform and
+loads it; `validate` cannot run offline (it needs the providers from a registry).
+kustomize (go install), OpenTofu (built from its Go module) and checkov (a virtualenv of its
+own) are installed once into the shared test cache; where they cannot be had, the tests skip,
+or fail in CI.
 """
 
 from __future__ import annotations
@@ -63,6 +66,12 @@ KUSTOMIZE_VERSION = "v5.8.2"
 CHECKOV_VERSION = "3.3.30"
 #: seconds a tool's install may take (go install of kustomize: ~45 s, checkov's pip: ~60 s)
 INSTALL_TIMEOUT_SECONDS = 600
+#: OpenTofu, terraform's command-compatible fork, built from its Go module (the Makefile's
+#: TOFU_VERSION: `make tools` builds the same one into the same place)
+TOFU_VERSION = "1.10.6"
+TOFU_INSTALL = REPO / "tests" / "install_tofu.sh"
+#: a cold build of OpenTofu compiles ~1,500 packages: minutes on two shared cores
+TOFU_INSTALL_TIMEOUT_SECONDS = 1800
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -102,7 +111,8 @@ def tools_required() -> bool:
 def unavailable(reason: str) -> NoReturn:
     """Skip the test for want of a tool, or fail it where the tools must be there."""
     if tools_required():
-        pytest.fail(f"{reason} (required in CI and with KILN_REQUIRE_DOCKER=1)")
+        pytest.fail(f"{reason} (required in CI, and with KILN_NO_SKIPS=1 or "
+                    "KILN_REQUIRE_DOCKER=1)")
     pytest.skip(reason)
 
 
@@ -204,7 +214,7 @@ def _compose_command() -> list[str] | None:
 def test_compose_file_is_valid_for_docker_compose() -> None:
     command = _compose_command()
     if command is None:
-        pytest.skip("neither `docker compose` nor docker-compose is installed")
+        unavailable("neither `docker compose` nor docker-compose is installed")
     result = subprocess.run([*command, "-f", str(COMPOSE), "config", "-q"], capture_output=True,
                             text=True, cwd=COMPOSE.parent, check=False, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -636,14 +646,66 @@ def test_terraform_settings_are_kiln_settings() -> None:
     assert not unknown, f"not settings of kiln/config.py: {unknown}"
 
 
-def test_terraform_is_formatted() -> None:
-    binary = shutil.which("terraform")
-    if binary is None:
-        pytest.skip("terraform is not installed")
-    result = subprocess.run([binary, "fmt", "-check", "-recursive", "-list=true", str(TERRAFORM)],
-                            capture_output=True, text=True, check=False, timeout=60,
-                            env={**os.environ, "TF_CLI_CONFIG_FILE": "/dev/null"})
-    assert result.returncode == 0, f"run `terraform fmt -recursive infra/terraform`:\n{result.stdout}"
+@pytest.fixture(scope="module")
+def tofu(real_cache_dir: Path) -> Path:
+    """Return OpenTofu from the shared test cache, building it there first if needed.
+
+    `make tools` builds the same one (tests/install_tofu.sh, from its Go module).
+    """
+    binary = real_cache_dir / "bin" / f"tofu-v{TOFU_VERSION}" / "tofu"
+    if not binary.exists():
+        env = {**go_env(real_cache_dir, real_cache_dir / "home"), "GO": str(find_go())}
+        try:
+            result = subprocess.run(["sh", str(TOFU_INSTALL), TOFU_VERSION, str(binary)],
+                                    env=env, capture_output=True, text=True, check=False,
+                                    timeout=TOFU_INSTALL_TIMEOUT_SECONDS)
+        except Exception as exc:  # no Go, or a build too slow: the test says which
+            unavailable(f"cannot build OpenTofu: {exc}")
+        if result.returncode != 0:
+            unavailable(f"{TOFU_INSTALL.name} {TOFU_VERSION} failed: {result.stderr[-2000:]}")
+    return binary
+
+
+def run_tofu(tofu: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run OpenTofu offline: no CLI config, no colour, no prompt, state kept out of the repo."""
+    return subprocess.run([str(tofu), *args], capture_output=True, text=True, check=False,
+                          timeout=120, cwd=cwd,
+                          env={**os.environ, "TF_CLI_CONFIG_FILE": "/dev/null",
+                               "TF_IN_AUTOMATION": "1", "TF_INPUT": "0",
+                               "NO_COLOR": "1", "CHECKPOINT_DISABLE": "1"})
+
+
+def test_makefile_builds_the_tofu_the_tests_run() -> None:
+    assert f"TOFU_VERSION := {TOFU_VERSION}\n" in (REPO / "Makefile").read_text()
+
+
+def test_terraform_is_formatted(tofu: Path) -> None:
+    result = run_tofu(tofu, "fmt", "-check", "-recursive", "-list=true", str(TERRAFORM),
+                      cwd=REPO)
+    assert result.returncode == 0, (
+        f"run `tofu fmt -recursive infra/terraform` (or terraform fmt):\n{result.stdout}"
+        f"{result.stderr}")
+
+
+def test_terraform_configuration_loads_and_requires_its_providers(
+        tofu: Path, tmp_path: Path) -> None:
+    """What OpenTofu checks offline: the module loads, and it asks for the providers it uses.
+
+    `init -backend=false` then `validate` would check every resource against the providers'
+    schemas, but `init` must fetch hashicorp/aws and hashicorp/random from a registry this
+    machine cannot reach (nor can they be built: the aws provider's Go module path stops at
+    v1), so neither runs here. `tofu providers` loads the whole configuration (syntax, block
+    structure, required_providers) as every command does first.
+    """
+    work = tmp_path / "aws"
+    shutil.copytree(TERRAFORM, work)
+    result = run_tofu(tofu, "providers", cwd=work)
+    assert result.returncode == 0, result.stdout + result.stderr
+    required = dict(re.findall(r"provider\[[^\]]*/hashicorp/(\w+)\] (.+)", result.stdout))
+    assert required == {"aws": ">= 5.40.0", "random": ">= 3.5.0"}, result.stdout
+    used = {unquote(kind).split("_", 1)[0] for block in terraform().get("resource", [])
+            for kind in block}
+    assert used <= set(required), f"resources of providers not required: {used - set(required)}"
 
 
 # -- checkov ------------------------------------------------------------------------------
