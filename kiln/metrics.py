@@ -183,8 +183,17 @@ class KilnCollector(Collector):
         yield builds
 
         queue = self._rows("queue")[0]
-        yield GaugeMetricFamily("kiln_queue_depth",
-                                "Queued builds a worker could claim now.", value=queue["ready"])
+        # a worker claims only builds keyed with its toolchain: builds of one the fleet does
+        # not offer are no work for it (an autoscaler must not add workers for them)
+        toolchains = self._rows("queue_by_toolchain", {"seconds": self.worker_live_seconds})
+        yield GaugeMetricFamily(
+            "kiln_queue_depth", "Queued builds a worker of the fleet could claim now.",
+            value=sum(t["queued"] for t in toolchains if t["offered"]))
+        yield GaugeMetricFamily(
+            "kiln_queue_unclaimable",
+            "Queued builds keyed with a toolchain no live worker offers (the janitor fails "
+            "them after janitor.unclaimable_after).",
+            value=sum(t["queued"] for t in toolchains if not t["offered"]))
         yield GaugeMetricFamily("kiln_queue_delayed",
                                 "Queued builds waiting for a retry's backoff.",
                                 value=queue["delayed"])

@@ -23,6 +23,7 @@ import psycopg
 import pytest
 import requests
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from functions.api.lambda_handler import ApiFunction, check_config
 from functions.janitor.lambda_handler import JanitorFunction
@@ -308,6 +309,12 @@ def test_queue_depth_counts_only_builds_the_fleet_can_claim(
     assert published("QueuedBuilds", other) == [1.0]
     assert published("WorkerSlots", other) == [2.0]
     assert published("RunningBuilds", other) == [1.0]
+
+    # and /metrics, which a Prometheus-driven autoscaler reads, counts them the same way
+    scraped = body_of(api(gateway_v2("GET", "/metrics"), Context())).decode()
+    gauges = {s.name: s.value for family in text_string_to_metric_families(scraped)
+              for s in family.samples}
+    assert (gauges["kiln_queue_depth"], gauges["kiln_queue_unclaimable"]) == (3.0, 3.0)
 
     # the Kubernetes workers' KEDA trigger counts the same builds
     scaled_job = next(d for d in yaml.safe_load_all((REPO / "infra/k8s/worker.yaml").read_text())
