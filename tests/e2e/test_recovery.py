@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pwd
 import shutil
 import signal
 import stat
@@ -29,8 +28,13 @@ import requests
 
 from kiln.db.migrate import Migrator
 from tests.fixtures import goproxy as gp
-from tests.processes import kill_sandbox_processes
-from tests.service import REPO, KilnProcesses, free_port
+from tests.processes import (
+    PgCluster,
+    ensure_worker,
+    kill_sandbox_processes,
+    start_without_a_worker,
+)
+from tests.service import REPO, KilnProcesses
 
 pytestmark = pytest.mark.slow
 
@@ -41,16 +45,6 @@ JANITOR_ENV = {"KILN_JANITOR__REQUEUE_INTERVAL": "1"}
 @pytest.fixture(scope="module")
 def kiln_env() -> dict[str, str]:
     return JANITOR_ENV
-
-
-def start_without_a_worker(service: KilnProcesses) -> None:
-    """Start the janitor and the API once a worker has registered and left."""
-    # the API keys builds with a registered worker's toolchain; this one leaves at once
-    service.start_worker("first", args=["--idle-exit", "0.1"])
-    service.wait_for_worker("first")
-    service.procs["first"].wait(30)
-    service.start_janitor()
-    service.start_api()
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +65,6 @@ def wait_for(what: str, check: Any, timeout: float = 60.0) -> Any:
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def ensure_worker(kiln: KilnProcesses, name: str = "warm") -> None:
-    proc = kiln.procs.get(name)
-    if proc is None or proc.poll() is not None:
-        kiln.start_worker(name)
-        kiln.wait_for_worker(name)
 
 
 def stored_files(kiln: KilnProcesses, key: str) -> dict[str, int]:
@@ -212,44 +199,6 @@ def test_gc_over_budget_then_a_request_rebuilds_the_same_binary(kiln: KilnProces
 # a PostgreSQL server of our own, stopped and restarted under a running service -----------
 
 
-class PgCluster:
-    """A PostgreSQL server on a TCP port, run as an unprivileged user (pgserver's binaries)."""
-
-    def __init__(self, root: Path) -> None:
-        from pgserver._commands import POSTGRES_BIN_PATH
-
-        self.bin = POSTGRES_BIN_PATH
-        self.data = root / "data"
-        self.port = free_port()
-        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-        self.user: str | None = None
-        if os.geteuid() == 0:  # postgres refuses to run as root
-            from pgserver.utils import ensure_user_exists
-
-            self.user = "pgserver"
-            ensure_user_exists(self.user)
-        self.data.mkdir()
-        if self.user:
-            entry = pwd.getpwnam(self.user)
-            os.chown(self.data, entry.pw_uid, entry.pw_gid)
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
-                  "--encoding=utf8", "--no-sync")
-
-    def _run(self, tool: str, *args: str) -> None:
-        subprocess.run([str(self.bin / tool), *args], check=True, capture_output=True,
-                       timeout=60, user=self.user)
-
-    def start(self) -> None:
-        """Start the server and wait until it accepts connections."""
-        options = f"-h 127.0.0.1 -p {self.port} -k {self.data} -c fsync=off"
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.data / "log"), "-w",
-                  "-o", options, "start")
-
-    def stop(self) -> None:
-        """Stop the server at once: sessions are cut, as when a database fails over."""
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
-
-
 @pytest.fixture
 def own_pg() -> Iterator[PgCluster]:
     root = Path(tempfile.mkdtemp(prefix="kiln-outage-"))
@@ -259,9 +208,7 @@ def own_pg() -> Iterator[PgCluster]:
     try:
         yield cluster
     finally:
-        subprocess.run([str(cluster.bin / "pg_ctl"), "-D", str(cluster.data), "-m",
-                        "immediate", "stop"], capture_output=True, user=cluster.user,
-                       check=False)
+        cluster.kill()
         shutil.rmtree(root, ignore_errors=True)
 
 
