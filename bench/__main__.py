@@ -7,6 +7,11 @@ service, bench/fuzz_bench.py); each module's docstring says what its rows mean. 
 ``--only``, the other groups' rows already in the output's results.json are kept.
 ``--smoke`` runs every group once with tiny sizes and judges nothing: a check that the
 benchmarks still run, not a measurement.
+
+Two groups measure what Kiln promises under load and failure: watchers (live-log streams
+and held downloads of one build, under gunicorn's gthread and gevent workers,
+bench/watch_bench.py) and recovery (a worker killed, a preemption notice, a PostgreSQL
+restart, bench/recovery_bench.py).
 """
 
 from __future__ import annotations
@@ -23,14 +28,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import build_bench, fuzz_bench, http_bench, queue_bench, real_bench
+from bench import (
+    build_bench,
+    fuzz_bench,
+    http_bench,
+    queue_bench,
+    real_bench,
+    recovery_bench,
+    watch_bench,
+)
 from bench.bulk_plugin import add_bulk
 from bench.infra import fresh_database, load_average, postgres, remove_tree, server_version
 from bench.report import Figure, Results, Row, percentile
 from tests.fixtures import goproxy as gp
 
 HERE = Path(__file__).resolve().parent
-GROUPS = ("queue", "builds", "http", "real", "fuzz")
+GROUPS = ("queue", "builds", "http", "real", "fuzz", "watchers", "recovery")
 
 
 def log(message: str) -> None:
@@ -439,6 +452,19 @@ def main(argv: list[str] | None = None) -> int:
                     db_url=lambda name: fresh_database(server.url, name))
                 real_rows(results, data)
                 results.details["real"] = data
+            if "watchers" in groups:
+                results.group = "watchers"
+                data = watch_bench.run(server_url=server.url, root=root / "watchers",
+                                       proxy_dir=proxy_dir, smoke=args.smoke, progress=log)
+                watch_bench.rows(results, data)
+                results.details["watchers"] = data
+            if "recovery" in groups:
+                results.group = "recovery"
+                data = recovery_bench.run(root=root / "recovery", proxy_dir=proxy_dir,
+                                          cache_dir=real_bench.shared_test_cache(),
+                                          repeats=repeats, smoke=args.smoke, progress=log)
+                recovery_bench.rows(results, data)
+                results.details["recovery"] = data
             if "fuzz" in groups:
                 results.group = "fuzz"
                 data = fuzz_bench.run(

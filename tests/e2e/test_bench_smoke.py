@@ -21,8 +21,8 @@ from tests.service import REPO
 pytestmark = pytest.mark.slow
 
 #: the groups of ``python -m bench`` (bench/__main__.py GROUPS)
-GROUPS = {"queue", "builds", "http", "real", "fuzz"}
-#: seconds a smoke run may take: five groups, a few Go builds (cold ones on a new machine)
+GROUPS = {"queue", "builds", "http", "real", "watchers", "recovery", "fuzz"}
+#: seconds a smoke run may take: every group, a few Go builds (cold ones on a new machine)
 SMOKE_TIMEOUT_SECONDS = 2400
 
 
@@ -61,3 +61,13 @@ def test_smoke_run_writes_every_groups_rows(tmp_path: Path, go_cache_dir: Path) 
     assert set(passes) == {"pinned", "free"}, passes
     for name, fuzzed in passes.items():
         assert fuzzed["cases"] > 0 and fuzzed["operations"] > 20, (name, fuzzed)
+
+    # held connections: every watcher and download served, the API within its pool + LISTEN
+    for held in results["details"]["watchers"]["runs"]:
+        assert held["streams_served"] == held["downloads_served"] == held["clients"], held
+        assert held["api_connections_peak"] <= results["details"]["watchers"]["pool_max"] + 1
+        assert held["worker_class"] != "gevent" or held["os_threads"] == 1, held
+    # recovery: during the outage every request was answered 503 with Retry-After
+    restart = results["details"]["recovery"]["restart"][0]
+    assert all(d["status"] == 503 and d["retry_after"] for d in restart["during"].values()), \
+        restart
