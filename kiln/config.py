@@ -280,6 +280,18 @@ class WorkerConfig(_Section):
     preemption: PreemptionConfig = PreemptionConfig()
 
 
+class PrebuildConfig(_Section):
+    """``janitor.prebuild``: queue the popular configurations when Caddy or a plugin releases."""
+
+    enabled: bool = False
+    #: configurations prebuilt per release: the most downloaded ones of the window
+    top: int = Field(20, ge=1, le=1000)
+    #: seconds of downloads that rank the configurations
+    window: float = Field(7 * 86400.0, gt=0)
+    #: seconds between looks for a new release ("latest" is also cached for build.latest_ttl)
+    interval: float = Field(300.0, gt=0)
+
+
 class JanitorConfig(_Section):
     #: CloudWatch namespace the janitor function (functions/janitor/lambda_handler.py)
     #: publishes queue depth to after each run, for worker autoscaling; empty: none
@@ -313,6 +325,8 @@ class JanitorConfig(_Section):
     log_retention: float = Field(14 * 86400.0, gt=0)
     #: seconds the attempt history of a finished attempt (and a gone worker's row) is kept
     attempt_retention: float = Field(90 * 86400.0, gt=0)
+    #: builds ready before anyone asks (kiln/janitor/prebuild.py)
+    prebuild: PrebuildConfig = PrebuildConfig()
 
 
 class PluginsConfig(_Section):

@@ -56,6 +56,9 @@ RECORDED: dict[str, tuple[str, str]] = {
                    "(an earlier failure returned)."),
     "kiln_quota_rejections_total": (
         "counter", "Requests refused with 429, by limit (builds, requests) and principal."),
+    "kiln_prebuilds_total": (
+        "counter", "Builds the janitor asked for on a Caddy or plugin release, by result: "
+                   "queued, hit (already built, queued or running), failed (refused)."),
     "kiln_build_step_duration_seconds": (
         "histogram", "Sandbox step durations by step (fetch, compile) and result "
                      "(ok, failed, timeout, cancelled, oom, pids, error)."),

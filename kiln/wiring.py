@@ -38,9 +38,11 @@ from kiln.db.maintenance import Maintenance
 from kiln.db.migrate import migrate
 from kiln.db.notify import EVENTS_CHANNEL, Notifier
 from kiln.db.pool import connect, make_pool
+from kiln.db.prebuilds import PrebuildRecords
 from kiln.db.webhooks import WebhookManager
 from kiln.janitor.catalog_mirror import CatalogMirror
 from kiln.janitor.gc import StorageCollector
+from kiln.janitor.prebuild import Prebuilder
 from kiln.janitor.prune import Pruner
 from kiln.janitor.scheduler import Janitor, Job
 from kiln.janitor.webhooks import Deliverer
@@ -89,27 +91,38 @@ def make_catalog(config: Config, pool: ConnectionPool) -> Catalog | None:
                    file=Path(plugins.catalog_file) if plugins.catalog_file else None)
 
 
-def make_services(config: Config, *, application: str = "kiln-api") -> Services:
-    """Return the API's collaborators."""
-    pool = make_pool(database_url(config), config.database, application=application)
-    queue = QueueManager(pool)
-    resolver = Resolver(
+def make_resolver(config: Config, queue: QueueManager) -> Resolver:
+    """Return the resolver of ``build``'s proxy settings, with the shared PostgreSQL cache."""
+    return Resolver(
         ModuleProxy(config.build.goproxy, timeout=config.build.proxy_timeout),
         cache=DatabaseResolutionCache(queue, latest_ttl=config.build.latest_ttl),
         latest_ttl=config.build.latest_ttl,
         limits=ProxyLimits(max_calls=config.build.max_proxy_calls,
                            deadline=config.build.proxy_deadline),
     )
-    catalog = make_catalog(config, pool)
-    metrics = MetricsRecorder(pool, flush_seconds=config.metrics.flush_seconds).start()
-    service = BuildService(
+
+
+def make_build_service(config: Config, *, queue: QueueManager, catalog: Catalog | None,
+                       quota: QuotaManager | None = None,
+                       metrics: MetricsRecorder | None = None) -> BuildService:
+    """Return the service that turns requests into keys and queued builds (API, prebuilds)."""
+    return BuildService(
         policy=CatalogPolicy(catalog, allow=config.plugins.allow,
                              max_plugins=config.build.max_plugins) if catalog else None,
-        queue=queue, resolver=resolver, tags=tuple(config.build.tags),
+        queue=queue, resolver=make_resolver(config, queue), tags=tuple(config.build.tags),
         ldflags=config.build.ldflags, max_attempts=config.worker.max_attempts,
-        worker_live_seconds=config.janitor.worker_gone_seconds,
-        quota=make_quota(pool, config.quota), metrics=metrics,
+        worker_live_seconds=config.janitor.worker_gone_seconds, quota=quota, metrics=metrics,
     )
+
+
+def make_services(config: Config, *, application: str = "kiln-api") -> Services:
+    """Return the API's collaborators."""
+    pool = make_pool(database_url(config), config.database, application=application)
+    queue = QueueManager(pool)
+    catalog = make_catalog(config, pool)
+    metrics = MetricsRecorder(pool, flush_seconds=config.metrics.flush_seconds).start()
+    service = make_build_service(config, queue=queue, catalog=catalog,
+                                 quota=make_quota(pool, config.quota), metrics=metrics)
     url = database_url(config)
 
     def listen() -> psycopg.Connection:
@@ -311,11 +324,24 @@ def make_janitor(config: Config, *, url: str) -> Janitor:
         # the mirror behind /api/packages and plugins.allow
         mirror = CatalogMirror(store=CatalogStore(queue.pool), url=config.plugins.catalog_url)
         jobs.append(Job("refresh_catalog", config.plugins.catalog_refresh, mirror.refresh))
+    if jc.prebuild.enabled:
+        jobs.append(Job("prebuild", jc.prebuild.interval, make_prebuilder(config, pool).run))
     return Janitor(queue=queue, migrate=lambda: migrate(url, config.database), jobs=jobs,
                    maintenance=maintenance)
 
 
 # each part from its section of the configuration -----------------------------------------
+
+
+def make_prebuilder(config: Config, pool: ConnectionPool) -> Prebuilder:
+    """Return the ``prebuild`` job: popular builds queued on a release, as users ask."""
+    queue = QueueManager(pool)
+    # no quota, and no build-request metrics: prebuilds count as kiln_prebuilds_total
+    service = make_build_service(config, queue=queue, catalog=make_catalog(config, pool))
+    return Prebuilder(records=PrebuildRecords(pool), resolver=service.resolver,
+                      submit=service.submit, top=config.janitor.prebuild.top,
+                      window=config.janitor.prebuild.window,
+                      metrics=MetricsRecorder(pool, flush_seconds=config.metrics.flush_seconds))
 
 
 def make_quota(pool: ConnectionPool, config: QuotaConfig) -> QuotaManager:

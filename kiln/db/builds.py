@@ -114,6 +114,12 @@ class QueueManager:
         from it undoes the insert (quotas are enforced this way).
         """
         existing = self.get(key)
+        if existing is not None and existing.state == "queued" and existing.priority < priority:
+            # whoever asks for a queued build lifts it to their priority: a user joining a
+            # prebuild (kiln/janitor/prebuild.py) must not wait behind every other build
+            raised = self._one("raise_priority", {"key": key, "priority": priority})
+            if raised is not None:
+                existing = Build.from_row(raised)
         if existing is not None and _enqueue_keeps(existing):
             # a cached, queued or running build (the common case) is answered by one read:
             # the insert would lock the row, wait for whoever holds it (a download being

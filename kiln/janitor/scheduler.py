@@ -14,6 +14,11 @@ Jobs (each with its own interval, see ``janitor`` in the config):
 - ``prune``: build log lines, attempt history and gone workers past their retention.
 - ``deliver_webhooks``: callbacks of finished builds are POSTed, retried with backoff
   (kiln/janitor/webhooks.py).
+- ``modcache_gc`` (``modcache.enabled``): module cache entries past ``modcache.max_age``,
+  then the oldest over ``modcache.max_bytes``, are deleted (kiln/janitor/modcache_gc.py).
+- ``prebuild`` (``janitor.prebuild.enabled``): when "latest" of Caddy or of a popular
+  plugin resolves to a new release, the most downloaded configurations are queued on it,
+  below every user's priority, so their first request is a hit (kiln/janitor/prebuild.py).
 
 Retries of retryable failures are not a janitor job: the worker that saw the failure puts
 the build back in the same statement, with ``run_after`` set by exponential backoff with

@@ -23,6 +23,7 @@ locals {
     KILN_WORKER__LEASE_SECONDS         = tostring(var.lease_seconds)
     KILN_JANITOR__ARTIFACT_RETENTION   = tostring(var.artifact_retention_days * 86400)
     KILN_JANITOR__CLOUDWATCH_NAMESPACE = local.namespace
+    KILN_JANITOR__PREBUILD__ENABLED    = "true"
     KILN_LOGGING__FORMAT               = "json"
   }, var.extra_environment)
 }

@@ -19,6 +19,17 @@ ON CONFLICT (key) DO UPDATE
     OR (b.state = 'succeeded' AND b.artifact_path IS NULL)
 RETURNING b.key;
 
+-- name: raise_priority
+-- A queued build asked for again at a higher priority takes it (its place in the queue
+-- otherwise stays). Returns the row when it was raised.
+UPDATE kiln_builds
+   SET priority = %(priority)s, updated_at = now()
+ WHERE key = %(key)s AND state = 'queued' AND priority < %(priority)s
+RETURNING key, spec, state, priority, attempts, max_attempts, worker_id, lease_expires_at,
+          run_after, created_at, updated_at, queued_at, started_at, finished_at, error,
+          error_kind, artifact_path, artifact_size, artifact_sha256, downloads,
+          last_downloaded_at, requested_by;
+
 -- name: notify_queued
 SELECT pg_notify('kiln_queue', %(key)s), pg_notify('kiln_events', json_build_object('key', %(key)s::text, 'state', 'queued')::text);
 
