@@ -11,7 +11,8 @@ benchmarks still run, not a measurement.
 Two groups measure what Kiln promises under load and failure: watchers (live-log streams
 and held downloads of one build, under gunicorn's gthread and gevent workers,
 bench/watch_bench.py) and recovery (a worker killed, a preemption notice, a PostgreSQL
-restart, bench/recovery_bench.py).
+restart, bench/recovery_bench.py). One measures the prebuilds after a Caddy release:
+prebuild (bench/prebuild_bench.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from bench import (
     build_bench,
     fuzz_bench,
     http_bench,
+    prebuild_bench,
     queue_bench,
     real_bench,
     recovery_bench,
@@ -43,7 +45,7 @@ from bench.report import Figure, Results, Row, percentile
 from tests.fixtures import goproxy as gp
 
 HERE = Path(__file__).resolve().parent
-GROUPS = ("queue", "builds", "http", "real", "fuzz", "watchers", "recovery")
+GROUPS = ("queue", "builds", "http", "real", "fuzz", "watchers", "recovery", "prebuild")
 
 
 def log(message: str) -> None:
@@ -465,6 +467,14 @@ def main(argv: list[str] | None = None) -> int:
                                           repeats=repeats, smoke=args.smoke, progress=log)
                 recovery_bench.rows(results, data)
                 results.details["recovery"] = data
+            if "prebuild" in groups:
+                results.group = "prebuild"
+                data = prebuild_bench.run(
+                    root=root / "prebuild", repeats=repeats, smoke=args.smoke, progress=log,
+                    db_url=lambda name: fresh_database(server.url, name),
+                    shared_cache=real_bench.shared_test_cache())
+                prebuild_bench.rows(results, data)
+                results.details["prebuild"] = data
             if "fuzz" in groups:
                 results.group = "fuzz"
                 data = fuzz_bench.run(
