@@ -455,6 +455,16 @@ class MetricsConfig(_Section):
     flush_seconds: float = Field(5.0, gt=0)
 
 
+class BuildcacheConfig(_Section):
+    #: compile steps share Go's build cache (GOCACHEPROG) through the worker: its disk,
+    #: then the store's buildcache/; what a build put is shared once it succeeded
+    enabled: bool = False
+    #: the janitor deletes the oldest entries past max_bytes and those older than max_age
+    #: seconds (0: no limit), every janitor.gc_interval
+    max_bytes: int = Field(20 * 1024**3, ge=0)
+    max_age: float = Field(30 * 86400.0, ge=0)
+
+
 class Config(_Section):
     database: DatabaseConfig = DatabaseConfig()
     storage: StorageConfig = StorageConfig()
@@ -479,6 +489,7 @@ class Config(_Section):
     webhooks: WebhooksConfig = WebhooksConfig()
     #: `kiln serve`: restarts of its processes
     serve: ServeConfig = ServeConfig()
+    buildcache: BuildcacheConfig = BuildcacheConfig()
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

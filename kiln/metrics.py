@@ -62,6 +62,20 @@ RECORDED: dict[str, tuple[str, str]] = {
     "kiln_build_step_duration_seconds": (
         "histogram", "Sandbox step durations by step (fetch, compile) and result "
                      "(ok, failed, timeout, cancelled, oom, pids, error)."),
+    # the fleet build cache (kiln/buildcache/cache.py)
+    "kiln_buildcache_gets_total": (
+        "counter", "Go build cache lookups of compile steps by result: local (the worker's "
+                   "disk), store (fetched from the fleet's store and checked), miss."),
+    "kiln_buildcache_puts_total": ("counter", "Outputs compile steps put in the build cache."),
+    "kiln_buildcache_published_total": (
+        "counter", "Build cache entries shared with the fleet (by builds that succeeded)."),
+    "kiln_buildcache_bytes_total": (
+        "counter", "Build cache bytes by direction: fetched from or published to the store."),
+    "kiln_buildcache_rejected_total": (
+        "counter", "Stored build cache entries ignored as bad, by reason (entry, size, hash)."),
+    "kiln_buildcache_store_errors_total": (
+        "counter", "Build cache store failures by operation (get, publish): the workers "
+                   "went on with their local caches."),
 }
 
 

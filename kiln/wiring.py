@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +23,9 @@ from kiln.artifacts.provenance import DEFAULT_BUILDER_ID
 from kiln.artifacts.s3 import S3Store
 from kiln.artifacts.signing import SigningKeyError, signer_from_settings
 from kiln.artifacts.store import ArtifactStore
+from kiln.buildcache.blobs import BlobStore, DirectoryBlobs, S3Blobs
+from kiln.buildcache.cache import BuildCache
+from kiln.buildcache.program import compile_program
 from kiln.config import (
     BuildConfig,
     Config,
@@ -40,6 +45,7 @@ from kiln.db.notify import EVENTS_CHANNEL, Notifier
 from kiln.db.pool import connect, make_pool
 from kiln.db.prebuilds import PrebuildRecords
 from kiln.db.webhooks import WebhookManager
+from kiln.janitor.buildcache_gc import BuildCacheCollector
 from kiln.janitor.catalog_mirror import CatalogMirror
 from kiln.janitor.gc import StorageCollector
 from kiln.janitor.prebuild import Prebuilder
@@ -153,6 +159,8 @@ def make_worker(config: Config, *, max_jobs: int = 0, idle_exit: float = 0.0) ->
     builder = Builder(
         sandbox=sandbox, goproxy=config.build.goproxy, gosumdb=config.build.gosumdb,
         fetch_timeout=config.build.fetch_timeout, compile_timeout=config.build.compile_timeout,
+        buildcache=make_buildcache(config, sandbox=sandbox.inner, counters=sandbox.recorder)
+        if config.buildcache.enabled else None,
     )
 
     def listen() -> psycopg.Connection:
@@ -213,6 +221,29 @@ def make_store(config: StorageConfig) -> ArtifactStore:
 
         return make_s3_store(config)
     return LocalStore(config.local.path)
+
+
+def make_buildcache_store(config: StorageConfig) -> BlobStore:
+    """Return the build cache's part of the artifact store: its ``buildcache/`` prefix."""
+    if config.backend == "s3":
+        s3 = make_s3_store(config)
+        return S3Blobs(client=s3.client, bucket=s3.bucket, prefix=s3.prefix)
+    return DirectoryBlobs(config.local.path / "buildcache")
+
+
+def make_buildcache(config: Config, *, sandbox: Sandbox,
+                    counters: MetricsRecorder | None = None) -> BuildCache:
+    """Return this worker's build cache: ``<build.cache_dir>/buildcache`` and the store."""
+    from kiln.worker.sandbox.process import ProcessSandbox
+
+    local = config.build.cache_dir.resolve() / "buildcache"
+    # the docker sandbox runs its image's program; the process sandbox one built here
+    program = (compile_program(go=sandbox.go, into=local / "bin")
+               if isinstance(sandbox, ProcessSandbox) else Path("/usr/local/bin/kiln-cacheprog"))
+    # short: a Unix socket's path has at most 107 bytes; the docker engine must see it
+    sockets = Path(tempfile.gettempdir()) / f"kiln-buildcache-{os.getpid()}"
+    return BuildCache(directory=local, store=make_buildcache_store(config.storage),
+                      program=program, socket_dir=sockets, counters=counters)
 
 
 def make_sandbox(config: BuildConfig, *, worker_id: str = "") -> Sandbox:
@@ -324,6 +355,12 @@ def make_janitor(config: Config, *, url: str) -> Janitor:
         # the mirror behind /api/packages and plugins.allow
         mirror = CatalogMirror(store=CatalogStore(queue.pool), url=config.plugins.catalog_url)
         jobs.append(Job("refresh_catalog", config.plugins.catalog_refresh, mirror.refresh))
+    if config.buildcache.enabled:
+        # the fleet build cache in the store (kiln/janitor/buildcache_gc.py)
+        builds = BuildCacheCollector(store=make_buildcache_store(config.storage),
+                                     max_bytes=config.buildcache.max_bytes,
+                                     max_age=config.buildcache.max_age)
+        jobs.append(Job("buildcache_gc", jc.gc_interval, builds.collect))
     if jc.prebuild.enabled:
         jobs.append(Job("prebuild", jc.prebuild.interval, make_prebuilder(config, pool).run))
     return Janitor(queue=queue, migrate=lambda: migrate(url, config.database), jobs=jobs,

@@ -39,6 +39,14 @@ RUN set -eu; \
         *) echo "base image has $version, expected go${GO_VERSION}" >&2; exit 1 ;; \
     esac
 
+# the fleet build cache's GOCACHEPROG program (kiln/buildcache/): compile steps ask the
+# worker through it, over a socket; it is standard library only, built with this Go
+COPY cacheprog /tmp/kiln-cacheprog
+RUN set -eu; mkdir -p /usr/local/bin; cd /tmp/kiln-cacheprog; \
+    GOCACHE=/tmp/kiln-gocache GOFLAGS= GOPROXY=off go build -trimpath \
+        -o /usr/local/bin/kiln-cacheprog .; \
+    rm -rf /tmp/kiln-cacheprog /tmp/kiln-gocache
+
 LABEL dev.kiln.image="sandbox" \
       dev.kiln.go.version="${GO_VERSION}"
 

@@ -9,9 +9,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kiln.buildcache.cache import BuildCache, BuildSession
 from kiln.errors import KilnError
 from kiln.request.spec import CADDY_MODULE, BuildSpec
-from kiln.worker.sandbox.base import COMPILE, FETCH, EachStep, Sandbox, Session, Step, StepResult
+from kiln.worker.sandbox.base import (
+    COMPILE,
+    FETCH,
+    CacheProg,
+    EachStep,
+    Sandbox,
+    Session,
+    Step,
+    StepResult,
+)
 
 #: lines of Go output kept in a failure message
 ERROR_LINES = 20
@@ -82,6 +92,9 @@ class BuildOutput:
     go_sum: str
     #: seconds spent in each step
     timings: dict[str, float] = field(default_factory=dict)
+    #: what the compile put in the fleet build cache: publish it once the build succeeded,
+    #: discard it otherwise
+    cache: BuildSession | None = None
 
 
 def main_go(spec: BuildSpec) -> str:
@@ -150,8 +163,10 @@ class Builder:
         fetch_timeout: float,
         compile_timeout: float,
         clock: Callable[[], float] = time.monotonic,
+        buildcache: BuildCache | None = None,
     ) -> None:
         self.sandbox = sandbox
+        self.buildcache = buildcache
         self.goproxy = goproxy
         self.gosumdb = gosumdb
         self.fetch_timeout = fetch_timeout
@@ -294,19 +309,31 @@ class Builder:
                 "-ldflags", spec.ldflags]
         if spec.tags:
             args += ["-tags", ",".join(spec.tags)]
-        step = Step(COMPILE, tuple(args), env=env, network=False,
-                    timeout=self.compile_timeout, build_key=key)
-        result = self._run(step, EachStep(self.sandbox, workdir), log, cancel, timings)
-        if not result.ok:
-            raise BuildFailure(summarize(result.output), retryable=False, step=COMPILE)
-        binary = workdir / output
-        if not binary.is_file():
-            raise BuildFailure("go build reported success but wrote no binary",
-                               retryable=True, step=COMPILE)
+        cache = self.buildcache.begin(key) if self.buildcache is not None else None
+        try:
+            step = Step(COMPILE, tuple(args), env=env, network=False,
+                        timeout=self.compile_timeout, build_key=key,
+                        cacheprog=None if cache is None else CacheProg(
+                            program=cache.cache.program, socket=cache.socket,
+                            outputs=cache.cache.outputs))
+            result = self._run(step, EachStep(self.sandbox, workdir), log, cancel, timings)
+            if not result.ok:
+                raise BuildFailure(summarize(result.output), retryable=False, step=COMPILE)
+            binary = workdir / output
+            if not binary.is_file():
+                raise BuildFailure("go build reported success but wrote no binary",
+                                   retryable=True, step=COMPILE)
+        except BaseException:
+            if cache is not None:
+                cache.discard()
+            raise
+        if cache is not None:
+            cache.stop()
         go_sum = workdir / "go.sum"
         return BuildOutput(
             binary=binary,
             go_mod=mod_text,
             go_sum=go_sum.read_text() if go_sum.exists() else "",
             timings=timings,
+            cache=cache,
         )

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import psycopg
@@ -25,7 +26,14 @@ from kiln.db.notify import CANCEL_CHANNEL, QUEUE_CHANNEL
 from kiln.logconfig import bind_context, unbind_context
 from kiln.request.spec import BuildSpec
 from kiln.worker.attest import Attestor
-from kiln.worker.builder import Builder, BuildFailure, Cancelled, LogSink, clip_error
+from kiln.worker.builder import (
+    Builder,
+    BuildFailure,
+    BuildOutput,
+    Cancelled,
+    LogSink,
+    clip_error,
+)
 from kiln.worker.sandbox.base import SandboxError
 
 log = logging.getLogger(__name__)
@@ -334,6 +342,15 @@ class Worker:
             sink("resolve", f"plugin {plugin.package} ({plugin.module} {plugin.version})")
         started_at = utc_now()
         output = self.builder.build(spec, key=job.key, workdir=workdir, log=sink, cancel=cancel)
+        try:
+            self._finish(job, spec, output, sink, cancel, started_at)
+        finally:
+            # the fleet build cache gets what a build put only when the build succeeded
+            if output.cache is not None:
+                output.cache.discard()
+
+    def _finish(self, job: Claimed, spec: BuildSpec, output: BuildOutput, sink: LogSink,
+                cancel: threading.Event, started_at: datetime) -> None:
         if cancel.is_set():  # lost or cancelled while compiling: store nothing
             raise Cancelled()
         sink("upload", f"storing {spec.filename}")
@@ -352,6 +369,12 @@ class Worker:
                         job.key, extra={"build_key": job.key})
             return
         sink("result", f"succeeded: {stored.size} bytes, sha256 {digest}")
+        if output.cache is not None:
+            try:
+                output.cache.publish()
+            except Exception:  # the build is done: a cache fault must not fail it
+                log.exception("build cache: cannot publish the entries of %s", job.key,
+                              extra={"build_key": job.key})
         log.info("built %s in %.1fs", job.key, sum(output.timings.values()),
                  extra={"build_key": job.key})
 

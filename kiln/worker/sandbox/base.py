@@ -27,6 +27,20 @@ MAX_OUTPUT_CHARS = 256 * 1024
 
 
 @dataclass(frozen=True)
+class CacheProg:
+    """The fleet build cache as a compile step reaches it (kiln/buildcache/).
+
+    ``program`` is the GOCACHEPROG program on the worker's machine (the docker sandbox
+    runs its image's own), ``socket`` the build's Unix socket on the worker, ``outputs``
+    the directory of cached outputs, which a step may read but never write.
+    """
+
+    program: Path
+    socket: Path
+    outputs: Path
+
+
+@dataclass(frozen=True)
 class Step:
     """One command to run inside a sandbox.
 
@@ -41,6 +55,8 @@ class Step:
     network: bool = False
     timeout: float = 600.0
     build_key: str = ""
+    #: set on a compile step when the fleet build cache is on
+    cacheprog: CacheProg | None = None
 
 
 @dataclass(frozen=True)

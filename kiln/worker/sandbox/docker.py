@@ -28,7 +28,9 @@ cgo is off), so doing that needs a compiler exploit; ``cache_mode: shared`` acce
 risk for speed. ``cache_mode: copy`` gives each compile step a private copy of the shared
 cache instead and throws it away afterwards: a step can poison only its own copy. In copy
 mode nothing writes the shared cache back, so warm it with trusted builds (run the
-sandbox once in ``shared`` mode) or accept cold compiles.
+sandbox once in ``shared`` mode) or accept cold compiles. With the fleet build cache
+(``Step.cacheprog``, kiln/buildcache/) neither is mounted: go asks the worker, which checks
+what it is given, and reads the outputs from a read-only mount.
 
 Bind mounts are resolved by the engine on its own host: a worker that runs in a
 container and talks to the host's engine through ``/var/run/docker.sock`` must see the
@@ -96,6 +98,12 @@ if TYPE_CHECKING:
     pass
 
 log = logging.getLogger(__name__)
+
+#: the fleet build cache in a compile container: the image's GOCACHEPROG program
+#: (worker_image/cacheprog), the build's socket and the outputs, both read-only
+CACHEPROG_PROGRAM = "/usr/local/bin/kiln-cacheprog"
+CACHEPROG_SOCKET = "/cache/kiln-cacheprog.sock"
+CACHEPROG_OUTPUTS = "/cache/kiln-outputs"
 
 
 class DockerSandbox:
@@ -205,7 +213,7 @@ class DockerSandbox:
         try:
             try:
                 self._give_tree(workdir)
-                if not step.network and self.cache_mode == "copy":
+                if not step.network and self.cache_mode == "copy" and step.cacheprog is None:
                     private_cache = self._copy_build_cache(step)
             except OSError as exc:
                 raise SandboxError(
@@ -319,11 +327,25 @@ class DockerSandbox:
             network = "none"
             mounts.append(Mount(MODCACHE_PATH, str(self.modcache), type="bind", read_only=True))
             cache = private_cache if private_cache is not None else self.buildcache
-            mounts.append(Mount(BUILDCACHE_PATH, str(cache), type="bind", read_only=False))
+            if step.cacheprog is None:
+                mounts.append(Mount(BUILDCACHE_PATH, str(cache), type="bind", read_only=False))
+        environment = dict(step.env)
+        if step.cacheprog is not None and not step.network:
+            # the fleet build cache: the step reads the outputs and asks the worker through
+            # the build's socket; no shared cache directory is writable in here (GOCACHE,
+            # which go still opens, is a throwaway tmpfs)
+            tmpfs[BUILDCACHE_PATH] = f"rw,nosuid,nodev,size={self.memory_bytes},{owner}"
+            mounts.append(Mount(CACHEPROG_SOCKET, str(step.cacheprog.socket), type="bind",
+                                read_only=True))
+            mounts.append(Mount(CACHEPROG_OUTPUTS, str(step.cacheprog.outputs), type="bind",
+                                read_only=True))
+            environment.update(GOCACHEPROG=CACHEPROG_PROGRAM,
+                               KILN_CACHEPROG_SOCKET=CACHEPROG_SOCKET,
+                               KILN_CACHEPROG_OUTPUTS=CACHEPROG_OUTPUTS)
         return {
             "image": self.image_id,
             "command": list(step.argv),
-            "environment": dict(step.env),
+            "environment": environment,
             "user": self.user,
             "working_dir": WORK_PATH,
             "labels": {

@@ -124,6 +124,12 @@ class ProcessSandbox:
             SANDBOX_LABEL.upper().replace(".", "_"): step.build_key or "1",
         }
         env.update(step.env)
+        if step.cacheprog is not None:
+            # the process sandbox shares the machine: the outputs directory is not
+            # read-only here, and the program is the worker's (kiln/buildcache/program.py)
+            env["GOCACHEPROG"] = str(step.cacheprog.program)
+            env["KILN_CACHEPROG_SOCKET"] = str(step.cacheprog.socket)
+            env["KILN_CACHEPROG_OUTPUTS"] = str(step.cacheprog.outputs)
         for sub in ("home", "tmp"):
             (scratch / sub).mkdir(parents=True, exist_ok=True)
         return env

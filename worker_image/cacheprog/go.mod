@@ -1,0 +1,3 @@
+module kiln.dev/cacheprog
+
+go 1.24
