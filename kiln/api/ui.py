@@ -9,6 +9,7 @@ from importlib import resources
 
 import falcon
 
+from kiln.api.documents import KEY_PATTERN
 from kiln.api.errors import ApiError, bad_request, not_found
 from kiln.api.service import BuildService
 from kiln.errors import SpecError
@@ -56,7 +57,10 @@ def _serve(req: falcon.Request, resp: falcon.Response, name: str) -> None:
 class PageResource:
     """``/`` and ``/builds/{key}``: the single page; its script shows the right view."""
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response, key: str = "") -> None:
+    def on_get(self, req: falcon.Request, resp: falcon.Response, key: str | None = None) -> None:
+        if key is not None and not KEY_PATTERN.match(key):
+            # a mistyped link gets the reason, not a page that can only say "not found"
+            raise not_found(f"{key[:80]!r} is not a build key (64 lowercase hex characters)")
         _serve(req, resp, "index.html")
         resp.set_header("Content-Security-Policy", CSP)
         resp.set_header("Referrer-Policy", "same-origin")

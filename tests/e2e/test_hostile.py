@@ -60,6 +60,7 @@ ROUTES = (
     "/api/builds/{}", "/api/builds/{}/artifact", "/api/builds/{}/artifact.sig",
     "/api/builds/{}/artifact.sha256", "/api/builds/{}/provenance", "/api/builds/{}/sbom",
     "/api/builds/{}/log", "/api/builds/{}/events", "/api/groups/{}", "/api/artifacts/{}",
+    "/builds/{}",
 )
 #: hostile values of a path parameter, already percent-encoded as sent
 SEGMENTS = {
@@ -282,7 +283,8 @@ def body_cases() -> list[Case]:
 
 ODD_METHODS = ("PUT", "PATCH", "TRACE", "CONNECT", "PROPFIND", "FOO", "BREW", "MKCOL")
 METHOD_PATHS = ("/api/builds", f"/api/builds/{KEY}", f"/api/builds/{KEY}/artifact",
-                "/api/download", "/metrics", "/healthz", "/api/nope")
+                "/api/download", "/metrics", "/healthz", "/api/nope", "/", f"/builds/{KEY}",
+                "/api/packages", "/api/platforms", "/openapi.json", "/api/signing-key")
 
 
 def method_cases() -> list[Case]:
