@@ -223,6 +223,11 @@ def make_store(config: StorageConfig) -> ArtifactStore:
     return LocalStore(config.local.path)
 
 
+#: longest directory of the build cache's sockets (a Unix socket's path is at most 107
+#: bytes, and the name of one takes 22)
+SOCKET_DIR_MAX_CHARS = 80
+
+
 def make_buildcache_store(config: StorageConfig) -> BlobStore:
     """Return the build cache's part of the artifact store: its ``buildcache/`` prefix."""
     if config.backend == "s3":
@@ -240,8 +245,11 @@ def make_buildcache(config: Config, *, sandbox: Sandbox,
     # the docker sandbox runs its image's program; the process sandbox one built here
     program = (compile_program(go=sandbox.go, into=local / "bin")
                if isinstance(sandbox, ProcessSandbox) else Path("/usr/local/bin/kiln-cacheprog"))
-    # short: a Unix socket's path has at most 107 bytes; the docker engine must see it
-    sockets = Path(tempfile.gettempdir()) / f"kiln-buildcache-{os.getpid()}"
+    # beside the cache, which the docker engine sees at the same path (a worker in a
+    # container), unless that is too long for a Unix socket's path (107 bytes)
+    sockets = local / "sock"
+    if len(str(sockets)) > SOCKET_DIR_MAX_CHARS:
+        sockets = Path(tempfile.gettempdir()) / f"kiln-buildcache-{os.getpid()}"
     return BuildCache(directory=local, store=make_buildcache_store(config.storage),
                       program=program, socket_dir=sockets, counters=counters)
 

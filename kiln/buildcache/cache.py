@@ -113,6 +113,9 @@ class BuildCache:
         self._tmp = self.directory / "tmp"
         for d in (self.actions, self.outputs, self._tmp):
             d.mkdir(parents=True, exist_ok=True)
+        for leftover in self._tmp.iterdir():  # a predecessor killed while it wrote
+            with contextlib.suppress(OSError):
+                leftover.unlink()
         # the sandbox user reads the outputs through a read-only mount
         os.chmod(self.outputs, 0o755)
         os.chmod(self.directory, 0o755)

@@ -28,7 +28,7 @@ from tests.dockerutil import ensure_sandbox_image, require_docker
 from tests.fixtures import goproxy as gp
 from tests.sandboxes import builder as make_builder
 from tests.sandboxes import docker_sandbox, readable_proxy
-from tests.service import KilnProcesses
+from tests.service import KilnProcesses, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +70,9 @@ def test_a_second_worker_compiles_with_what_the_first_shared(
     first = kiln.post_build({"os": "linux", "arch": "amd64",
                              "plugins": [f"{gp.HELLO}@{gp.HELLO_VERSIONS[0]}"]}).json()
     assert kiln.wait_build(first["key"], timeout=600)["state"] == "succeeded"
+    # the worker shares the entries once the build is marked succeeded, not before
+    wait_for("the first build's cache entries published",
+             lambda: "build cache: published" in kiln.log("a"))
     store = DirectoryBlobs(kiln.root / "artifacts" / "buildcache")
     shared = [b for b in store.blobs() if b.path.startswith("a/")]
     assert len(shared) > 50  # the first worker's compile, published once it succeeded

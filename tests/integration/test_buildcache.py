@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +21,17 @@ from typing import Any
 
 import pytest
 
-from kiln.buildcache.blobs import DirectoryBlobs
+from kiln.buildcache.blobs import BlobStore, DirectoryBlobs
 from kiln.buildcache.cache import BuildCache
 from kiln.buildcache.program import compile_program
+from kiln.config import LocalStorageConfig, StorageConfig
 from kiln.janitor.buildcache_gc import BuildCacheCollector
 from kiln.request.spec import BuildSpec, ResolvedPlugin
+from kiln.wiring import make_buildcache_store
 from kiln.worker.builder import Builder, BuildFailure
 from kiln.worker.sandbox.process import find_go
 from tests.fixtures import goproxy as gp
+from tests.integration.test_store_contract import s3_client, s3_config
 from tests.sandboxes import COMPILE_TIMEOUT_SECONDS, FETCH_TIMEOUT_SECONDS, process_sandbox
 
 pytestmark = pytest.mark.slow
@@ -260,3 +264,53 @@ def test_the_janitor_collects_the_store_by_age_then_size(tmp_path: Path) -> None
     assert (report.expired, report.over_budget) == (1, 2)
     assert sorted(b.path for b in store.blobs()) == ["a/new", "o/new"]
     assert report.kept_bytes == 200
+
+
+def test_a_put_cut_short_leaves_nothing(tmp_path: Path, sockets: Path) -> None:
+    """A step killed while it sends an output: no entry, no output, nothing staged."""
+    cache = BuildCache(directory=tmp_path / "local", store=None, program=Path("/nonexistent"),
+                       socket_dir=sockets)
+    session = cache.begin("key")
+    body = b"x" * 1000
+    put = json.dumps({"Command": "put", "ActionID": "ab" * 32,
+                      "OutputID": hashlib.sha256(body).hexdigest(), "Size": len(body)})
+    try:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(str(session.socket))
+            conn.sendall(put.encode() + b"\n" + body[:100])
+            conn.shutdown(socket.SHUT_WR)
+            assert "early" in json.loads(conn.makefile("rb").readline())["Err"]
+    finally:
+        session.stop()
+    assert not session.staged
+    assert not list(cache.outputs.iterdir()) and not list(cache.actions.iterdir())
+    assert not list((cache.directory / "tmp").iterdir())
+
+
+@pytest.fixture(params=["directory", "s3"])
+def blobs(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
+    if request.param == "directory":
+        return make_buildcache_store(StorageConfig(local=LocalStorageConfig(path=tmp_path)))
+    endpoint = request.getfixturevalue("s3_endpoint")
+    bucket = f"kiln-{uuid.uuid4().hex[:12]}"
+    s3_client(endpoint).create_bucket(Bucket=bucket)
+    return make_buildcache_store(s3_config(endpoint, bucket, prefix="artifacts"))
+
+
+def test_both_stores_keep_the_cache_beside_the_artifacts(blobs: BlobStore,
+                                                         tmp_path: Path) -> None:
+    assert blobs.read("a/" + "0" * 64) is None
+    assert not blobs.download("o/" + "0" * 64, tmp_path / "none")
+    assert not blobs.exists("o/x")
+    source = tmp_path / "object"
+    source.write_bytes(b"compiled\n" * 1000)
+    blobs.upload("o/x", source)
+    blobs.write("a/y", b'{"output": "x"}')
+    assert blobs.exists("o/x")
+    assert blobs.read("a/y") == b'{"output": "x"}'
+    assert blobs.download("o/x", tmp_path / "copy")
+    assert (tmp_path / "copy").read_bytes() == source.read_bytes()
+    assert sorted((b.path, b.size) for b in blobs.blobs()) == [("a/y", 15), ("o/x", 9000)]
+    blobs.delete("o/x")
+    blobs.delete("o/x")  # gone already: nothing to do
+    assert [b.path for b in blobs.blobs()] == ["a/y"]
