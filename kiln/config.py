@@ -455,6 +455,20 @@ class MetricsConfig(_Section):
     flush_seconds: float = Field(5.0, gt=0)
 
 
+class ModcacheConfig(_Section):
+    """The fleet module cache (README, config.example.yml); off by default."""
+
+    enabled: bool = False
+    listen: str = Field("127.0.0.1:0", pattern=r"^\S+:\d{1,5}$")
+    #: empty: build.gosumdb
+    gosumdb: str = ""
+    list_ttl: float = Field(60.0, ge=0)
+    upstream_timeout: float = Field(120.0, gt=0)
+    max_bytes: int = Field(20 * 1024**3, ge=0)
+    max_age: float = Field(30 * 86400.0, ge=0)
+    gc_interval: float = Field(3600.0, gt=0)
+
+
 class BuildcacheConfig(_Section):
     #: compile steps share Go's build cache (GOCACHEPROG) through the worker: its disk,
     #: then the store's buildcache/; what a build put is shared once it succeeded
@@ -489,6 +503,8 @@ class Config(_Section):
     webhooks: WebhooksConfig = WebhooksConfig()
     #: `kiln serve`: restarts of its processes
     serve: ServeConfig = ServeConfig()
+    #: the fleet module cache (a Go module proxy backed by the artifact store)
+    modcache: ModcacheConfig = ModcacheConfig()
     buildcache: BuildcacheConfig = BuildcacheConfig()
 
 

@@ -76,6 +76,14 @@ RECORDED: dict[str, tuple[str, str]] = {
     "kiln_buildcache_store_errors_total": (
         "counter", "Build cache store failures by operation (get, publish): the workers "
                    "went on with their local caches."),
+    # the fleet module cache (kiln/modproxy/cache.py)
+    "kiln_modcache_requests_total": (
+        "counter", "Module cache requests by result: hit (from the store), miss (fetched, "
+                   "checked, stored), bypass (served from upstream unstored: store down or "
+                   "unverifiable), passthrough (lists, @latest, sumdb), refused (checksum "
+                   "mismatch), corrupt (a stored entry failed its size/hash check)."),
+    "kiln_modcache_bytes_total": (
+        "counter", "Bytes the module cache served, by source (store, upstream)."),
 }
 
 

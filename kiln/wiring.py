@@ -45,14 +45,21 @@ from kiln.db.notify import EVENTS_CHANNEL, Notifier
 from kiln.db.pool import connect, make_pool
 from kiln.db.prebuilds import PrebuildRecords
 from kiln.db.webhooks import WebhookManager
+from kiln.errors import KilnError
 from kiln.janitor.buildcache_gc import BuildCacheCollector
 from kiln.janitor.catalog_mirror import CatalogMirror
 from kiln.janitor.gc import StorageCollector
+from kiln.janitor.modcache_gc import ModuleCacheCollector
 from kiln.janitor.prebuild import Prebuilder
 from kiln.janitor.prune import Pruner
 from kiln.janitor.scheduler import Janitor, Job
 from kiln.janitor.webhooks import Deliverer
 from kiln.metrics import MetricsRecorder
+from kiln.modproxy.cache import ModuleCache, SumDB
+from kiln.modproxy.checksum import parse_gosumdb
+from kiln.modproxy.server import ModuleProxyServer
+from kiln.modproxy.store import ModuleStore, objects_of
+from kiln.modproxy.upstream import Upstream, first_http_proxy
 from kiln.readiness import NEEDS, Dependency, Missing, NotReady, database_check
 from kiln.request.catalog import Catalog, CatalogPolicy
 from kiln.resolve.budget import ProxyLimits
@@ -71,7 +78,13 @@ from kiln.worker.preemption import (
 )
 from kiln.worker.sandbox.base import Sandbox, SandboxError
 from kiln.worker.sandbox.docker import DockerSandbox
-from kiln.worker.sandbox.docker_engine import docker_client, docker_problem, docker_unavailable
+from kiln.worker.sandbox.docker_engine import (
+    MODCACHE_NETWORK,
+    docker_client,
+    docker_problem,
+    docker_unavailable,
+    internal_network,
+)
 from kiln.worker.sandbox.process import find_go
 
 if TYPE_CHECKING:
@@ -153,11 +166,16 @@ def make_worker(config: Config, *, max_jobs: int = 0, idle_exit: float = 0.0) ->
     pool = make_pool(url, config.database, application="kiln-worker", min_size=1,
                      max_size=max(2, config.worker.concurrency + 2), synchronous_commit=False)
     # step durations go to /metrics through the shared table
+    recorder = MetricsRecorder(pool, flush_seconds=config.metrics.flush_seconds).start()
+    store = make_store(config.storage)
+    # fetch steps read modules through this worker's module proxy, backed by the store
+    build, network = (with_module_proxy(config, store=store, metrics=recorder)
+                      if config.modcache.enabled else (config.build, ""))
     # a configured worker id labels its sandbox containers: a restart removes its own leftovers
-    sandbox = MeteredSandbox(make_sandbox(config.build, worker_id=config.worker.id), MetricsRecorder(
-        pool, flush_seconds=config.metrics.flush_seconds).start())
+    sandbox = MeteredSandbox(make_sandbox(build, worker_id=config.worker.id,
+                                          fetch_network=network), recorder)
     builder = Builder(
-        sandbox=sandbox, goproxy=config.build.goproxy, gosumdb=config.build.gosumdb,
+        sandbox=sandbox, goproxy=build.goproxy, gosumdb=config.build.gosumdb,
         fetch_timeout=config.build.fetch_timeout, compile_timeout=config.build.compile_timeout,
         buildcache=make_buildcache(config, sandbox=sandbox.inner, counters=sandbox.recorder)
         if config.buildcache.enabled else None,
@@ -166,9 +184,6 @@ def make_worker(config: Config, *, max_jobs: int = 0, idle_exit: float = 0.0) ->
     def listen() -> psycopg.Connection:
         return connect(url, config.database, application="kiln-worker-listen")
 
-
-
-    store = make_store(config.storage)
     return Worker(
         attestor=make_attestor(config, pool=pool, store=store),
         queue=QueueManager(pool), builder=builder, store=store,
@@ -228,6 +243,44 @@ def make_store(config: StorageConfig) -> ArtifactStore:
 SOCKET_DIR_MAX_CHARS = 80
 
 
+def make_module_cache(config: Config, *, store: ArtifactStore,
+                      metrics: MetricsRecorder | None = None) -> ModuleCache:
+    """Return the module cache ``modcache`` describes, reading through ``build.goproxy``."""
+    settings = config.modcache
+    try:
+        upstream = Upstream(first_http_proxy(config.build.goproxy),
+                            timeout=settings.upstream_timeout)
+        verifier = parse_gosumdb(settings.gosumdb or config.build.gosumdb)
+        objects = objects_of(store)
+    except KilnError as exc:
+        raise ConfigError(f"modcache: {exc}") from None
+    return ModuleCache(store=ModuleStore(objects), upstream=upstream,
+                       checksums=SumDB(upstream, verifier) if verifier else None,
+                       metrics=metrics, list_ttl=settings.list_ttl)
+
+
+def with_module_proxy(config: Config, *, store: ArtifactStore,
+                      metrics: MetricsRecorder | None = None) -> tuple[BuildConfig, str]:
+    """Start this worker's module proxy; return ``build`` with its address as GOPROXY.
+
+    With the docker sandbox, fetch steps join an internal network and the proxy listens
+    on its gateway (the port of ``modcache.listen``); the network's name is returned too.
+    """
+    host, _, port = config.modcache.listen.rpartition(":")
+    kind, network = sandbox_kind(config.build), ""
+    if kind == "docker":
+        client = docker_client(required=True)
+        assert client is not None
+        network = MODCACHE_NETWORK
+        host = internal_network(client, network)
+    try:
+        server = ModuleProxyServer(make_module_cache(config, store=store, metrics=metrics),
+                                   host=host, port=int(port)).start()
+    except OSError as exc:
+        raise ConfigError(f"modcache.listen: cannot listen on {host}:{port}: {exc}") from None
+    return config.build.model_copy(update={"goproxy": server.url, "sandbox": kind}), network
+
+
 def make_buildcache_store(config: StorageConfig) -> BlobStore:
     """Return the build cache's part of the artifact store: its ``buildcache/`` prefix."""
     if config.backend == "s3":
@@ -254,15 +307,8 @@ def make_buildcache(config: Config, *, sandbox: Sandbox,
                       program=program, socket_dir=sockets, counters=counters)
 
 
-def make_sandbox(config: BuildConfig, *, worker_id: str = "") -> Sandbox:
-    """Return the sandbox ``build.sandbox`` names.
-
-    ``auto`` picks docker when an engine answers and the sandbox image is there, else
-    the process sandbox, and logs why; ``docker`` raises SandboxError saying what is
-    missing.
-    """
-    from kiln.worker.sandbox.process import ProcessSandbox, find_go
-
+def sandbox_kind(config: BuildConfig) -> str:
+    """Return the sandbox ``build.sandbox`` names: ``auto`` resolved (and why logged)."""
     kind = config.sandbox
     if kind == "auto":
         reason = docker_unavailable(config)
@@ -271,10 +317,25 @@ def make_sandbox(config: BuildConfig, *, worker_id: str = "") -> Sandbox:
         else:
             log.warning("build.sandbox auto: using the process sandbox, which isolates the "
                         "environment but not the machine: %s", reason)
+    return kind
+
+
+def make_sandbox(config: BuildConfig, *, worker_id: str = "",
+                 fetch_network: str = "") -> Sandbox:
+    """Return the sandbox ``build.sandbox`` names.
+
+    ``auto`` picks docker when an engine answers and the sandbox image is there, else
+    the process sandbox, and logs why; ``docker`` raises SandboxError saying what is
+    missing.
+    """
+    from kiln.worker.sandbox.process import ProcessSandbox, find_go
+
+    kind = sandbox_kind(config)
     if kind == "docker":
         client = docker_client(required=True)
         assert client is not None
-        sandbox = make_docker_sandbox(config, client=client, worker_id=worker_id)
+        sandbox = make_docker_sandbox(config, client=client, worker_id=worker_id,
+                                      fetch_network=fetch_network)
         log.info("build.sandbox %s: docker, image %s (%s)", config.sandbox,
                  config.docker.image, sandbox.image_id)
         return sandbox
@@ -363,6 +424,12 @@ def make_janitor(config: Config, *, url: str) -> Janitor:
         # the mirror behind /api/packages and plugins.allow
         mirror = CatalogMirror(store=CatalogStore(queue.pool), url=config.plugins.catalog_url)
         jobs.append(Job("refresh_catalog", config.plugins.catalog_refresh, mirror.refresh))
+    if config.modcache.enabled:
+        # the fleet module cache in the store (kiln/janitor/modcache_gc.py)
+        modules = ModuleCacheCollector(
+            store=ModuleStore(objects_of(make_store(config.storage))),
+            max_bytes=config.modcache.max_bytes, max_age=config.modcache.max_age)
+        jobs.append(Job("modcache_gc", config.modcache.gc_interval, modules.collect))
     if config.buildcache.enabled:
         # the fleet build cache in the store (kiln/janitor/buildcache_gc.py)
         builds = BuildCacheCollector(store=make_buildcache_store(config.storage),
@@ -397,7 +464,8 @@ def make_quota(pool: ConnectionPool, config: QuotaConfig) -> QuotaManager:
 
 
 def make_docker_sandbox(
-    build_config: BuildConfig, *, client: DockerClient, worker_id: str = ""
+    build_config: BuildConfig, *, client: DockerClient, worker_id: str = "",
+    fetch_network: str = "",
 ) -> DockerSandbox:
     """Return the sandbox ``build.docker`` describes."""
     settings = build_config.docker
@@ -413,6 +481,7 @@ def make_docker_sandbox(
         user=settings.user,
         worker_id=worker_id,
         goproxy=build_config.goproxy,
+        fetch_network=fetch_network,
     )
 
 

@@ -135,10 +135,19 @@ def setup_commands(spec: BuildSpec) -> list[list[str]]:
 def summarize(output: str, limit: int = ERROR_LINES) -> str:
     """Return the lines of Go output a user needs to see why a step failed."""
     lines = [line for line in output.splitlines() if line.strip()]
+    # what a module proxy said, as go quotes it under "server response:" (e.g. the module
+    # cache refusing a download whose checksum does not match the checksum database)
+    quoted: set[int] = set()
+    for i, line in enumerate(lines):
+        if line.strip() == "server response:":
+            j = i + 1
+            while j < len(lines) and lines[j].startswith("\t"):
+                quoted.add(j)
+                j += 1
     wanted = [
-        line for line in lines
+        line for i, line in enumerate(lines)
         if line.startswith(("go: ", "# ")) or re.match(r"^\S+\.go:\d+", line)
-        or "error" in line.lower() or "requires" in line
+        or "error" in line.lower() or "requires" in line or i in quoted
     ]
     chosen = wanted or lines
     return "\n".join(chosen[-limit:]) or "(no output)"

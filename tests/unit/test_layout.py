@@ -26,12 +26,14 @@ ALLOWED: dict[str, set[str] | None] = {
     "kiln.resolve": {"kiln.gomod", "kiln.request", "kiln.db"},
     "kiln.artifacts": {"kiln.gomod", "kiln.request"},
     "kiln.db": {"kiln.gomod", "kiln.request", "kiln.artifacts"},
+    # the fleet module cache: a Go module proxy over the artifact store
+    "kiln.modproxy": {"kiln.gomod", "kiln.artifacts"},
     # the fleet build cache: the worker's side of GOCACHEPROG, over the artifact store
     "kiln.buildcache": {"kiln.artifacts"},
     "kiln.worker": {"kiln.gomod", "kiln.request", "kiln.db", "kiln.artifacts", "kiln.metrics",
                     "kiln.buildcache"},
     "kiln.janitor": {"kiln.gomod", "kiln.request", "kiln.db", "kiln.artifacts", "kiln.resolve",
-                     "kiln.metrics", "kiln.buildcache"},
+                     "kiln.metrics", "kiln.modproxy", "kiln.buildcache"},
     "kiln.api": {"kiln.gomod", "kiln.request", "kiln.resolve", "kiln.db", "kiln.artifacts",
                  "kiln.metrics", "kiln.readiness"},
     # the client is installed on machines that never run a server: no database, no sandbox

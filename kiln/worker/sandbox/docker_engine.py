@@ -201,3 +201,35 @@ def docker_unavailable(config: BuildConfig) -> str | None:
     """Return why the docker sandbox cannot run here (no engine or image), or None."""
     problem = docker_problem(config)
     return problem[0] if problem else None
+
+
+#: the internal network fetch steps join when the module cache is on (kiln/modproxy)
+MODCACHE_NETWORK = "kiln-modcache"
+
+
+def internal_network(client: DockerClient, name: str = MODCACHE_NETWORK) -> str:
+    """Return the host's (gateway) address on internal network ``name``, creating it if needed.
+
+    Containers on an internal network reach no address outside the host (no internet, no
+    cloud metadata endpoint); they still reach the host's own addresses, where the worker's
+    module proxy listens on this gateway address.
+    """
+    try:
+        try:
+            network = client.networks.get(name)
+        except NotFound:
+            network = client.networks.create(name, driver="bridge", internal=True,
+                                              labels={"dev.kiln.modcache": "1"},
+                                              check_duplicate=True)
+            network.reload()
+    except _ENGINE_ERRORS as exc:
+        raise SandboxError(f"cannot prepare the docker network {name}: {exc}") from exc
+    attrs = network.attrs
+    if not attrs.get("Internal"):
+        raise SandboxError(f"docker network {name} exists but is not internal: remove it "
+                           f"(docker network rm {name}) and Kiln creates it as it must be")
+    for pool in (attrs.get("IPAM") or {}).get("Config") or []:
+        gateway = pool.get("Gateway", "")
+        if gateway and ":" not in gateway:
+            return str(gateway)
+    raise SandboxError(f"docker network {name} has no IPv4 gateway for the module proxy")

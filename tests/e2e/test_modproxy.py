@@ -1,0 +1,120 @@
+"""The fleet module cache end to end: a worker process serves its fetch steps through it.
+
+The process sandbox test runs Kiln's real API and worker (modcache.enabled) against the
+synthetic module proxy over HTTP; the docker test runs the docker sandbox's fetch steps on
+the module cache's internal network, where they reach the worker's proxy and nothing beyond
+the host.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from kiln.artifacts.local import LocalStore
+from kiln.modproxy.cache import ModuleCache
+from kiln.modproxy.server import ModuleProxyServer
+from kiln.modproxy.store import ModuleStore, objects_of
+from kiln.modproxy.upstream import Upstream
+from kiln.request.spec import BuildSpec, ResolvedPlugin
+from kiln.worker.builder import Builder
+from kiln.worker.sandbox.base import FETCH, Step
+from kiln.worker.sandbox.docker_engine import MODCACHE_NETWORK, docker_client, internal_network
+from tests.dockerutil import ensure_sandbox_image
+from tests.fixtures import goproxy as gp
+from tests.fixtures.goproxy.paths import escape_path
+from tests.sandboxes import COMPILE_TIMEOUT_SECONDS, FETCH_TIMEOUT_SECONDS, docker_sandbox
+from tests.service import KilnProcesses, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def kiln_goproxy(proxy_server: gp.ProxyServer) -> str:
+    return proxy_server.url
+
+
+@pytest.fixture(scope="module")
+def kiln_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Empty Go caches: every module goes through the module cache."""
+    return tmp_path_factory.mktemp("modproxy-go-cache")
+
+
+@pytest.fixture(scope="module")
+def kiln_env() -> dict[str, str]:
+    return {"KILN_MODCACHE__ENABLED": "true", "KILN_METRICS__FLUSH_SECONDS": "0.2"}
+
+
+def _metric(text: str, result: str) -> float:
+    match = re.search(rf'^kiln_modcache_requests_total\{{result="{result}"\}} (\S+)$', text,
+                      re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_a_worker_fetches_through_its_module_cache(
+        kiln: KilnProcesses, proxy_server: gp.ProxyServer) -> None:
+    doc = kiln.post_build({"os": "linux", "arch": "amd64", "caddy_version": gp.CADDY_LATEST,
+                           "plugins": [f"{gp.HELLO}@{gp.HELLO_VERSIONS[0]}"]}).json()
+    final = kiln.wait_build(doc["key"])
+    assert final["state"] == "succeeded", final
+    # the fetch steps went through the worker's proxy: what they fetched is in the store
+    zip_file = (kiln.root / "artifacts" / "modcache" / escape_path(gp.HELLO) / "@v"
+                / f"{gp.HELLO_VERSIONS[0]}.zip")
+    assert zip_file.is_file() and zip_file.with_name(zip_file.name + ".meta").is_file()
+    assert "module cache serving the GOPROXY protocol on http://127.0.0.1:" in kiln.log("worker")
+    # and /metrics counts it, for the whole fleet
+    text = wait_for("module cache counts in /metrics", lambda: (
+        t if _metric(t := requests.get(kiln.url + "/metrics", timeout=10).text, "miss") > 0
+        else None), timeout=30)
+    assert "# HELP kiln_modcache_bytes_total" in text
+    assert re.search(r'^kiln_modcache_bytes_total\{source="upstream"\} [1-9]', text, re.M)
+
+
+@pytest.fixture
+def docker_proxy(tmp_path: Path, proxy_server: gp.ProxyServer) -> Iterator[ModuleProxyServer]:
+    client = docker_client(required=True)
+    assert client is not None
+    gateway = internal_network(client)
+    cache = ModuleCache(store=ModuleStore(objects_of(LocalStore(tmp_path / "store"))),
+                        upstream=Upstream(proxy_server.url), checksums=None)
+    server = ModuleProxyServer(cache, host=gateway).start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_docker_fetch_steps_reach_the_module_proxy_and_not_the_internet(
+        docker_proxy: ModuleProxyServer, tmp_path: Path, proxy_dir: Path) -> None:
+    image = ensure_sandbox_image()
+    client = docker_client(required=True)
+    sandbox = docker_sandbox(client, image, tmp_path / "cache", proxy_dir,
+                             worker_id=f"modproxy-{threading.get_ident()}", network="bridge",
+                             goproxy=docker_proxy.url, fetch_network=MODCACHE_NETWORK)
+    builder = Builder(sandbox=sandbox, goproxy=docker_proxy.url, gosumdb="off",
+                      fetch_timeout=FETCH_TIMEOUT_SECONDS, compile_timeout=COMPILE_TIMEOUT_SECONDS)
+    spec = BuildSpec(os="linux", arch="amd64", arm="", caddy_version=gp.CADDY_LATEST,
+                     plugins=(ResolvedPlugin(package=gp.HELLO, module=gp.HELLO,
+                                             version=gp.HELLO_VERSIONS[0]),),
+                     replacements=(), go_version=sandbox.go_version(), sandbox=sandbox.identity)
+    out = builder.build(spec, key=spec.key(), workdir=tmp_path / "work", log=lambda _s, _l: None)
+    assert out.binary.is_file()
+    assert (tmp_path / "store" / "modcache" / escape_path(gp.HELLO) / "@v"
+            / f"{gp.HELLO_VERSIONS[0]}.zip").is_file()
+
+    # the same network, asked for the real module proxy: nothing outside the host answers
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "go.mod").write_text("module probe\n\ngo 1.21\n")
+    probe = Step(FETCH, ("go", "mod", "download", "-x", "rsc.io/quote@v1.5.2"),
+                 env={"GOPROXY": "https://proxy.golang.org", "GOSUMDB": "off",
+                      "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"},
+                 network=True, timeout=120)
+    result = sandbox.run(probe, workdir=tmp_path / "probe")
+    assert not result.ok
+    assert re.search(r"dial tcp|no such host|network is unreachable|server misbehaving|"
+                     r"i/o timeout", result.output), result.output
