@@ -217,8 +217,8 @@ class DockerSandbox:
         try:
             try:
                 self._give_tree(workdir)
-                if not step.network and self.cache_mode == "copy" and step.cacheprog is None:
-                    private_cache = self._copy_build_cache(step)
+                if not step.network and (self.cache_mode == "copy" or step.cacheprog):
+                    private_cache = self._copy_build_cache(step, empty=bool(step.cacheprog))
             except OSError as exc:
                 raise SandboxError(
                     f"cannot prepare the directories of the {step.name} step: {exc}"
@@ -333,14 +333,12 @@ class DockerSandbox:
             network = "none"
             mounts.append(Mount(MODCACHE_PATH, str(self.modcache), type="bind", read_only=True))
             cache = private_cache if private_cache is not None else self.buildcache
-            if step.cacheprog is None:
-                mounts.append(Mount(BUILDCACHE_PATH, str(cache), type="bind", read_only=False))
+            mounts.append(Mount(BUILDCACHE_PATH, str(cache), type="bind", read_only=False))
         environment = dict(step.env)
         if step.cacheprog is not None and not step.network:
             # the fleet build cache: the step reads the outputs and asks the worker through
             # the build's socket; no shared cache directory is writable in here (GOCACHE,
-            # which go still opens, is a throwaway tmpfs)
-            tmpfs[BUILDCACHE_PATH] = f"rw,nosuid,nodev,size={self.memory_bytes},{owner}"
+            # which go still opens, is an empty private directory, thrown away after)
             mounts.append(Mount(CACHEPROG_SOCKET, str(step.cacheprog.socket), type="bind",
                                 read_only=True))
             mounts.append(Mount(CACHEPROG_OUTPUTS, str(step.cacheprog.outputs), type="bind",
@@ -547,13 +545,15 @@ class DockerSandbox:
 
     # -- host directories -------------------------------------------------------------
 
-    def _copy_build_cache(self, step: Step) -> Path:
-        """Return a private copy of the shared build cache for one compile step."""
+    def _copy_build_cache(self, step: Step, *, empty: bool = False) -> Path:
+        """Return a private copy of the shared build cache (or an empty directory) for one
+        compile step."""
         deadline = int(time.time() + step.timeout + EXIT_WAIT_SECONDS)
         prefix = f"{deadline}-{_UNSAFE_NAME.sub('_', step.build_key)[:16] or 'step'}-"
         target = Path(tempfile.mkdtemp(prefix=prefix, dir=self.copies))
         try:
-            shutil.copytree(self.buildcache, target, symlinks=True, dirs_exist_ok=True)
+            if not empty:
+                shutil.copytree(self.buildcache, target, symlinks=True, dirs_exist_ok=True)
             self._give_tree(target)
         except BaseException:
             shutil.rmtree(target, ignore_errors=True)
