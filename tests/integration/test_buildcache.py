@@ -24,10 +24,10 @@ import pytest
 from kiln.buildcache.blobs import BlobStore, DirectoryBlobs
 from kiln.buildcache.cache import BuildCache
 from kiln.buildcache.program import compile_program
-from kiln.config import LocalStorageConfig, StorageConfig
+from kiln.config import Config, LocalStorageConfig, StorageConfig
 from kiln.janitor.buildcache_gc import BuildCacheCollector
 from kiln.request.spec import BuildSpec, ResolvedPlugin
-from kiln.wiring import make_buildcache_store
+from kiln.wiring import make_buildcache_store, make_janitor
 from kiln.worker.builder import Builder, BuildFailure
 from kiln.worker.sandbox.process import find_go
 from tests.fixtures import goproxy as gp
@@ -314,3 +314,26 @@ def test_both_stores_keep_the_cache_beside_the_artifacts(blobs: BlobStore,
     blobs.delete("o/x")
     blobs.delete("o/x")  # gone already: nothing to do
     assert [b.path for b in blobs.blobs()] == ["a/y"]
+
+
+def test_the_janitor_runs_the_collection_only_when_the_cache_is_on(db_url: str,
+                                                                   tmp_path: Path) -> None:
+    settings = {"database": {"url": db_url},
+                "storage": {"local": {"path": str(tmp_path / "artifacts")}}}
+    off = make_janitor(Config.model_validate(settings), url=db_url)
+    try:
+        assert "buildcache_gc" not in [job.name for job in off.jobs]
+    finally:
+        off.queue.pool.close()
+    store = make_buildcache_store(StorageConfig(local=LocalStorageConfig(
+        path=tmp_path / "artifacts")))
+    store.write("o/old", b"x")
+    os.utime(store.root / "o" / "old", (1.0, 1.0))  # 1970: past any max_age
+    store.write("o/new", b"y")
+    janitor = make_janitor(Config.model_validate(
+        {**settings, "buildcache": {"enabled": True, "max_age": 86400}}), url=db_url)
+    try:
+        assert janitor.run_once(only=["buildcache_gc"]) == {"buildcache_gc": "done"}
+    finally:
+        janitor.queue.pool.close()
+    assert [b.path for b in store.blobs()] == ["o/new"]
