@@ -327,6 +327,7 @@ def test_the_janitor_runs_the_collection_only_when_the_cache_is_on(db_url: str,
         off.queue.pool.close()
     store = make_buildcache_store(StorageConfig(local=LocalStorageConfig(
         path=tmp_path / "artifacts")))
+    assert isinstance(store, DirectoryBlobs)
     store.write("o/old", b"x")
     os.utime(store.root / "o" / "old", (1.0, 1.0))  # 1970: past any max_age
     store.write("o/new", b"y")
