@@ -238,11 +238,6 @@ def make_store(config: StorageConfig) -> ArtifactStore:
     return LocalStore(config.local.path)
 
 
-#: longest directory of the build cache's sockets (a Unix socket's path is at most 107
-#: bytes, and the name of one takes 22)
-SOCKET_DIR_MAX_CHARS = 80
-
-
 def make_module_cache(config: Config, *, store: ArtifactStore,
                       metrics: MetricsRecorder | None = None) -> ModuleCache:
     """Return the module cache ``modcache`` describes, reading through ``build.goproxy``."""
@@ -279,6 +274,11 @@ def with_module_proxy(config: Config, *, store: ArtifactStore,
     except OSError as exc:
         raise ConfigError(f"modcache.listen: cannot listen on {host}:{port}: {exc}") from None
     return config.build.model_copy(update={"goproxy": server.url, "sandbox": kind}), network
+
+
+#: longest directory of the build cache's sockets (a Unix socket's path is at most 107
+#: bytes, and the name of one takes 22)
+SOCKET_DIR_MAX_CHARS = 80
 
 
 def make_buildcache_store(config: StorageConfig) -> BlobStore:
