@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 
 import psycopg
 import pytest
@@ -67,7 +68,18 @@ def test_enqueue_leaves_queued_running_and_permanently_failed_builds(
     before = queue.get(key)
     result = queue.enqueue(key, SPEC, priority=5)
     assert not result.queued
-    assert result.build == before == queue.get(key)
+    after = queue.get(key)
+    assert after is not None and before is not None
+    if outcome == "queued":
+        # a queued build joined at a higher priority is lifted to it (a user joining a
+        # prebuild must not wait behind every other build); nothing else about it changes
+        assert after.priority == 5
+        assert replace(after, priority=before.priority, updated_at=before.updated_at) == before
+    else:
+        assert result.build == before == after
+    # a lower priority never lowers it
+    queue.enqueue(key, SPEC, priority=0)
+    assert queue.get(key).priority == after.priority  # type: ignore[union-attr]
 
 
 def test_enqueue_still_rebuilds_what_can_change(queue: QueueManager) -> None:
