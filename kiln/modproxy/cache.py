@@ -58,8 +58,10 @@ log = logging.getLogger(__name__)
 
 #: seconds a /list, @latest or version-query answer is reused
 LIST_TTL_SECONDS = 60.0
-#: a 404 or 410 of upstream is shared under the file's key plus this
+#: a refusal of upstream (the module or version does not exist, or may not be served) is
+#: shared under the file's key plus this, for list_ttl; not a 429 or a 5xx, which pass
 NOT_FOUND_SUFFIX = ".notfound"
+NOT_FOUND_STATUSES = (400, 403, 404, 410)
 #: checksum database lookups kept in memory (a .mod and a .zip of one version ask once)
 MAX_SUMS = 4096
 
@@ -249,7 +251,7 @@ class ModuleCache:
             data.seek(0)
 
     def _not_found(self, rel: str) -> Reply | None:
-        """Return a 404 or 410 upstream gave for ``rel`` less than ``list_ttl`` ago."""
+        """Return a refusal upstream gave for ``rel`` less than ``list_ttl`` ago."""
         if self.list_ttl <= 0:
             return None
         held, _ = self._stored(rel + NOT_FOUND_SUFFIX, fresh_for=self.list_ttl)
@@ -265,9 +267,9 @@ class ModuleCache:
         return Reply(status, "text/plain; charset=utf-8", io.BytesIO(text.encode()))
 
     def _upstream(self, rel: str, *, limit: int = MAX_SMALL_BYTES) -> Answer:
-        """Ask upstream; share a 404 or 410 answer through the store for ``list_ttl``."""
+        """Ask upstream; share a refusal (NOT_FOUND_STATUSES) through the store, for list_ttl."""
         answer = self.upstream.get(rel, limit=limit)
-        if answer.status in (404, 410) and self.list_ttl > 0:
+        if answer.status in NOT_FOUND_STATUSES and self.list_ttl > 0:
             text = answer.body.read().decode("utf-8", "replace")
             answer.body.seek(0)
             self._keep(rel + NOT_FOUND_SUFFIX, io.BytesIO(json.dumps(

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import re
 import threading
+from collections import Counter
 from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 
 from kiln.artifacts.local import LocalStore
-from kiln.modproxy.cache import ModuleCache
+from kiln.modproxy.cache import ModuleCache, SumDB
+from kiln.modproxy.checksum import parse_gosumdb
 from kiln.modproxy.server import ModuleProxyServer
 from kiln.modproxy.store import ModuleStore, objects_of
 from kiln.modproxy.upstream import Upstream
@@ -25,10 +28,17 @@ from kiln.request.spec import BuildSpec, ResolvedPlugin
 from kiln.worker.builder import Builder
 from kiln.worker.sandbox.base import FETCH, Step
 from kiln.worker.sandbox.docker_engine import MODCACHE_NETWORK, docker_client, internal_network
+from tests import realcaddy as rc
 from tests.dockerutil import ensure_sandbox_image
 from tests.fixtures import goproxy as gp
 from tests.fixtures.goproxy.paths import escape_path
-from tests.sandboxes import COMPILE_TIMEOUT_SECONDS, FETCH_TIMEOUT_SECONDS, docker_sandbox
+from tests.integration.test_modproxy import Front, front_handler
+from tests.sandboxes import (
+    COMPILE_TIMEOUT_SECONDS,
+    FETCH_TIMEOUT_SECONDS,
+    docker_sandbox,
+    process_sandbox,
+)
 from tests.service import KilnProcesses, wait_for
 
 pytestmark = pytest.mark.slow
@@ -118,3 +128,53 @@ def test_docker_fetch_steps_reach_the_module_proxy_and_not_the_internet(
     assert not result.ok
     assert re.search(r"dial tcp|no such host|network is unreachable|server misbehaving|"
                      r"i/o timeout", result.output), result.output
+
+
+def test_real_caddy_is_fetched_through_the_cache_checked_against_sum_golang_org(
+        tmp_path: Path) -> None:
+    """Real Caddy's modules from proxy.golang.org, each checked against sum.golang.org."""
+    made = Front(upstream=rc.GOPROXY)
+    front = ThreadingHTTPServer(("127.0.0.1", 0), front_handler(made))
+    made.url = f"http://127.0.0.1:{front.server_address[1]}"
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    store = ModuleStore(objects_of(LocalStore(tmp_path / "store")))
+    servers: list[ModuleProxyServer] = []
+
+    def fetch(name: str) -> tuple[str, ModuleCache]:
+        upstream = Upstream(made.url)
+        verifier = parse_gosumdb(rc.GOSUMDB)
+        assert verifier is not None
+        # lists and not-found answers shared for the whole test (a cold fetch takes minutes)
+        cache = ModuleCache(store=store, upstream=upstream, checksums=SumDB(upstream, verifier),
+                            list_ttl=3600)
+        server = ModuleProxyServer(cache).start()
+        servers.append(server)
+        sandbox = process_sandbox(tmp_path / f"{name}-cache")
+        # the go command checks the checksum database too, through the same proxy
+        builder = Builder(sandbox=sandbox, goproxy=server.url, gosumdb=rc.GOSUMDB,
+                          fetch_timeout=rc.BUILD_TIMEOUT_SECONDS,
+                          compile_timeout=rc.BUILD_TIMEOUT_SECONDS)
+        spec = BuildSpec(os="linux", arch="amd64", arm="", caddy_version=rc.CADDY_PINNED,
+                         plugins=(), replacements=(), go_version=sandbox.go_version(),
+                         sandbox=sandbox.identity)
+        workdir = tmp_path / name
+        builder.fetch(spec, key=spec.key(), workdir=workdir, log=lambda _s, _l: None)
+        return (workdir / "go.sum").read_text(), cache
+
+    try:
+        go_sum, _ = fetch("first")
+        assert f"{rc.CADDY} {rc.CADDY_PINNED} h1:" in go_sum
+        caddy_zip = (tmp_path / "store" / "modcache" / rc.CADDY / "@v"
+                     / f"{rc.CADDY_PINNED}.zip")
+        assert caddy_zip.is_file()
+        assert made.counts[f"sumdb/sum.golang.org/lookup/{rc.CADDY}@{rc.CADDY_PINNED}"] >= 1
+
+        made.counts.clear()
+        again, _ = fetch("second")
+        assert again == go_sum
+        assert made.modules_asked() == Counter(), "a fresh worker asked upstream for modules"
+    finally:
+        for server in servers:
+            server.close()
+        front.shutdown()
+        front.server_close()

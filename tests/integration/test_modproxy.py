@@ -91,7 +91,7 @@ class Front:
             return Counter({k: v for k, v in self.counts.items() if not k.startswith("sumdb/")})
 
 
-def _front_handler(front: Front) -> type[BaseHTTPRequestHandler]:
+def front_handler(front: Front) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             rel = self.path.lstrip("/")
@@ -124,7 +124,7 @@ def _front_handler(front: Front) -> type[BaseHTTPRequestHandler]:
 def front(proxy_server: gp.ProxyServer) -> Iterator[Front]:
     """Serve a counting front of the synthetic proxy on 127.0.0.1."""
     made = Front(upstream=proxy_server.url)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _front_handler(made))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), front_handler(made))
     made.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -372,3 +372,43 @@ def _bytes(data: bytes) -> Any:
 def front_file(front: Front, rel: str) -> bytes:
     with urllib.request.urlopen(f"{front.upstream}/{rel}", timeout=30) as answer:
         return bytes(answer.read())
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_both_stores_publish_check_and_list_entries(backend: str, tmp_path: Path,
+                                                    request: pytest.FixtureRequest) -> None:
+    from kiln.config import S3StorageConfig, StorageConfig
+    from kiln.wiring import make_store
+
+    if backend == "s3":
+        import boto3
+
+        endpoint = request.getfixturevalue("s3_endpoint")
+        bucket = f"kiln-modcache-{os.getpid()}"
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                              aws_access_key_id="kiln-test", aws_secret_access_key="kiln-test")
+        client.create_bucket(Bucket=bucket)
+        config = StorageConfig(backend="s3", s3=S3StorageConfig(
+            bucket=bucket, endpoint_url=endpoint, region="us-east-1", prefix="kiln",
+            access_key_id="kiln-test", secret_access_key="kiln-test", addressing_style="path"))
+    else:
+        config = StorageConfig(backend="local")
+        config.local.path = tmp_path / "store"
+    objects = objects_of(make_store(config))
+    store = ModuleStore(objects)
+    data = os.urandom(3 * 1024 * 1024)
+    store.put("example.com/m/@v/v1.0.0.zip", _bytes(data))
+    held = store.get("example.com/m/@v/v1.0.0.zip")
+    assert held is not None and held.read() == data
+    entries, orphans = store.entries()
+    assert [(e.path, e.size) for e in entries] == [("modcache/example.com/m/@v/v1.0.0.zip",
+                                                    len(data))]
+    assert orphans == []
+    # the stored bytes changed behind the cache's back: refused and deleted, never served
+    objects.publish("modcache/example.com/m/@v/v1.0.0.zip", _bytes(data[:-1] + b"x"))
+    from kiln.modproxy.store import Corrupt
+
+    with pytest.raises(Corrupt):
+        store.get("example.com/m/@v/v1.0.0.zip")
+    assert store.get("example.com/m/@v/v1.0.0.zip") is None
+    assert store.entries() == ([], [])
