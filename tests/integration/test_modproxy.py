@@ -412,3 +412,28 @@ def test_both_stores_publish_check_and_list_entries(backend: str, tmp_path: Path
         store.get("example.com/m/@v/v1.0.0.zip")
     assert store.get("example.com/m/@v/v1.0.0.zip") is None
     assert store.entries() == ([], [])
+
+
+def test_the_janitor_collects_the_module_cache_only_when_it_is_on(db_url: str,
+                                                                  tmp_path: Path) -> None:
+    from kiln.config import Config
+    from kiln.wiring import make_janitor
+
+    settings: dict[str, Any] = {"database": {"url": db_url},
+                                "storage": {"local": {"path": str(tmp_path / "artifacts")}}}
+    off = make_janitor(Config.model_validate(settings), url=db_url)
+    try:
+        assert "modcache_gc" not in [job.name for job in off.jobs]
+    finally:
+        off.queue.pool.close()
+    store = ModuleStore(DirectoryObjects(tmp_path / "artifacts"), clock=lambda: 1.0)  # 1970
+    store.put("example.com/old/@v/v1.0.0.mod", _bytes(b"module example.com/old\n"))
+    ModuleStore(DirectoryObjects(tmp_path / "artifacts")).put(
+        "example.com/new/@v/v1.0.0.mod", _bytes(b"module example.com/new\n"))
+    janitor = make_janitor(Config.model_validate(
+        {**settings, "modcache": {"enabled": True, "max_age": 86400}}), url=db_url)
+    try:
+        assert janitor.run_once(only=["modcache_gc"]) == {"modcache_gc": "done"}
+    finally:
+        janitor.queue.pool.close()
+    assert [e.path for e in store.entries()[0]] == ["modcache/example.com/new/@v/v1.0.0.mod"]
