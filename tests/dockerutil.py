@@ -129,3 +129,13 @@ def ensure_sandbox_image() -> str:
 def sandbox_image_build_seconds() -> float:
     """Return how long this session's image build took (building it if needed)."""
     return _build_sandbox_image()[0]
+
+
+def readable_by_sandbox(root: Path) -> Path:
+    """Make ``root`` readable by the sandbox's step user (uid 1000), as in production; return it.
+
+    A ``file://`` module proxy is mounted into the steps' containers, which run as that user.
+    """
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return root

@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import shutil
 import signal
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.service import KilnProcesses, free_port
@@ -99,3 +102,20 @@ class PgCluster:
         """Stop the server without a checkpoint, whatever state it is in (for clean-up)."""
         subprocess.run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
                         "stop"], capture_output=True, user=self.user, check=False)
+
+
+@contextlib.contextmanager
+def own_cluster(prefix: str) -> Iterator[PgCluster]:
+    """Run a started PostgreSQL server of the caller's own (one it may stop and restart).
+
+    Its directory is outside any private one: postgres runs as an unprivileged user.
+    """
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)
+    cluster = PgCluster(root)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.kill()
+        shutil.rmtree(root, ignore_errors=True)

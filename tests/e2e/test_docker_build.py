@@ -28,7 +28,7 @@ from kiln.config import BuildConfig, DockerSandboxConfig
 from kiln.wiring import make_sandbox
 from kiln.worker.sandbox.base import SANDBOX_LABEL, SandboxError
 from kiln.worker.sandbox.process import ProcessSandbox
-from tests.dockerutil import ensure_sandbox_image
+from tests.dockerutil import ensure_sandbox_image, readable_by_sandbox
 from tests.fixtures import goproxy as gp
 from tests.service import KilnProcesses
 
@@ -99,10 +99,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     gp.generate(root)
     gomod = f"module {SLOW}\n\ngo {gp.GO_DIRECTIVE}\n\nrequire {gp.CADDY} {gp.CADDY_OLDEST}\n"
     gp.publish(root, SLOW, SLOW_VERSION, files={"go.mod": gomod, "slow.go": slow_plugin_source()})
-    # the steps run as uid 1000: the mounted proxy must be world-readable, as in production
-    for path in [root, *root.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return root
+    return readable_by_sandbox(root)
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import stat
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,9 +35,9 @@ import requests
 
 from kiln.db.migrate import Migrator
 from kiln.worker.sandbox.base import SANDBOX_LABEL
-from tests.dockerutil import ensure_sandbox_image
-from tests.e2e.test_recovery import PgCluster
+from tests.dockerutil import ensure_sandbox_image, readable_by_sandbox
 from tests.fixtures import goproxy as gp
+from tests.processes import PgCluster, own_cluster
 from tests.service import KilnProcesses, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -71,17 +69,8 @@ def engine(image: str) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def pg() -> Iterator[PgCluster]:
     """A PostgreSQL server of the module's own: one test restarts it."""
-    root = Path(tempfile.mkdtemp(prefix="kiln-docker-service-"))
-    root.chmod(0o755)
-    cluster = PgCluster(root)
-    cluster.start()
-    try:
+    with own_cluster("kiln-docker-service-") as cluster:
         yield cluster
-    finally:
-        subprocess.run([str(cluster.bin / "pg_ctl"), "-D", str(cluster.data), "-m",
-                        "immediate", "stop"], capture_output=True, user=cluster.user,
-                       check=False)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +83,7 @@ def kiln_db(pg: PgCluster) -> str:
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Return the synthetic proxy, readable by the sandbox user (uid 1000)."""
-    root = gp.generate(tmp_path_factory.mktemp("docker-service-proxy"))
-    for path in [root, *root.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return root
+    return readable_by_sandbox(gp.generate(tmp_path_factory.mktemp("docker-service-proxy")))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from tests.processes import (
     PgCluster,
     ensure_worker,
     kill_sandbox_processes,
+    own_cluster,
     start_without_a_worker,
 )
 from tests.service import REPO, KilnProcesses
@@ -201,15 +201,8 @@ def test_gc_over_budget_then_a_request_rebuilds_the_same_binary(kiln: KilnProces
 
 @pytest.fixture
 def own_pg() -> Iterator[PgCluster]:
-    root = Path(tempfile.mkdtemp(prefix="kiln-outage-"))
-    root.chmod(0o755)
-    cluster = PgCluster(root)
-    cluster.start()
-    try:
+    with own_cluster("kiln-outage-") as cluster:
         yield cluster
-    finally:
-        cluster.kill()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def timed(call: Any) -> tuple[Any, float]:
