@@ -10,8 +10,9 @@
 * ``$module/@v/list``, ``$module/@latest`` and version queries (``@v/master.info``): they
   change, so an answer is shared (through the store) for ``list_ttl`` seconds only, and
   nothing is checked in them: the go command checks the files they lead it to.
-* ``sumdb/...``: the checksum database, passed through to upstream (the go command checks
-  what it gets from there itself).
+* ``sumdb/...``: the checksum database, through upstream: lookups and tiles (which never
+  change) are stored, ``latest`` and ``supported`` shared for ``list_ttl``; the go command
+  checks what the database signed itself.
 
 A store that fails (unreachable, full, misconfigured) never fails a fetch: the request is
 served from upstream, not stored, and counted as a bypass.
@@ -24,10 +25,9 @@ import json
 import logging
 import re
 import threading
-import time
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import IO, Protocol
 
@@ -70,6 +70,9 @@ BYTES = "kiln_modcache_bytes_total"
 
 _FILE = re.compile(r"(?P<mod>.+)/@v/(?P<ver>[^/]+)\.(?P<ext>info|mod|zip)")
 _LIST = re.compile(r"(?P<mod>.+)/(?:@v/list|@latest)")
+#: checksum database answers that never change: a record's lookup (its note may be older
+#: than the newest tree: the go command proves it a prefix) and tiles, full or partial
+_SUMDB_FIXED = re.compile(r"sumdb/[^/]+/(?:lookup/.+|tile/.+)")
 _TYPES = {"info": "application/json", "mod": "text/plain; charset=utf-8",
           "zip": "application/zip"}
 _LIST_TYPES = {"json": "application/json", "list": "text/plain; charset=utf-8"}
@@ -179,14 +182,12 @@ class ModuleCache:
 
     def __init__(self, *, store: ModuleStore, upstream: Upstream,
                  checksums: Checksums | None, metrics: Counter | None = None,
-                 list_ttl: float = LIST_TTL_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 list_ttl: float = LIST_TTL_SECONDS) -> None:
         self.store = store
         self.upstream = upstream
         self.checksums = checksums
         self.metrics = metrics
         self.list_ttl = list_ttl
-        self.clock = clock
         self._flights: dict[str, threading.Lock] = {}
         self._flights_lock = threading.Lock()
 
@@ -206,7 +207,9 @@ class ModuleCache:
         if "\\" in rel or any(part in ("", ".", "..") for part in rel.split("/")):
             raise BadRequest(f"{rel!r} is not a module proxy path")
         if rel.startswith("sumdb/"):
-            return self._pass(rel, ttl=False)
+            if _SUMDB_FIXED.fullmatch(rel):
+                return self._fixed(rel)
+            return self._pass(rel, ttl=True)
         match = _FILE.fullmatch(rel)
         if match:
             module = _module(match["mod"])
@@ -224,7 +227,7 @@ class ModuleCache:
         raise BadRequest(f"{rel!r} is not a module proxy path: ask for $module/@v/list, "
                          "$module/@latest or $module/@v/$version.info, .mod or .zip")
 
-    # -- answers that change: passed through, kept briefly -------------------------------
+    # -- the store, and answers that change (shared for list_ttl) -----------------------
 
     def _stored(self, rel: str, *,
                 fresh_for: float | None = None) -> tuple[IO[bytes] | None, bool]:
@@ -292,6 +295,22 @@ class ModuleCache:
             gone = self._not_found(rel) if usable else None
             if gone is not None:
                 return gone
+        answer = self._upstream(rel) if usable else self.upstream.get(rel)
+        size = _size(answer.body)
+        if usable and answer.status == 200:
+            self._keep(rel, answer.body)
+        self._count("passthrough", source="upstream", size=size)
+        return Reply(answer.status, answer.content_type or "text/plain", answer.body)
+
+    def _fixed(self, rel: str) -> Reply:
+        """Answer a checksum database request whose answer never changes, storing it.
+
+        Nothing is checked here: the go command verifies what the database signed.
+        """
+        held, usable = self._stored(rel)
+        if held is not None:
+            self._count("hit", source="store", size=_size(held))
+            return Reply(200, "application/octet-stream", held)
         answer = self._upstream(rel) if usable else self.upstream.get(rel)
         size = _size(answer.body)
         if usable and answer.status == 200:

@@ -242,8 +242,12 @@ class ModuleStore:
             self.discard(path)
             return None
         spooled = tempfile.SpooledTemporaryFile(SPOOL_BYTES)  # noqa: SIM115 - returned
-        with data:
-            shutil.copyfileobj(data, spooled, _CHUNK)
+        try:
+            with data:
+                shutil.copyfileobj(data, spooled, _CHUNK)
+        except OSError as exc:
+            spooled.close()
+            raise CacheUnavailable(f"cannot read {key}: {exc}") from exc
         got_sha, got_size = _sha256_and_size(spooled)  # type: ignore[arg-type]
         if (got_size, got_sha) != (size, sha256):
             spooled.close()

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import re
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
+
+import requests
+import requests.adapters
 
 from kiln.errors import KilnError
 
@@ -21,6 +21,8 @@ MAX_ZIP_BYTES = 500 << 20
 MAX_SMALL_BYTES = 16 << 20
 _CHUNK = 1 << 20
 _SPOOL_BYTES = 8 << 20
+#: connections kept open to upstream, shared by the go command's parallel fetches
+POOL_CONNECTIONS = 32
 
 
 class UpstreamUnavailable(KilnError):
@@ -46,21 +48,30 @@ def first_http_proxy(goproxy: str) -> str:
 
 
 class Upstream:
-    """GET files of one upstream proxy (credentials in its URL are sent as basic auth)."""
+    """GET files of one upstream proxy over pooled connections (credentials in its URL are
+    sent as basic auth, never passed on)."""
 
-    def __init__(self, url: str, *, timeout: float = UPSTREAM_TIMEOUT_SECONDS) -> None:
+    def __init__(self, url: str, *, timeout: float = UPSTREAM_TIMEOUT_SECONDS,
+                 connections: int = POOL_CONNECTIONS) -> None:
         parts = urllib.parse.urlsplit(url)
-        self.auth = ""
+        self.auth: tuple[str, str] | None = None
         if parts.username is not None:
-            creds = f"{urllib.parse.unquote(parts.username)}:" \
-                    f"{urllib.parse.unquote(parts.password or '')}"
-            self.auth = "Basic " + base64.b64encode(creds.encode()).decode()
+            self.auth = (urllib.parse.unquote(parts.username),
+                         urllib.parse.unquote(parts.password or ""))
             netloc = parts.hostname or ""
             if parts.port:
                 netloc += f":{parts.port}"
             parts = parts._replace(netloc=netloc)
         self.base = urllib.parse.urlunsplit(parts).rstrip("/")
         self.timeout = timeout
+        # one TLS connection per request made a cold fetch through the cache 2.4x slower
+        # than go's own (which keeps its connections); the go command's parallel fetches
+        # share this pool
+        self.session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=connections)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.headers["User-Agent"] = USER_AGENT
 
     def __repr__(self) -> str:
         return f"Upstream({self.base})"
@@ -70,32 +81,23 @@ class Upstream:
 
         A 4xx is an answer (the module or version does not exist): it is passed on.
         """
-        request = urllib.request.Request(f"{self.base}/{rel}",
-                                         headers={"User-Agent": USER_AGENT})
-        if self.auth:
-            request.add_header("Authorization", self.auth)
         try:
-            response = urllib.request.urlopen(request, timeout=self.timeout)  # noqa: S310
-        except urllib.error.HTTPError as exc:
-            if exc.code >= 500:
-                raise UpstreamUnavailable(f"{self.base}/{rel}: {exc.code} {exc.reason}") from None
-            with contextlib.closing(exc):
-                return Answer(exc.code, exc.headers.get("Content-Type", "text/plain"),
-                              _spool(exc, limit, rel))
-        except (urllib.error.URLError, OSError) as exc:
+            with self.session.get(f"{self.base}/{rel}", auth=self.auth, timeout=self.timeout,
+                                  stream=True, allow_redirects=True) as response:
+                if response.status_code >= 500:
+                    raise UpstreamUnavailable(
+                        f"{self.base}/{rel}: {response.status_code} {response.reason}")
+                body = _spool(response.iter_content(_CHUNK), limit, rel)
+                return Answer(response.status_code,
+                              response.headers.get("Content-Type", ""), body)
+        except (requests.RequestException, OSError) as exc:
             raise UpstreamUnavailable(f"{self.base}/{rel}: {exc}") from None
-        with contextlib.closing(response):
-            try:
-                body = _spool(response, limit, rel)
-            except OSError as exc:
-                raise UpstreamUnavailable(f"{self.base}/{rel}: {exc}") from None
-            return Answer(response.status, response.headers.get("Content-Type", ""), body)
 
 
-def _spool(response: IO[bytes], limit: int, rel: str) -> IO[bytes]:
+def _spool(chunks: Iterator[bytes], limit: int, rel: str) -> IO[bytes]:
     out = tempfile.SpooledTemporaryFile(_SPOOL_BYTES)  # noqa: SIM115 - returned
     size = 0
-    while chunk := response.read(_CHUNK):
+    for chunk in chunks:
         size += len(chunk)
         if size > limit:
             out.close()

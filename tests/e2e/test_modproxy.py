@@ -173,6 +173,8 @@ def test_real_caddy_is_fetched_through_the_cache_checked_against_sum_golang_org(
         again, _ = fetch("second")
         assert again == go_sum
         assert made.modules_asked() == Counter(), "a fresh worker asked upstream for modules"
+        # nor for the checksum database's records and tiles, which the go command checks
+        assert made.counts == Counter(), made.counts
     finally:
         for server in servers:
             server.close()
