@@ -20,6 +20,27 @@ from kiln.artifacts.store import (
 )
 
 
+@contextlib.contextmanager
+def atomic_file(target: Path, tmp: Path) -> Iterator[BinaryIO]:
+    """Open ``tmp`` to be written; once the block ends, fsync it and rename it to ``target``.
+
+    Readers see the whole file or none: an error in the block, or a process killed in it,
+    leaves ``target`` as it was (``tmp`` is removed, or left in its temporary directory for
+    a clean-up). Errors of the file system are raised as OSError.
+    """
+    try:
+        with tmp.open("wb") as dst:
+            yield dst
+            dst.flush()
+            os.fsync(dst.fileno())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, target)
+    finally:
+        # cleanup must not replace the error raised (the temporary directory may be the fault)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
 class LocalStore:
     """A directory on a local or shared file system."""
 
@@ -41,21 +62,14 @@ class LocalStore:
         target = self._file(path)
         tmp = self._tmp / f"{key}.{name}.{uuid.uuid4().hex}"
         try:
-            with source.open("rb") as src, tmp.open("wb") as dst:
+            with source.open("rb") as src, atomic_file(target, tmp) as dst:
                 shutil.copyfileobj(src, dst, CHUNK_BYTES)
                 dst.flush()
-                os.fsync(dst.fileno())
-            actual = file_sha256(tmp)
-            if actual != sha256:
-                raise StorageError(f"checksum mismatch storing {path}: {actual} != {sha256}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, target)
+                actual = file_sha256(tmp)
+                if actual != sha256:
+                    raise StorageError(f"checksum mismatch storing {path}: {actual} != {sha256}")
         except OSError as exc:
             raise StorageError(f"cannot store {path}: {exc}") from exc
-        finally:
-            # cleanup must not replace the StorageError (the staging directory may be the fault)
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
         return StoredArtifact(path=path, size=target.stat().st_size, sha256=sha256)
 
     def open(self, path: str) -> BinaryIO:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from kiln.artifacts.local import atomic_file
 from kiln.artifacts.store import CHUNK_BYTES, StorageError
 
 #: the prefix of the build cache in the artifact store
@@ -113,20 +114,12 @@ class DirectoryBlobs:
 
     def _place(self, path: str, fill: Any) -> None:
         target = self._file(path)
-        tmp = self._tmp / uuid.uuid4().hex
         try:
             self._tmp.mkdir(parents=True, exist_ok=True)
-            with tmp.open("wb") as dst:
+            with atomic_file(target, self._tmp / uuid.uuid4().hex) as dst:
                 fill(dst)
-                dst.flush()
-                os.fsync(dst.fileno())
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, target)
         except OSError as exc:
             raise StorageError(f"cannot store {PREFIX}{path}: {exc}") from exc
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
 
     def exists(self, path: str) -> bool:
         """Tell whether the file is there."""

@@ -27,7 +27,7 @@ from typing import IO, Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from kiln.artifacts.local import LocalStore
+from kiln.artifacts.local import LocalStore, atomic_file
 from kiln.artifacts.s3 import NOT_FOUND_CODES, TMP_DIR, S3Store
 from kiln.artifacts.store import ArtifactStore, StorageError
 from kiln.errors import KilnError
@@ -99,20 +99,12 @@ class DirectoryObjects:
     def publish(self, key: str, source: IO[bytes]) -> None:
         """Copy to ``.tmp/``, fsync, then rename into place."""
         target = self._file(key)
-        tmp = self.tmp / f"modcache.{uuid.uuid4().hex}"
         try:
             self.tmp.mkdir(parents=True, exist_ok=True)
-            with tmp.open("wb") as dst:
+            with atomic_file(target, self.tmp / f"modcache.{uuid.uuid4().hex}") as dst:
                 shutil.copyfileobj(source, dst, _CHUNK)
-                dst.flush()
-                os.fsync(dst.fileno())
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, target)
         except OSError as exc:
             raise CacheUnavailable(f"cannot store {key}: {exc}") from exc
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
 
     def delete(self, key: str) -> None:
         """Remove the file."""
