@@ -24,6 +24,8 @@ locals {
     KILN_JANITOR__ARTIFACT_RETENTION   = tostring(var.artifact_retention_days * 86400)
     KILN_JANITOR__CLOUDWATCH_NAMESPACE = local.namespace
     KILN_JANITOR__PREBUILD__ENABLED    = "true"
+    KILN_MODCACHE__ENABLED             = "true"
+    KILN_BUILDCACHE__ENABLED           = "true"
     KILN_LOGGING__FORMAT               = "json"
   }, var.extra_environment)
 }
