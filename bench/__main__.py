@@ -12,7 +12,8 @@ Two groups measure what Kiln promises under load and failure: watchers (live-log
 and held downloads of one build, under gunicorn's gthread and gevent workers,
 bench/watch_bench.py) and recovery (a worker killed, a preemption notice, a PostgreSQL
 restart, bench/recovery_bench.py). One measures the prebuilds after a Caddy release:
-prebuild (bench/prebuild_bench.py).
+prebuild (bench/prebuild_bench.py), and one a fresh worker building with the fleet's
+module and build caches: fleet (bench/fleet_bench.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 
 from bench import (
     build_bench,
+    fleet_bench,
     fuzz_bench,
     http_bench,
     prebuild_bench,
@@ -45,7 +47,8 @@ from bench.report import Figure, Results, Row, percentile
 from tests.fixtures import goproxy as gp
 
 HERE = Path(__file__).resolve().parent
-GROUPS = ("queue", "builds", "http", "real", "fuzz", "watchers", "recovery", "prebuild")
+GROUPS = ("queue", "builds", "http", "real", "fuzz", "watchers", "recovery", "prebuild",
+          "fleet")
 
 
 def log(message: str) -> None:
@@ -475,6 +478,13 @@ def main(argv: list[str] | None = None) -> int:
                     shared_cache=real_bench.shared_test_cache())
                 prebuild_bench.rows(results, data)
                 results.details["prebuild"] = data
+            if "fleet" in groups:
+                results.group = "fleet"
+                data = fleet_bench.run(
+                    root=root / "fleet", smoke=args.smoke, progress=log,
+                    db_url=lambda name: fresh_database(server.url, name))
+                fleet_bench.rows(results, data)
+                results.details["fleet"] = data
             if "fuzz" in groups:
                 results.group = "fuzz"
                 data = fuzz_bench.run(

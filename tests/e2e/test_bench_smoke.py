@@ -21,7 +21,8 @@ from tests.service import REPO
 pytestmark = pytest.mark.slow
 
 #: the groups of ``python -m bench`` (bench/__main__.py GROUPS)
-GROUPS = {"queue", "builds", "http", "real", "watchers", "recovery", "fuzz", "prebuild"}
+GROUPS = {"queue", "builds", "http", "real", "watchers", "recovery", "fuzz", "prebuild",
+          "fleet"}
 #: seconds a smoke run may take: every group, a few Go builds (cold ones on a new machine)
 SMOKE_TIMEOUT_SECONDS = 2400
 
