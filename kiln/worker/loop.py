@@ -21,6 +21,7 @@ import psycopg
 
 from kiln.artifacts.provenance import utc_now
 from kiln.artifacts.store import ArtifactStore, StorageError, file_sha256
+from kiln.buildcache.cache import BuildSession
 from kiln.db.builds import Claimed, QueueManager
 from kiln.db.notify import CANCEL_CHANNEL, QUEUE_CHANNEL
 from kiln.logconfig import bind_context, unbind_context
@@ -297,8 +298,9 @@ class Worker:
         sink = self.log_sinks(key, job.attempt)
         workdir = self.work_root / f"{key[:16]}-{job.attempt}-{uuid.uuid4().hex[:8]}"
         context = bind_context(build_key=key)  # on every line logged about this build
+        shared: BuildSession | None = None
         try:
-            self._build(job, sink, workdir, running.cancel)
+            shared = self._build(job, sink, workdir, running.cancel)
         except Cancelled:
             if running.reason == "stopping":
                 self.queue.release(key, self.id, outcome="preempted", attempt=job.attempt)
@@ -321,7 +323,22 @@ class Worker:
                 self._finished_jobs += 1
                 self._last_busy = self.clock()
             self._wake.set()
-            unbind_context(context)
+            try:
+                if shared is not None:
+                    # after the build left the running set: its slot is free again and the
+                    # heartbeat no longer takes the finished build for one it lost
+                    self._publish(key, shared)
+            finally:
+                unbind_context(context)
+
+    @staticmethod
+    def _publish(key: str, shared: BuildSession) -> None:
+        """Share with the fleet what a build that succeeded put in the build cache."""
+        try:
+            shared.publish()
+        except Exception:  # the build is done: a cache fault must not fail it
+            log.exception("build cache: cannot publish the entries of %s", key,
+                          extra={"build_key": key})
 
     def _fail(self, job: Claimed, sink: LogSink, message: str, *, retryable: bool) -> None:
         # stored in the build and its attempt, and served by every view of the build
@@ -334,7 +351,8 @@ class Worker:
                  else "", extra={"build_key": job.key})
 
     def _build(self, job: Claimed, sink: LogSink, workdir: Path,
-               cancel: threading.Event) -> None:
+               cancel: threading.Event) -> BuildSession | None:
+        """Build, store and complete ``job``; return its build cache session to publish."""
         spec = BuildSpec.from_dict(job.spec)
         sink("resolve", f"caddy {spec.caddy_version} for {spec.os}/{spec.arch}"
              + (f"/v{spec.arm}" if spec.arm else ""))
@@ -342,15 +360,18 @@ class Worker:
             sink("resolve", f"plugin {plugin.package} ({plugin.module} {plugin.version})")
         started_at = utc_now()
         output = self.builder.build(spec, key=job.key, workdir=workdir, log=sink, cancel=cancel)
+        completed = False
         try:
-            self._finish(job, spec, output, sink, cancel, started_at)
+            completed = self._finish(job, spec, output, sink, cancel, started_at)
         finally:
             # the fleet build cache gets what a build put only when the build succeeded
-            if output.cache is not None:
+            if output.cache is not None and not completed:
                 output.cache.discard()
+        return output.cache if completed else None
 
     def _finish(self, job: Claimed, spec: BuildSpec, output: BuildOutput, sink: LogSink,
-                cancel: threading.Event, started_at: datetime) -> None:
+                cancel: threading.Event, started_at: datetime) -> bool:
+        """Store and attest the binary and complete the build; tell whether it completed."""
         if cancel.is_set():  # lost or cancelled while compiling: store nothing
             raise Cancelled()
         sink("upload", f"storing {spec.filename}")
@@ -367,16 +388,11 @@ class Worker:
                                    attempt=job.attempt):
             log.warning("build %s finished after its lease was taken away",
                         job.key, extra={"build_key": job.key})
-            return
+            return False
         sink("result", f"succeeded: {stored.size} bytes, sha256 {digest}")
-        if output.cache is not None:
-            try:
-                output.cache.publish()
-            except Exception:  # the build is done: a cache fault must not fail it
-                log.exception("build cache: cannot publish the entries of %s", job.key,
-                              extra={"build_key": job.key})
         log.info("built %s in %.1fs", job.key, sum(output.timings.values()),
                  extra={"build_key": job.key})
+        return True
 
 
 def _remove_tree(path: Path) -> None:

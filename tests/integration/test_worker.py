@@ -96,6 +96,8 @@ class ScriptedBuilder:
         self.sandbox = sandbox
         self.calls: list[Call] = []
         self._scripts: dict[str, list[Outcome]] = {}
+        #: per key, what stands for the build's fleet build cache session in its output
+        self.caches: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     def script(self, key: str, *outcomes: Outcome) -> None:
@@ -130,7 +132,7 @@ class ScriptedBuilder:
             binary.write_bytes(f"caddy {spec.caddy_version} for {key}\n".encode())
             log("compile", "built")
             return BuildOutput(binary=binary, go_mod="module caddy\n", go_sum="",
-                               timings={"compile": 0.01})
+                               timings={"compile": 0.01}, cache=self.caches.get(key))
         finally:
             call.returned.set()
 
@@ -615,3 +617,46 @@ def test_claims_no_more_builds_than_its_concurrency_then_the_next_as_one_ends(
     # (the claim marks it running a moment before the worker calls the builder)
     wait_for("the third build to start", lambda: len(kiln.builder.calls) == 3,
              WAIT_SECONDS, 0.01)
+
+
+class SlowPublish:
+    """A build's cache session whose publication to the fleet takes until the test lets go."""
+
+    def __init__(self) -> None:
+        self.publishing = threading.Event()
+        self.release = threading.Event()
+        self.published = self.discarded = False
+
+    def publish(self) -> int:
+        self.publishing.set()
+        self.release.wait(WAIT_SECONDS * 2)
+        self.published = True
+        return 1
+
+    def discard(self) -> None:
+        self.discarded = True
+
+
+def test_publishing_the_build_cache_frees_the_slot_and_is_not_a_lost_build(
+        kiln: Kiln, caplog: pytest.LogCaptureFixture) -> None:
+    # a cold real Caddy build publishes thousands of entries for seconds after it succeeded:
+    # meanwhile its slot must take the next build, and the heartbeat must not take the
+    # finished build for one this worker lost
+    first, second = kiln.enqueue(spec_of(1)), kiln.enqueue(spec_of(2))
+    kiln.builder.script(first, SUCCEED)
+    kiln.builder.script(second, Hold())
+    kiln.builder.caches[first] = publish = SlowPublish()
+    kiln.start("w1", concurrency=1)
+    assert publish.publishing.wait(WAIT_SECONDS)
+    assert kiln.state(first) == "succeeded"
+    kiln.wait_state(second, "running")  # claimed while the first one still publishes
+    heartbeats = float(FAST["heartbeat_seconds"]) * 3
+    threading.Event().wait(heartbeats)
+    assert not any("taken away" in r.getMessage() for r in caplog.records)
+    publish.release.set()
+    wait_for("the second build to start", lambda: kiln.builder.calls_for(second),
+             WAIT_SECONDS, 0.01)
+    assert publish.published and not publish.discarded
+    kiln.builder.calls_for(second)[0].finish()
+    kiln.wait_state(second, "succeeded")
+    assert [a[2] for a in kiln.attempts(first)] == ["succeeded"]
