@@ -331,8 +331,8 @@ def rows(results: Results, data: dict[str, Any]) -> None:
         f"{head}: extra work, publishing a build's cache entries after it succeeded",
         Figure.of([cold["publish_s"]], "s"), "reported", None,
         note=f"cold build: {cold['published']:,} entries published in "
-             f"{cold['publish_s']:.1f} s (the build was already answered; the worker takes "
-             f"its next build after); warm {warm['published']:,} in {warm['publish_s']:.1f} s, "
+             f"{cold['publish_s']:.1f} s (the build was already answered and its slot "
+             f"free for the next); warm {warm['published']:,} in {warm['publish_s']:.1f} s, "
              f"fresh {fresh['published']:,} in {fresh['publish_s']:.1f} s, new set "
              f"{new['published']:,} in {new['publish_s']:.1f} s; the cold build's hit rates: "
              f"{hits(cold)}"))
