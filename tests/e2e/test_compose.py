@@ -132,7 +132,7 @@ class Stack:
 
         client = docker.from_env(version="auto", timeout=60)
         try:
-            found = client.containers.list(all=True, filters={"label": [
+            found = client.containers.list(all=True, ignore_removed=True, filters={"label": [
                 f"{PROJECT_LABEL}={self.project}", f"{SERVICE_LABEL}={service}"]})
         finally:
             client.close()
@@ -252,8 +252,8 @@ def _remove_sandboxes(keys: set[str]) -> None:
     client = docker.from_env(version="auto", timeout=60)
     try:
         for key in keys:
-            for container in client.containers.list(
-                    all=True, filters={"label": f"{SANDBOX_LABEL}={key}"}):
+            for container in client.containers.list(all=True, ignore_removed=True,
+                filters={"label": f"{SANDBOX_LABEL}={key}"}):
                 with contextlib.suppress(docker.errors.APIError):
                     container.remove(force=True)
     finally:
@@ -344,7 +344,8 @@ def _wait_for_step(key: str, timeout: float = 60) -> Any:
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = client.containers.list(all=True, filters={"label": f"{SANDBOX_LABEL}={key}"})
+            found = client.containers.list(all=True, ignore_removed=True,
+                filters={"label": f"{SANDBOX_LABEL}={key}"})
             if found:
                 return found[0]
             time.sleep(0.1)

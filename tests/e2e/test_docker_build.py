@@ -133,8 +133,8 @@ def kiln_start() -> Callable[[KilnProcesses], None]:
 
 def containers_of(client: Any, worker_id: str) -> list[str]:
     """Return the names of the sandbox containers a worker started that still exist."""
-    found = client.containers.list(
-        all=True, filters={"label": [SANDBOX_LABEL, f"{WORKER_LABEL}={worker_id}"]})
+    found = client.containers.list(all=True, ignore_removed=True,
+        filters={"label": [SANDBOX_LABEL, f"{WORKER_LABEL}={worker_id}"]})
     return [c.name for c in found]
 
 

@@ -142,7 +142,8 @@ def query(kiln: KilnProcesses, sql: str, params: dict[str, Any] | None = None) -
 
 def containers_of_build(engine: Any, key: str) -> list[str]:
     """Return the sandbox containers of build ``key`` that exist (running or not)."""
-    found = engine.containers.list(all=True, filters={"label": f"{SANDBOX_LABEL}={key}"})
+    found = engine.containers.list(all=True, ignore_removed=True,
+        filters={"label": f"{SANDBOX_LABEL}={key}"})
     return [f"{c.name} ({c.status})" for c in found]
 
 

@@ -105,8 +105,8 @@ def no_leftover_containers(request: pytest.FixtureRequest) -> Iterator[None]:
     if "client" not in request.fixturenames:
         return
     engine = request.getfixturevalue("client")
-    left = engine.containers.list(
-        all=True, filters={"label": [SANDBOX_LABEL, f"{WORKER_LABEL}={WORKER}"]}
+    left = engine.containers.list(all=True, ignore_removed=True,
+        filters={"label": [SANDBOX_LABEL, f"{WORKER_LABEL}={WORKER}"]}
     )
     for container in left:
         container.remove(force=True)
@@ -405,8 +405,8 @@ def test_cancel_before_start_runs_nothing(sandbox: DockerSandbox, workdir: Path)
 def test_a_session_runs_its_steps_in_one_container(sandbox: DockerSandbox, client: Any,
                                                     workdir: Path) -> None:
     def containers() -> set[str]:
-        found = client.containers.list(
-            all=True, filters={"label": [SANDBOX_LABEL, f"{WORKER_LABEL}={WORKER}"]})
+        found = client.containers.list(all=True, ignore_removed=True,
+            filters={"label": [SANDBOX_LABEL, f"{WORKER_LABEL}={WORKER}"]})
         return {c.id for c in found}
 
     seen: set[str] = set()
@@ -464,8 +464,8 @@ def test_cleanup_orphans_removes_leftovers_and_spares_live_workers(
     try:
         # (no exact count: other workers on this engine may remove some of these first)
         make().cleanup_orphans()
-        labelled = {c.id for c in client.containers.list(
-            all=True, filters={"label": SANDBOX_LABEL})}
+        labelled = {c.id for c in client.containers.list(all=True, ignore_removed=True,
+            filters={"label": SANDBOX_LABEL})}
         assert predecessor.id not in labelled  # same worker id: a crashed predecessor
         assert dead_process.id not in labelled  # its supervising process is gone
         assert expired.id not in labelled  # long past its step's deadline

@@ -216,8 +216,8 @@ def test_worker_container_builds_through_the_host_engine(
 
     client = docker.from_env(version="auto")
     try:
-        assert client.containers.list(
-            all=True, filters={"label": f"dev.kiln.sandbox={doc['key']}"}) == []
+        assert client.containers.list(all=True, ignore_removed=True,
+            filters={"label": f"dev.kiln.sandbox={doc['key']}"}) == []
     finally:
         client.close()
 
