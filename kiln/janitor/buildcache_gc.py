@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from kiln.artifacts.store import StorageError
 from kiln.buildcache.blobs import BlobStore
+from kiln.janitor.eviction import select_evictions
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +49,19 @@ class BuildCacheCollector:
         """Run one collection; a store that fails ends it (the next one goes on)."""
         report = BuildCacheReport()
         try:
-            blobs = sorted(self.store.blobs(), key=lambda b: b.modified)
-            now = self.clock()
-            kept = []
-            for blob in blobs:
-                if self.max_age and now - blob.modified > self.max_age:
-                    self.store.delete(blob.path)
-                    report.expired += 1
-                    report.freed_bytes += blob.size
-                else:
-                    kept.append(blob)
-            total = sum(b.size for b in kept)
-            for blob in kept:
-                if not self.max_bytes or total <= self.max_bytes:
-                    break
+            blobs = list(self.store.blobs())
+            chosen = select_evictions(blobs, when=lambda b: b.modified, size=lambda b: b.size,
+                                      now=self.clock(), max_age=self.max_age,
+                                      max_bytes=self.max_bytes)
+            for blob in chosen.expired:
+                self.store.delete(blob.path)
+                report.expired += 1
+                report.freed_bytes += blob.size
+            for blob in chosen.over_budget:
                 self.store.delete(blob.path)
                 report.over_budget += 1
                 report.freed_bytes += blob.size
-                total -= blob.size
-            report.kept_bytes = total
+            report.kept_bytes = chosen.kept_bytes
         except StorageError as exc:
             log.warning("buildcache_gc: %s", exc)
         if report.expired or report.over_budget:

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from kiln.janitor.eviction import select_evictions
 from kiln.modproxy.store import META_SUFFIX, ModuleStore
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,9 @@ class ModuleCacheCollector:
         """Collect once; return how many entries and bytes were deleted and are kept."""
         now = self.clock()
         entries, orphans = self.store.entries()
-        entries.sort(key=lambda e: e.stored)
-        doomed = [e for e in entries if self.max_age and now - e.stored > self.max_age]
-        kept = [e for e in entries if e not in doomed]
-        total = sum(e.size for e in kept)
-        while self.max_bytes and kept and total > self.max_bytes:
-            oldest = kept.pop(0)
-            total -= oldest.size
-            doomed.append(oldest)
+        chosen = select_evictions(entries, when=lambda e: e.stored, size=lambda e: e.size,
+                                  now=now, max_age=self.max_age, max_bytes=self.max_bytes)
+        doomed = chosen.expired + chosen.over_budget
         freed = 0
         for entry in doomed:
             # the sidecar first: from then on the entry is a miss, never half there
@@ -53,6 +49,7 @@ class ModuleCacheCollector:
             self.store.delete_key(key)
         if doomed or stale:
             log.info("module cache: deleted %d entries (%d bytes) and %d leftovers; %d entries "
-                     "(%d bytes) kept", len(doomed), freed, len(stale), len(kept), total)
+                     "(%d bytes) kept", len(doomed), freed, len(stale), len(chosen.kept),
+                     chosen.kept_bytes)
         return {"deleted": len(doomed), "freed_bytes": freed, "leftovers": len(stale),
-                "kept": len(kept), "kept_bytes": total}
+                "kept": len(chosen.kept), "kept_bytes": chosen.kept_bytes}
