@@ -6,6 +6,7 @@ import datetime as dt
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import psycopg
@@ -15,6 +16,8 @@ from psycopg_pool import ConnectionPool
 
 from kiln.db.sql import queries
 
+#: ends the lines of builds.sql's claim that keep a worker to its toolchain
+TOOLCHAIN_MARK = "-- toolchain"
 #: builds fail_unclaimable fails per statement (the next run takes the rest)
 UNCLAIMABLE_BATCH = 1000
 
@@ -99,8 +102,11 @@ class QueueManager:
             return cur.fetchone()
 
     def _all(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        return self._rows(queries()[name], params)
+
+    def _rows(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         with self._conn() as conn, conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(queries()[name], params)
+            cur.execute(query, params)
             return cur.fetchall()
 
     # builds -------------------------------------------------------------------------
@@ -198,10 +204,9 @@ class QueueManager:
         """
         if (sandbox is None) != (go_version is None):
             raise ValueError("claim: give both sandbox and go_version, or neither")
-        rows = self._all("claim" if sandbox is not None else "claim_any",
-                         {"worker_id": worker_id, "limit": limit,
-                          "lease_seconds": lease_seconds, "sandbox": sandbox,
-                          "go_version": go_version})
+        params = {"worker_id": worker_id, "limit": limit, "lease_seconds": lease_seconds,
+                  "sandbox": sandbox, "go_version": go_version}
+        rows = self._rows(queries()["claim"] if sandbox is not None else _claim_any(), params)
         return [Claimed(r["key"], r["spec"], r["number"], r["max_attempts"]) for r in rows]
 
     def extend_leases(self, worker_id: str, keys: list[str], *,
@@ -327,6 +332,13 @@ class QueueManager:
     def expire_resolutions(self) -> None:
         """Delete expired resolutions."""
         self._one_exec("expire_resolutions", {})
+
+
+@cache
+def _claim_any() -> str:
+    """Return builds.sql's claim less its toolchain filter: it claims builds of any toolchain."""
+    return "\n".join(line for line in queries()["claim"].splitlines()
+                     if not line.endswith(TOOLCHAIN_MARK))
 
 
 def _span(seconds: float) -> str:

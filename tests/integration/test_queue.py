@@ -187,6 +187,8 @@ def test_a_worker_claims_only_builds_keyed_with_its_sandbox_and_go(queue: QueueM
     assert new.key == key_of(1)
     build = queue.get(key_of(3))
     assert build is not None and build.state == "queued" and build.attempts == 0
+    # a tool that builds nothing claims builds of any toolchain
+    assert [c.key for c in queue.claim("w-tool", limit=3, lease_seconds=30)] == [key_of(3)]
 
 
 def test_live_workers_counts_only_those_with_the_toolchain_asked_for(

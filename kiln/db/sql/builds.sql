@@ -64,42 +64,15 @@ SELECT key, spec, state, attempts, created_at, finished_at, error, artifact_size
 -- identity and Go version: the key and the provenance name them, so a build waits for a
 -- worker that has them. kiln_builds_claim_toolchain_idx (migrations/0008) serves both the
 -- filter and the ORDER BY; plain equalities keep it usable by a prepared (generic) plan.
+-- Tools and tests that build nothing claim builds of any toolchain, in the same order
+-- (kiln_builds_claim_idx matches it), with this statement less its lines marked
+-- "toolchain" (kiln/db/builds.py).
 WITH next AS (
     SELECT key
       FROM kiln_builds
      WHERE state = 'queued' AND run_after <= now()
-       AND spec->>'sandbox' = %(sandbox)s::text
-       AND spec->>'go_version' = %(go_version)s::text
-     ORDER BY priority DESC, queued_at, key
-     LIMIT %(limit)s
-       FOR UPDATE SKIP LOCKED
-), claimed AS (
-    UPDATE kiln_builds b
-       SET state = 'running', attempts = b.attempts + 1, worker_id = %(worker_id)s,
-           lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
-           started_at = now(), updated_at = now()
-      FROM next
-     WHERE b.key = next.key
- RETURNING b.key, b.spec, b.attempts, b.max_attempts
-), attempt AS (
-    INSERT INTO kiln_attempts (build_key, number, worker_id)
-    SELECT c.key,
-           (SELECT count(*) + 1 FROM kiln_attempts a WHERE a.build_key = c.key),
-           %(worker_id)s
-      FROM claimed c
-    RETURNING build_key, number
-)
-SELECT c.key, c.spec, c.attempts, c.max_attempts, a.number,
-       pg_notify('kiln_events', json_build_object('key', c.key, 'state', 'running')::text)
-  FROM claimed c JOIN attempt a ON a.build_key = c.key;
-
--- name: claim_any
--- claim for tools and tests that build nothing: builds of any toolchain, in the same order
--- (kiln_builds_claim_idx matches it).
-WITH next AS (
-    SELECT key
-      FROM kiln_builds
-     WHERE state = 'queued' AND run_after <= now()
+       AND spec->>'sandbox' = %(sandbox)s::text  -- toolchain
+       AND spec->>'go_version' = %(go_version)s::text  -- toolchain
      ORDER BY priority DESC, queued_at, key
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
