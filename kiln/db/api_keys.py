@@ -12,15 +12,14 @@ import datetime as dt
 import hashlib
 import re
 import secrets
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from kiln.db.cursors import dict_cursor
 from kiln.db.sql import queries
 from kiln.errors import KilnError
 
@@ -91,11 +90,6 @@ class KeyManager:
         self.token_factory = token_factory
         self.id_factory = id_factory
 
-    @contextmanager
-    def _cursor(self) -> Iterator[psycopg.Cursor[dict[str, Any]]]:
-        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            yield cur
-
     def create(self, name: str, *, scope: str = "build", priority: int = 0,
                builds_per_window: int | None = None) -> tuple[ApiKey, str]:
         """Create a key; return it and its token (which is not stored and cannot be shown again)."""
@@ -108,7 +102,7 @@ class KeyManager:
             raise ApiKeyError("builds per window must be 0 (no limit) or more")
         token = self.token_factory()
         try:
-            with self._cursor() as cur:
+            with dict_cursor(self.pool) as cur:
                 cur.execute(queries(SQL_FILE)["create_key"], {
                     "id": self.id_factory(), "name": name, "scope": scope,
                     "token_sha256": hash_token(token), "priority": priority,
@@ -125,21 +119,21 @@ class KeyManager:
         """Return the live key a bearer token belongs to, or None."""
         if not token.startswith(TOKEN_PREFIX) or len(token) > MAX_TOKEN_CHARS:
             return None
-        with self._cursor() as cur:
+        with dict_cursor(self.pool) as cur:
             cur.execute(queries(SQL_FILE)["authenticate"], {"token_sha256": hash_token(token)})
             row = cur.fetchone()
         return _key(row) if row else None
 
     def revoke(self, which: str) -> ApiKey | None:
         """Revoke the live key with this id or name; return it, or None if there is none."""
-        with self._cursor() as cur:
+        with dict_cursor(self.pool) as cur:
             cur.execute(queries(SQL_FILE)["revoke_key"], {"which": which})
             row = cur.fetchone()
         return _key(row) if row else None
 
     def list(self, *, include_revoked: bool = False) -> list[ApiKey]:
         """Return the keys, oldest first; revoked ones only if asked."""
-        with self._cursor() as cur:
+        with dict_cursor(self.pool) as cur:
             cur.execute(queries(SQL_FILE)["list_keys"], {"all": include_revoked})
             return [_key(row) for row in cur.fetchall()]
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
-from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from kiln.db.cursors import dict_cursor
 from kiln.db.sql import queries as named_queries
 
 SQL_FILE = "prebuilds.sql"
@@ -61,20 +59,15 @@ class PrebuildRecords:
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
 
-    @contextmanager
-    def _cursor(self) -> Iterator[psycopg.Cursor[dict[str, Any]]]:
-        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            yield cur
-
     def popular(self, *, window: float, limit: int) -> list[Configuration]:
         """Return the ``limit`` configurations most downloaded within ``window`` seconds."""
-        with self._cursor() as cur:
+        with dict_cursor(self.pool) as cur:
             cur.execute(queries()["popular"], {"window": window, "limit": limit})
             return [_configuration(r) for r in cur.fetchall()]
 
     def seen_versions(self, modules: Iterable[str]) -> dict[str, str]:
         """Return the latest version last recorded for each of ``modules`` that has one."""
-        with self._cursor() as cur:
+        with dict_cursor(self.pool) as cur:
             cur.execute(queries()["seen_versions"], {"modules": sorted(set(modules))})
             return {r["module"]: r["version"] for r in cur.fetchall()}
 
