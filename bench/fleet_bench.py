@@ -18,9 +18,12 @@ In one run, one worker at a time (the fleet of two: the first, then a fresh one)
    packages the fleet has (its fetch phase against the cold one's; its build against the
    warm and the cold one);
 3. worker c, fresh: a new plugin set on the same core (a plugin no worker built);
-4. worker d, fresh, S again (artifact forgotten), with ``modcache.list_ttl`` a day: what
-   the fetch phase costs when no version list is asked of upstream again (with the
-   default 60 s, the lists worker a asked for minutes before are asked again).
+4. worker d, fresh, S again (artifact forgotten) with the store's module sets deleted (as
+   their collection would) and ``modcache.list_ttl`` a day: the fetch steps through the
+   module cache alone, no version list asked of upstream again.
+
+Workers b and c find S's module set (kiln/modproxy/modsets.py: go.mod, go.sum and the
+unpacked modules worker a shared): b skips the fetch steps and unpacks what it lacks.
 
 Each build's phases come from its build log (first fetch line → first compile line →
 first upload line → result); hit rates from ``/metrics`` (the fleet's counters, read before
@@ -65,6 +68,7 @@ LONG_LIST_TTL = 86400
 #: where Python's HTTP clients and the go command find the machine's certificate authorities
 CA_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE")
 PUBLISHED = re.compile(r"build cache: published (\d+) of (\d+) entries of build (\w+)")
+SETS_RESULTS = ("local", "restored", "miss", "corrupt", "error", "published")
 
 
 def sandbox_choice() -> tuple[str, str]:
@@ -109,10 +113,12 @@ def counters(kiln: KilnProcesses) -> dict[str, float]:
     text = requests.get(kiln.url + "/metrics", timeout=30).text
     found: dict[str, float] = {}
     for metric, label, results in (("kiln_modcache_requests_total", "result", MODCACHE_RESULTS),
+                                   ("kiln_modcache_sets_total", "result", SETS_RESULTS),
                                    ("kiln_buildcache_gets_total", "result", BUILDCACHE_RESULTS)):
         for result in results:
             match = re.search(rf'^{metric}\{{{label}="{result}"\}} (\S+)$', text, re.M)
-            found[f"{metric.split('_')[1]}.{result}"] = float(match.group(1)) if match else 0.0
+            name = "sets" if "_sets_" in metric else metric.split("_")[1]
+            found[f"{name}.{result}"] = float(match.group(1)) if match else 0.0
     match = re.search(r"^kiln_buildcache_published_total (\S+)$", text, re.M)
     found["buildcache.published"] = float(match.group(1)) if match else 0.0
     return found
@@ -168,10 +174,11 @@ class Fleet:
         if doc["state"] != "succeeded":
             raise RuntimeError(f"build {key} {doc['state']}: {doc.get('error')}\n"
                                + self.kiln.log(self.worker)[-3000:])
-        found = wait_for("the build's cache entries published", lambda: (
-            (m := PUBLISHED.findall(self.kiln.log(self.worker)))[published_before:] or None),
-            timeout=600, interval=0.05)
+        shared = re.compile(rf"build {key}: shared with the fleet in ([\d.]+)s")
+        wait_for("the build's module set and cache entries shared", lambda: shared.search(
+            self.kiln.log(self.worker)), timeout=600, interval=0.05)
         publish_s = time.monotonic() - done
+        found = PUBLISHED.findall(self.kiln.log(self.worker))[published_before:]
         time.sleep(FLUSH_SECONDS * 5)  # the worker's counters reach the shared table
         out: dict[str, Any] = {"key": key, **phases(self.db_url, key),
                                "publish_s": publish_s, "published": int(found[-1][0]),
@@ -180,8 +187,14 @@ class Fleet:
         return out
 
     def store_bytes(self) -> dict[str, int]:
-        return {name: disk_bytes(self.root / "artifacts" / name)
-                for name in ("modcache", "buildcache")}
+        sizes = {name: disk_bytes(self.root / "artifacts" / name)
+                 for name in ("modcache", "buildcache")}
+        sizes["sets"] = disk_bytes(self.root / "artifacts" / "modcache" / "sets")
+        return sizes
+
+    def forget_sets(self) -> None:
+        """Delete the module sets from the store (as the janitor's collection would)."""
+        shutil.rmtree(self.root / "artifacts" / "modcache" / "sets", ignore_errors=True)
 
     def close(self) -> None:
         self.kiln.close()
@@ -247,9 +260,12 @@ def run(*, root: Path, db_url: Callable[[str], str], smoke: bool,
             progress(f"fleet: fresh {out['fresh']['total']:.1f}s; new plugin set, worker-c")
             out["new_set_build"] = fleet.build(new_set)
             progress(f"fleet: new plugin set {out['new_set_build']['total']:.1f}s")
-            # the same fresh build, but version lists shared for longer than this run
+            # the same fresh build without the module set (collected), version lists
+            # shared for longer than this run: the fetch steps through the module cache
             fleet.start("worker-d", {"KILN_MODCACHE__LIST_TTL": str(LONG_LIST_TTL)})
             forget(url, fleet.root, out["fresh"]["key"])
+            out["store_before_d"] = fleet.store_bytes()
+            fleet.forget_sets()
             out["fresh_long_ttl"] = fleet.build(spec)
             progress(f"fleet: fresh, lists kept {out['fresh_long_ttl']['total']:.1f}s")
             out["store"] = fleet.store_bytes()
@@ -279,21 +295,25 @@ def rows(results: Results, data: dict[str, Any]) -> None:
         return None if data["smoke"] else value <= target
 
     def hits(b: dict[str, Any]) -> str:
-        return (f"module cache hits {_rate(b['counts'], 'modcache', ('hit',))}, build cache "
+        sets = ", ".join(f"{k.split('.')[1]} {v:.0f}" for k, v in b["counts"].items()
+                         if k.startswith("sets.") and v)
+        return (f"module sets: {sets or 'none'}; module cache hits "
+                f"{_rate(b['counts'], 'modcache', ('hit',))}, build cache "
                 f"hits {_rate(b['counts'], 'buildcache', ('local', 'store'))} "
                 f"(from the store {b['counts'].get('buildcache.store', 0):,.0f})")
 
     ratio = fresh["fetch"] / cold["fetch"]
     results.add(Row(
-        f"{head}: fetch phase of a fresh worker (empty Go caches), modules the fleet fetched",
+        f"{head}: fetch phase of a fresh worker (empty Go caches), modules the fleet fetched "
+        "(its module set)",
         Figure.of([fresh["fetch"]], "s"), f"≤ {TARGET_FETCH:.0%} of the upstream-cold fetch",
         judged(ratio, TARGET_FETCH),
         note=f"{ratio:.1%} of the upstream-cold fetch ({cold['fetch']:.1f} s: empty Go "
              f"caches and an empty fleet module cache); {hits(fresh)}"))
     lists = data["fresh_long_ttl"]
     results.add(Row(
-        f"{head}: the same fresh fetch phase with modcache.list_ttl {LONG_LIST_TTL:,} s "
-        "(the version lists the fleet asked for not asked of upstream again)",
+        f"{head}: the same fresh fetch phase without a module set (the fetch steps through "
+        f"the fleet module cache; modcache.list_ttl {LONG_LIST_TTL:,} s)",
         Figure.of([lists["fetch"]], "s"), f"≤ {TARGET_FETCH:.0%} of the upstream-cold fetch",
         judged(lists["fetch"] / cold["fetch"], TARGET_FETCH),
         note=f"{lists['fetch'] / cold['fetch']:.1%} of the upstream-cold fetch; the whole "
@@ -324,11 +344,13 @@ def rows(results: Results, data: dict[str, Any]) -> None:
     results.add(Row(
         f"{head}: the fleet caches in the store after the five builds (du)",
         Figure.of([(store["modcache"] + store["buildcache"]) / 1e6], "MB"), "reported", None,
-        note=f"modcache/ {_mb(store['modcache'])}, buildcache/ {_mb(store['buildcache'])} "
-             f"(after worker-a's two builds: {_mb(after_a['modcache'])} and "
-             f"{_mb(after_a['buildcache'])})"))
+        note=f"modcache/ {_mb(store['modcache'])} (module sets before their deletion for "
+             f"worker-d: {_mb(data['store_before_d']['sets'])}), buildcache/ "
+             f"{_mb(store['buildcache'])} (after worker-a's two builds: "
+             f"{_mb(after_a['modcache'])} and {_mb(after_a['buildcache'])})"))
     results.add(Row(
-        f"{head}: extra work, publishing a build's cache entries after it succeeded",
+        f"{head}: extra work, sharing a build's module set and cache entries after it "
+        "succeeded",
         Figure.of([cold["publish_s"]], "s"), "reported", None,
         note=f"cold build: {cold['published']:,} entries published in "
              f"{cold['publish_s']:.1f} s (the build was already answered and its slot "

@@ -459,6 +459,8 @@ class ModcacheConfig(_Section):
     """The fleet module cache (README, config.example.yml); off by default."""
 
     enabled: bool = False
+    #: off: fetch steps use build.goproxy, only module sets are shared (config.example.yml)
+    proxy: bool = True
     listen: str = Field("127.0.0.1:0", pattern=r"^\S+:\d{1,5}$")
     #: empty: build.gosumdb
     gosumdb: str = ""
@@ -470,11 +472,9 @@ class ModcacheConfig(_Section):
 
 
 class BuildcacheConfig(_Section):
-    #: compile steps share Go's build cache (GOCACHEPROG) through the worker: its disk,
-    #: then the store's buildcache/; what a build put is shared once it succeeded
+    #: compile steps share Go's build cache (GOCACHEPROG); collected by age and size
+    #: (0: no limit) every janitor.gc_interval; see config.example.yml
     enabled: bool = False
-    #: the janitor deletes the oldest entries past max_bytes and those older than max_age
-    #: seconds (0: no limit), every janitor.gc_interval
     max_bytes: int = Field(20 * 1024**3, ge=0)
     max_age: float = Field(30 * 86400.0, ge=0)
 

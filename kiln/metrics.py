@@ -84,6 +84,11 @@ RECORDED: dict[str, tuple[str, str]] = {
                    "mismatch), corrupt (a stored entry failed its size/hash check)."),
     "kiln_modcache_bytes_total": (
         "counter", "Bytes the module cache served, by source (store, upstream)."),
+    "kiln_modcache_sets_total": (
+        "counter", "Module sets (a spec's go.mod, go.sum and modules; kiln/modproxy/modsets.py) "
+                   "by result: local (all modules on the worker already), restored (unpacked "
+                   "from the store), miss, corrupt (deleted), error (store or disk), "
+                   "published."),
 }
 
 

@@ -57,6 +57,7 @@ from kiln.janitor.webhooks import Deliverer
 from kiln.metrics import MetricsRecorder
 from kiln.modproxy.cache import ModuleCache, SumDB
 from kiln.modproxy.checksum import parse_gosumdb
+from kiln.modproxy.modsets import ModuleSets
 from kiln.modproxy.server import ModuleProxyServer
 from kiln.modproxy.store import ModuleStore, objects_of
 from kiln.modproxy.upstream import Upstream, first_http_proxy
@@ -170,7 +171,8 @@ def make_worker(config: Config, *, max_jobs: int = 0, idle_exit: float = 0.0) ->
     store = make_store(config.storage)
     # fetch steps read modules through this worker's module proxy, backed by the store
     build, network = (with_module_proxy(config, store=store, metrics=recorder)
-                      if config.modcache.enabled else (config.build, ""))
+                      if config.modcache.enabled and config.modcache.proxy
+                      else (config.build, ""))
     # a configured worker id labels its sandbox containers: a restart removes its own leftovers
     sandbox = MeteredSandbox(make_sandbox(build, worker_id=config.worker.id,
                                           fetch_network=network), recorder)
@@ -179,6 +181,8 @@ def make_worker(config: Config, *, max_jobs: int = 0, idle_exit: float = 0.0) ->
         fetch_timeout=config.build.fetch_timeout, compile_timeout=config.build.compile_timeout,
         buildcache=make_buildcache(config, sandbox=sandbox.inner, counters=sandbox.recorder)
         if config.buildcache.enabled else None,
+        modsets=make_modsets(store, sandbox=sandbox.inner, counters=recorder)
+        if config.modcache.enabled else None,
     )
 
     def listen() -> psycopg.Connection:
@@ -274,6 +278,16 @@ def with_module_proxy(config: Config, *, store: ArtifactStore,
     except OSError as exc:
         raise ConfigError(f"modcache.listen: cannot listen on {host}:{port}: {exc}") from None
     return config.build.model_copy(update={"goproxy": server.url, "sandbox": kind}), network
+
+
+def make_modsets(store: ArtifactStore, *, sandbox: Sandbox,
+                 counters: MetricsRecorder | None = None) -> ModuleSets:
+    """Return the fleet's module sets as this worker's sandbox's module cache holds them."""
+    from kiln.worker.sandbox.process import ProcessSandbox
+
+    assert isinstance(sandbox, DockerSandbox | ProcessSandbox)
+    return ModuleSets(ModuleStore(objects_of(store)), modcache=sandbox.modcache,
+                      adopt=sandbox.adopt, counters=counters)
 
 
 #: longest directory of the build cache's sockets (a Unix socket's path is at most 107

@@ -248,6 +248,31 @@ class ModuleStore:
                                 f"sha256 {sha256}")
         return spooled  # type: ignore[return-value]
 
+    def open(self, path: str) -> Checked | None:
+        """Return a stored file as a stream checked against its sidecar as it is read.
+
+        For files too large to copy before use (a module set's tar): the caller reads it,
+        then calls ``Checked.finish``, which raises Corrupt (and deletes the entry) when the
+        bytes were not those recorded. None: a miss. Raises CacheUnavailable.
+        """
+        key = PREFIX + path
+        meta = self.objects.read(key + META_SUFFIX)
+        if meta is None:
+            return None
+        with meta:
+            try:
+                wanted = json.loads(meta.read())
+                size, sha256 = int(wanted["size"]), str(wanted["sha256"])
+            except (ValueError, KeyError, TypeError):
+                self.discard(path)
+                return None
+        data = self.objects.read(key)
+        if data is None:
+            self.discard(path)
+            return None
+        return Checked(data, size=size, sha256=sha256, on_bad=lambda: self.discard(path),
+                       path=path)
+
     def put(self, path: str, source: IO[bytes]) -> Entry:
         """Publish a file, then its sidecar; return what was recorded."""
         sha256, size = _sha256_and_size(source)
@@ -298,6 +323,43 @@ class ModuleStore:
         if not key.startswith(PREFIX):
             raise CacheUnavailable(f"{key!r} is not a module cache object")
         self.objects.delete(key)
+
+
+class Checked:
+    """A stored file read as a stream, hashed on the way (ModuleStore.open)."""
+
+    def __init__(self, raw: IO[bytes], *, size: int, sha256: str,
+                 on_bad: Callable[[], None], path: str) -> None:
+        self.raw = raw
+        self.size = size
+        self.sha256 = sha256
+        self.path = path
+        self._on_bad = on_bad
+        self._digest = hashlib.sha256()
+        self._read = 0
+
+    def read(self, n: int = -1, /) -> bytes:
+        """Read like a file; reading past the recorded size is a sign of corruption."""
+        try:
+            data = self.raw.read(n)
+        except OSError as exc:
+            raise CacheUnavailable(f"cannot read {PREFIX}{self.path}: {exc}") from exc
+        self._digest.update(data)
+        self._read += len(data)
+        return data
+
+    def finish(self) -> None:
+        """Read what is left and check the whole: raise Corrupt if it is not what was stored."""
+        while self.read(_CHUNK):
+            pass
+        got = (self._read, self._digest.hexdigest())
+        if got != (self.size, self.sha256):
+            self._on_bad()
+            raise Corrupt(self.path, f"{got[0]} bytes, sha256 {got[1]}; recorded {self.size} "
+                                     f"bytes, sha256 {self.sha256}")
+
+    def close(self) -> None:
+        self.raw.close()
 
 
 class Corrupt(KilnError):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kiln.buildcache.cache import BuildCache, BuildSession
 from kiln.errors import KilnError
+from kiln.modproxy.modsets import ModuleSets, set_key
 from kiln.request.spec import CADDY_MODULE, BuildSpec
 from kiln.worker.sandbox.base import (
     COMPILE,
@@ -81,6 +82,14 @@ class BuildFailure(KilnError):
         self.step = step
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """The fetch phase's go.mod; ``known`` when it came from the fleet's module set."""
+
+    go_mod: str
+    known: bool
+
+
 class Cancelled(KilnError):
     """The build was cancelled or taken away while it ran."""
 
@@ -95,6 +104,21 @@ class BuildOutput:
     #: what the compile put in the fleet build cache: publish it once the build succeeded,
     #: discard it otherwise
     cache: BuildSession | None = None
+    #: shares the fetch phase's module set with the fleet (kiln/modproxy/modsets.py): call
+    #: it once the build succeeded; None when the fleet has it or sets are off
+    share_modules: Callable[[], object] | None = None
+
+    def share(self) -> None:
+        """The build succeeded: share what it fetched and compiled with the fleet."""
+        if self.cache is not None:
+            self.cache.publish()
+        if self.share_modules is not None:
+            self.share_modules()
+
+    def discard(self) -> None:
+        """The build did not complete: share nothing of it."""
+        if self.cache is not None:
+            self.cache.discard()
 
 
 def main_go(spec: BuildSpec) -> str:
@@ -173,9 +197,11 @@ class Builder:
         compile_timeout: float,
         clock: Callable[[], float] = time.monotonic,
         buildcache: BuildCache | None = None,
+        modsets: ModuleSets | None = None,
     ) -> None:
         self.sandbox = sandbox
         self.buildcache = buildcache
+        self.modsets = modsets
         self.goproxy = goproxy
         self.gosumdb = gosumdb
         self.fetch_timeout = fetch_timeout
@@ -254,18 +280,59 @@ class Builder:
               cancel: threading.Event | None = None) -> BuildOutput:
         """Fetch modules and compile; raise BuildFailure or Cancelled."""
         timings: dict[str, float] = {}
-        self.fetch(spec, key=key, workdir=workdir, log=log, cancel=cancel, timings=timings)
-        return self.compile(spec, key=key, workdir=workdir, log=log, cancel=cancel,
-                            timings=timings)
+        fetched = self.fetch(spec, key=key, workdir=workdir, log=log, cancel=cancel,
+                             timings=timings)
+        output = self.compile(spec, key=key, workdir=workdir, log=log, cancel=cancel,
+                              timings=timings)
+        if self.modsets is not None and not fetched.known:
+            modsets, set_id = self.modsets, self.module_set(spec)
+            go_mod, go_sum = output.go_mod, output.go_sum
+            output.share_modules = lambda: modsets.publish(set_id, go_mod=go_mod, go_sum=go_sum)
+        return output
+
+    def module_set(self, spec: BuildSpec) -> str:
+        """Return the key of the module set ``spec``'s fetch phase gives."""
+        return set_key(
+            go_version=self.sandbox.go_version(), caddy_version=spec.caddy_version,
+            plugins=[(p.module, p.version, p.package) for p in spec.plugins],
+            replacements=[(r.old, r.old_version or "", r.new, r.new_version)
+                          for r in spec.replacements])
+
+    def _known_set(self, spec: BuildSpec, workdir: Path, log: LogSink,
+                   timings: dict[str, float]) -> str | None:
+        """Write go.mod and go.sum from the fleet's module set for ``spec``; return go.mod.
+
+        None: the fleet has no usable set, and the fetch steps run.
+        """
+        if self.modsets is None:
+            return None
+        started = self.clock()
+        set_id = self.module_set(spec)
+        log(FETCH, f"modules: asking the fleet for module set {set_id[:12]}")
+        known = self.modsets.restore(set_id)
+        if known is None:
+            log(FETCH, "modules: the fleet has no usable module set; fetching")
+            return None
+        (workdir / "go.mod").write_text(known.go_mod)
+        (workdir / "go.sum").write_text(known.go_sum)
+        timings[FETCH] = timings.get(FETCH, 0.0) + (self.clock() - started)
+        log(FETCH, f"modules: the fleet's module set {set_id[:12]} ({known.modules} module "
+                   f"versions, {known.extracted} of them unpacked from the store); "
+                   "fetch steps skipped")
+        return known.go_mod
 
     def fetch(self, spec: BuildSpec, *, key: str, workdir: Path, log: LogSink,
               cancel: threading.Event | None = None,
-              timings: dict[str, float] | None = None) -> str:
+              timings: dict[str, float] | None = None) -> Fetched:
         """Write main.go and go.mod, fetch and pin the modules; return the final go.mod."""
         timings = {} if timings is None else timings
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "main.go").write_text(main_go(spec))
         (workdir / "go.mod").unlink(missing_ok=True)
+        known = self._known_set(spec, workdir, log, timings)
+        if known is not None:
+            self._check_pins(spec, known)
+            return Fetched(known, known=True)
         core = f"{CADDY_MODULE}@{spec.caddy_version}"
         pins = [f"{p.module}@{p.version}" for p in spec.plugins]
         commands = [*setup_commands(spec), ["go", "get", core]]
@@ -283,6 +350,12 @@ class Builder:
             for args in commands:
                 self._fetch(args, session, log, cancel, timings, key)
         mod_text = (workdir / "go.mod").read_text()
+        self._check_pins(spec, mod_text)
+        return Fetched(mod_text, known=False)
+
+    @staticmethod
+    def _check_pins(spec: BuildSpec, mod_text: str) -> None:
+        """Raise BuildFailure when go.mod does not require what ``spec`` pinned."""
         linked = required_version(mod_text, CADDY_MODULE)
         if linked != spec.caddy_version:
             raise BuildFailure(
@@ -298,7 +371,6 @@ class Builder:
                     "requirements: ask for compatible versions",
                     retryable=False, step=FETCH,
                 )
-        return mod_text
 
     def compile(self, spec: BuildSpec, *, key: str, workdir: Path, log: LogSink,
                 cancel: threading.Event | None = None,

@@ -21,7 +21,6 @@ import psycopg
 
 from kiln.artifacts.provenance import utc_now
 from kiln.artifacts.store import ArtifactStore, StorageError, file_sha256
-from kiln.buildcache.cache import BuildSession
 from kiln.db.builds import Claimed, QueueManager
 from kiln.db.notify import CANCEL_CHANNEL, QUEUE_CHANNEL
 from kiln.logconfig import bind_context, unbind_context
@@ -298,7 +297,7 @@ class Worker:
         sink = self.log_sinks(key, job.attempt)
         workdir = self.work_root / f"{key[:16]}-{job.attempt}-{uuid.uuid4().hex[:8]}"
         context = bind_context(build_key=key)  # on every line logged about this build
-        shared: BuildSession | None = None
+        shared: BuildOutput | None = None
         try:
             shared = self._build(job, sink, workdir, running.cancel)
         except Cancelled:
@@ -332,13 +331,16 @@ class Worker:
                 unbind_context(context)
 
     @staticmethod
-    def _publish(key: str, shared: BuildSession) -> None:
-        """Share with the fleet what a build that succeeded put in the build cache."""
+    def _publish(key: str, shared: BuildOutput) -> None:
+        """Share with the fleet what a build that succeeded fetched and compiled."""
+        started = time.monotonic()
         try:
-            shared.publish()
+            shared.share()
+            log.info("build %s: shared with the fleet in %.1fs", key, time.monotonic() - started,
+                     extra={"build_key": key})
         except Exception:  # the build is done: a cache fault must not fail it
-            log.exception("build cache: cannot publish the entries of %s", key,
-                          extra={"build_key": key})
+            log.exception("fleet caches: cannot share what build %s fetched and compiled",
+                          key, extra={"build_key": key})
 
     def _fail(self, job: Claimed, sink: LogSink, message: str, *, retryable: bool) -> None:
         # stored in the build and its attempt, and served by every view of the build
@@ -351,8 +353,8 @@ class Worker:
                  else "", extra={"build_key": job.key})
 
     def _build(self, job: Claimed, sink: LogSink, workdir: Path,
-               cancel: threading.Event) -> BuildSession | None:
-        """Build, store and complete ``job``; return its build cache session to publish."""
+               cancel: threading.Event) -> BuildOutput | None:
+        """Build, store and complete ``job``; return its output, to share, if it completed."""
         spec = BuildSpec.from_dict(job.spec)
         sink("resolve", f"caddy {spec.caddy_version} for {spec.os}/{spec.arch}"
              + (f"/v{spec.arm}" if spec.arm else ""))
@@ -364,10 +366,10 @@ class Worker:
         try:
             completed = self._finish(job, spec, output, sink, cancel, started_at)
         finally:
-            # the fleet build cache gets what a build put only when the build succeeded
-            if output.cache is not None and not completed:
-                output.cache.discard()
-        return output.cache if completed else None
+            # the fleet caches get what a build put only when the build succeeded
+            if not completed:
+                output.discard()
+        return output if completed else None
 
     def _finish(self, job: Claimed, spec: BuildSpec, output: BuildOutput, sink: LogSink,
                 cancel: threading.Event, started_at: datetime) -> bool:

@@ -31,7 +31,7 @@ ALLOWED: dict[str, set[str] | None] = {
     # the fleet build cache: the worker's side of GOCACHEPROG, over the artifact store
     "kiln.buildcache": {"kiln.artifacts"},
     "kiln.worker": {"kiln.gomod", "kiln.request", "kiln.db", "kiln.artifacts", "kiln.metrics",
-                    "kiln.buildcache"},
+                    "kiln.buildcache", "kiln.modproxy"},
     "kiln.janitor": {"kiln.gomod", "kiln.request", "kiln.db", "kiln.artifacts", "kiln.resolve",
                      "kiln.metrics", "kiln.modproxy", "kiln.buildcache"},
     "kiln.api": {"kiln.gomod", "kiln.request", "kiln.resolve", "kiln.db", "kiln.artifacts",

@@ -569,6 +569,10 @@ class DockerSandbox:
             os.chown(path, self.uid, self.gid if self.gid is not None else -1,
                      follow_symlinks=False)
 
+    def adopt(self, path: Path) -> None:
+        """Hand a tree the worker wrote in the module cache to the steps' user."""
+        self._give_tree(path)
+
     def _give_tree(self, root: Path) -> None:
         """Hand ``root`` and everything in it to the sandbox user, never following links."""
         if self.uid is None or os.geteuid() != 0:

@@ -91,6 +91,9 @@ class ProcessSandbox:
         self._version: str | None = None
         self.identity = f"process:{self.go_version()}"
 
+    def adopt(self, path: Path) -> None:
+        """The steps run as the worker's user: what it wrote in the caches is theirs."""
+
     def go_version(self) -> str:
         """Return ``go env GOVERSION`` of the toolchain."""
         if self._version is None:

@@ -1,0 +1,332 @@
+"""Module sets: what a build's fetch phase left in the module cache, shared with the fleet.
+
+The fetch phase (kiln/worker/builder.py) turns a spec into go.mod and go.sum with go get
+and go mod tidy; afterwards the module cache holds every module go.sum names. Once a build
+succeeded its worker stores that set under ``modcache/sets/`` in the store:
+
+* ``<key>.json``: go.mod and go.sum, as the fetch wrote them;
+* ``<key>.tar``: the module cache files go.sum names: each module's extracted tree and its
+  ``.mod``, ``.info`` and ``.ziphash`` files (not the zips: builds never read them).
+
+Both carry the store's size and SHA-256 sidecar (kiln/modproxy/store.py). The key is a
+digest of what decides go.mod and go.sum: the Go version (``go mod init`` writes its go
+line), Caddy's version, the plugins' modules, versions and packages, the replacements.
+
+A worker asked for a spec whose set the fleet knows skips the fetch steps: it writes go.mod
+and go.sum from the record and extracts from the tar only the modules its own cache lacks
+(none, on a worker that built the spec before). The tar is checked as it is read and its
+modules moved into the module cache only once the whole matched its sidecar; a module's
+tree goes in before its ``.ziphash``, which go takes as the mark of a complete module, so a
+worker killed half way leaves nothing go would use. The compile step then checks every
+module against go.sum as it always does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Protocol, cast
+
+from kiln.modproxy.store import CacheUnavailable, Corrupt, ModuleStore
+
+log = logging.getLogger(__name__)
+
+#: where the sets are, under the store's modcache/
+SETS = "sets/"
+#: the counter of what became of each look-up and publication
+SETS_METRIC = "kiln_modcache_sets_total"
+#: the staging directory in the module cache (same file system: its trees are renamed)
+STAGING = ".kiln-staging"
+#: the files of a module's download directory a set carries; .ziphash last when moved
+_FULL = (".mod", ".info", ".ziphash")
+_GO_MOD_ONLY = (".mod", ".info")
+_REQUIRED = {".mod", ".ziphash"}
+
+
+class Counters(Protocol):
+    def inc(self, name: str, labels: Mapping[str, str], amount: float = 1.0) -> None: ...
+
+
+def escape(text: str) -> str:
+    """Return a module path or version as the module cache spells it (``!`` + lower case)."""
+    return re.sub(r"[A-Z]", lambda m: "!" + m.group(0).lower(), text)
+
+
+@dataclass(frozen=True)
+class Module:
+    """A module version go.sum names; ``full`` when its tree (not only go.mod) is named."""
+
+    path: str
+    version: str
+    full: bool
+
+    @property
+    def tree(self) -> str:
+        """The extracted tree's directory, relative to the module cache."""
+        return f"{escape(self.path)}@{escape(self.version)}"
+
+    def download(self, suffix: str) -> str:
+        """A file of its download directory, relative to the module cache."""
+        return f"cache/download/{escape(self.path)}/@v/{escape(self.version)}{suffix}"
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        return _FULL if self.full else _GO_MOD_ONLY
+
+
+def modules_of(go_sum: str) -> list[Module]:
+    """Return the module versions ``go_sum`` names, each once (its tree if any line wants it)."""
+    found: dict[tuple[str, str], bool] = {}
+    for line in go_sum.splitlines():
+        fields = line.split()
+        if len(fields) != 3:
+            continue
+        path, version = fields[0], fields[1]
+        full = not version.endswith("/go.mod")
+        version = version.removesuffix("/go.mod")
+        if ".." in path or path.startswith("/") or "@" in path + version:
+            raise ValueError(f"go.sum names an impossible module: {path} {version}")
+        found[(path, version)] = found.get((path, version), False) or full
+    return [Module(p, v, full) for (p, v), full in sorted(found.items())]
+
+
+def set_key(*, go_version: str, caddy_version: str,
+            plugins: Sequence[tuple[str, str, str]],
+            replacements: Sequence[tuple[str, str, str, str]]) -> str:
+    """Return the key of the module set these inputs give (they decide go.mod and go.sum)."""
+    what = {"go": go_version, "caddy": caddy_version, "plugins": [list(p) for p in plugins],
+            "replacements": [list(r) for r in replacements]}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Restored:
+    """A set a worker used: its go.mod and go.sum, and how many modules came from the tar."""
+
+    go_mod: str
+    go_sum: str
+    modules: int
+    extracted: int
+
+
+class ModuleSets:
+    """The fleet's module sets, as one worker with one module cache uses them."""
+
+    def __init__(self, store: ModuleStore, *, modcache: Path,
+                 adopt: Callable[[Path], None] = lambda path: None,
+                 counters: Counters | None = None) -> None:
+        self.store = store
+        self.modcache = modcache.resolve()
+        #: hands a path the worker wrote to the sandbox user (the docker sandbox's steps
+        #: write the module cache as that user)
+        self.adopt = adopt
+        self.counters = counters
+        staging = self.modcache / STAGING
+        if staging.exists():  # a predecessor killed while it extracted
+            _remove(staging)
+
+    def _count(self, result: str) -> None:
+        if self.counters is not None:
+            self.counters.inc(SETS_METRIC, {"result": result})
+
+    # -- restore ----------------------------------------------------------------------
+
+    def restore(self, key: str) -> Restored | None:
+        """Return the set ``key`` with all its modules in the module cache, or None.
+
+        None when the fleet has no such set, the store cannot be read, or the set is bad
+        (a corrupt one is deleted): the caller then fetches as usual.
+        """
+        try:
+            record = self._record(key)
+            if record is None:
+                self._count("miss")
+                return None
+            go_mod, go_sum = record
+            modules = modules_of(go_sum)
+            missing = [m for m in modules if not self._complete(m)]
+            if any((self.modcache / m.tree).exists() for m in missing if m.full):
+                # go's own half-extracted download (.partial) or one without .ziphash: go
+                # repairs those when it fetches, so this build fetches
+                self._count("miss")
+                return None
+            if missing and not self._extract(key, missing):
+                return None
+        except Corrupt as exc:
+            log.warning("module set %s: %s", key, exc)
+            self._count("corrupt")
+            return None
+        except (CacheUnavailable, OSError, ValueError, tarfile.TarError) as exc:
+            log.warning("module set %s unusable, fetching instead: %s", key, exc)
+            self._count("error")
+            return None
+        self._count("restored" if missing else "local")
+        return Restored(go_mod=go_mod, go_sum=go_sum, modules=len(modules),
+                        extracted=len(missing))
+
+    def _record(self, key: str) -> tuple[str, str] | None:
+        data = self.store.get(f"{SETS}{key}.json")
+        if data is None:
+            return None
+        with data:
+            try:
+                record = json.loads(data.read())
+                go_mod, go_sum = record["go_mod"], record["go_sum"]
+            except (ValueError, KeyError, TypeError):
+                return None
+        if not isinstance(go_mod, str) or not isinstance(go_sum, str):
+            return None
+        return go_mod, go_sum
+
+    def _complete(self, m: Module) -> bool:
+        if not (self.modcache / m.download(".mod")).is_file():
+            return False
+        if not m.full:
+            return True
+        return ((self.modcache / m.tree).is_dir()
+                and (self.modcache / m.download(".ziphash")).is_file()
+                and not (self.modcache / m.download(".partial")).exists())
+
+    def _extract(self, key: str, missing: list[Module]) -> bool:
+        stream = self.store.open(f"{SETS}{key}.tar")
+        if stream is None:
+            self._count("miss")
+            return False
+        staging = self.modcache / STAGING / uuid.uuid4().hex
+        staging.mkdir(parents=True)
+        try:
+            with contextlib.closing(stream):
+                _untar(cast(IO[bytes], stream), staging, missing)
+                stream.finish()  # raises Corrupt: nothing of it was moved in yet
+            for m in missing:
+                if m.full and not (staging / m.tree).is_dir():
+                    raise ValueError(f"the set's tar lacks {m.path} {m.version}")
+                for suffix in m.suffixes:
+                    if suffix in _REQUIRED and not (staging / m.download(suffix)).is_file():
+                        raise ValueError(f"the set's tar lacks {m.download(suffix)}")
+            self._move_in(staging, missing)
+        finally:
+            _remove(staging)
+        return True
+
+    def _move_in(self, staging: Path, missing: list[Module]) -> None:
+        created: list[Path] = []
+        # trees first, then .mod and .info, .ziphash last: go takes a module whose
+        # .ziphash is there for a complete one
+        names = [m.tree for m in missing if m.full]
+        for suffix in _FULL:
+            names += [m.download(suffix) for m in missing if suffix in m.suffixes]
+        for name in names:
+            source, target = staging / name, self.modcache / name
+            if not source.exists() or target.exists():
+                continue  # an optional .info, or a module another build put there meanwhile
+            created += _make_parents(target.parent, self.modcache)
+            os.rename(source, target)
+            created.append(target)
+        for path in created:
+            if not any(parent in created for parent in path.parents):
+                self.adopt(path)
+
+    # -- publish ----------------------------------------------------------------------
+
+    def publish(self, key: str, *, go_mod: str, go_sum: str) -> bool:
+        """Store the set a build's fetch left in the module cache; tell whether it was stored.
+
+        Not stored when the fleet has it already or a module go.sum names is not complete
+        in the module cache (another build on this worker may be changing it).
+        """
+        try:
+            if self.store.get(f"{SETS}{key}.json") is not None:
+                return False
+            modules = modules_of(go_sum)
+            if not all(self._complete(m) for m in modules):
+                log.info("module set %s not shared: the module cache lacks part of it", key)
+                return False
+            with tempfile.TemporaryFile(dir=self.modcache.parent) as tar:
+                _tar(tar, self.modcache, modules)
+                self.store.put(f"{SETS}{key}.tar", tar)
+            # after the tar: a record always names a stored tar
+            record = json.dumps({"go_mod": go_mod, "go_sum": go_sum}).encode()
+            with tempfile.TemporaryFile() as body:
+                body.write(record)
+                body.seek(0)
+                self.store.put(f"{SETS}{key}.json", body)
+        except (CacheUnavailable, OSError, ValueError) as exc:
+            log.warning("module set %s not shared: %s", key, exc)
+            self._count("error")
+            return False
+        self._count("published")
+        log.info("module set %s shared: %d modules", key, len(modules))
+        return True
+
+
+def _tar(into: IO[bytes], root: Path, modules: list[Module]) -> None:
+    def plain(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if not (info.isfile() or info.isdir()):
+            return None  # go's module trees hold neither links nor devices
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        return info
+
+    with tarfile.open(fileobj=into, mode="w") as tar:
+        for m in modules:
+            for suffix in m.suffixes:
+                path = root / m.download(suffix)
+                if path.is_file():
+                    tar.add(path, arcname=m.download(suffix), filter=plain)
+            if m.full:
+                tar.add(root / m.tree, arcname=m.tree, filter=plain)
+    into.seek(0)
+
+
+def _untar(stream: IO[bytes], into: Path, modules: list[Module]) -> None:
+    """Extract the members of ``modules`` from a tar stream; skip every other member."""
+    trees = {m.tree for m in modules if m.full}
+    files = {m.download(s) for m in modules for s in m.suffixes}
+
+    def wanted(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+        for member in tar:
+            if not (member.isfile() or member.isdir()):
+                continue
+            name = member.name
+            at = name.find("@")
+            tree = name[:name.find("/", at)] if "/" in name[at:] else name
+            if name in files or (at > 0 and tree in trees):
+                yield member
+
+    # a stream: members are read in order, and the "data" filter refuses absolute names,
+    # names leaving the directory and special files
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        tar.extractall(into, members=wanted(tar), filter="data")
+
+
+def _make_parents(directory: Path, root: Path) -> list[Path]:
+    """Create ``directory`` and its missing parents below ``root``; return those created."""
+    missing: list[Path] = []
+    while directory != root and not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir()
+    return list(reversed(missing))
+
+
+def _remove(path: Path) -> None:
+    """Remove a tree whose directories go made read-only."""
+    for dirpath, _dirs, _files in os.walk(path):
+        with contextlib.suppress(OSError):
+            os.chmod(dirpath, os.stat(dirpath).st_mode | stat.S_IWUSR | stat.S_IXUSR)
+    shutil.rmtree(path, ignore_errors=True)
