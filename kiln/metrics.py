@@ -73,8 +73,11 @@ RECORDED: dict[str, tuple[str, str]] = {
         "counter", "Build cache bytes by direction: fetched from or published to the store."),
     "kiln_buildcache_rejected_total": (
         "counter", "Stored build cache entries ignored as bad, by reason (entry, size, hash)."),
+    "kiln_buildcache_prefetched_total": (
+        "counter", "Build cache entries fetched from the store ahead of a compile, from the "
+                   "manifest of an earlier build of the same key."),
     "kiln_buildcache_store_errors_total": (
-        "counter", "Build cache store failures by operation (get, publish): the workers "
+        "counter", "Build cache store failures by operation (get, prefetch, publish): the workers "
                    "went on with their local caches."),
     # the fleet module cache (kiln/modproxy/cache.py)
     "kiln_modcache_requests_total": (

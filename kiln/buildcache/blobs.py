@@ -130,7 +130,7 @@ class DirectoryBlobs:
 
     def blobs(self) -> Iterator[Blob]:
         """Yield every file but the temporary ones."""
-        for kind in ("a", "o"):
+        for kind in ("a", "o", "m"):
             top = self.root / kind
             try:
                 names = sorted(os.listdir(top))

@@ -12,7 +12,11 @@ the SHA-256 of the output's bytes.
 * put: the output is hashed as it arrives and written locally, and the entry is staged for
   its build (``BuildSession``).
 * publish: only when the build succeeded, its staged entries go to the store (each output
-  before the entry naming it); a failed or cancelled build's are discarded.
+  before the entry naming it); a failed or cancelled build's are discarded. With them goes
+  the build's manifest (``m/<build key>``): every action its compile got or put.
+* prefetch: a worker about to build a key whose manifest the store has fetches those
+  entries onto its disk, several at a time, while the fetch phase runs; go's gets then
+  find them locally instead of waiting for the store one at a time.
 
 A store that fails is left alone for STORE_RETRY_SECONDS: the build goes on with the local
 cache only, and never fails because the cache is down. The program's outputs directory is
@@ -32,7 +36,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -48,6 +53,10 @@ STORE_RETRY_SECONDS = 60.0
 MAX_OBJECT_BYTES = 1024 * 1024 * 1024
 #: Go's action and output ids: SHA-256, in hex
 ID = re.compile(r"^[0-9a-f]{64}$")
+#: entries a prefetch fetches at once (the store's latency, not the CPU, is what it hides)
+PREFETCH_THREADS = 8
+#: the most actions a manifest may name (a real Caddy's compile uses ~2,500)
+MAX_MANIFEST_ACTIONS = 100_000
 
 
 class Counters(Protocol):
@@ -124,6 +133,14 @@ class BuildCache:
         self.stats: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._store_down_until = 0.0
+        #: actions whose stored entry was bad: not fetched again by this worker
+        self._rejected: set[str] = set()
+
+    def prefetch(self, key: str) -> Prefetch | None:
+        """Start fetching the entries build ``key``'s manifest names, if the store has one."""
+        if not ID.match(key) or self._store_usable() is None:
+            return None
+        return Prefetch(self, key).start()
 
     def begin(self, key: str) -> BuildSession:
         """Start serving the compile of build ``key``; publish or discard it afterwards."""
@@ -182,7 +199,7 @@ class BuildCache:
 
     def _fetch(self, action: str) -> Entry | None:
         store = self._store_usable()
-        if store is None:
+        if store is None or action in self._rejected:
             return None
         tmp = self._tmp / uuid.uuid4().hex
         try:
@@ -216,6 +233,9 @@ class BuildCache:
                 tmp.unlink(missing_ok=True)
 
     def _reject(self, reason: str, action: str) -> None:
+        with self._lock:
+            if len(self._rejected) < MAX_MANIFEST_ACTIONS:
+                self._rejected.add(action)
         self._count("rejected", "kiln_buildcache_rejected_total", {"reason": reason})
         log.warning("build cache: the stored entry of action %s is bad (%s); ignored",
                     action, reason)
@@ -266,10 +286,14 @@ class BuildCache:
 
     # publish --------------------------------------------------------------------------
 
-    def publish(self, staged: Mapping[str, Entry]) -> int:
-        """Store the entries of a build that succeeded; return how many were stored."""
+    def publish(self, staged: Mapping[str, Entry], *, key: str = "",
+                used: Collection[str] = ()) -> int:
+        """Store the entries of a build that succeeded; return how many were stored.
+
+        With ``key``, the build's manifest (the actions it put and ``used``) goes last.
+        """
         store = self._store_usable()
-        if store is None or not staged:
+        if store is None or not (staged or used):
             return 0
         published = 0
         try:
@@ -284,6 +308,9 @@ class BuildCache:
                 # after its output: an entry in the store always names a stored output
                 store.write(f"a/{action}", entry.encode())
                 published += 1
+            if ID.match(key):
+                names = sorted(set(used) | set(staged))[:MAX_MANIFEST_ACTIONS]
+                store.write(f"m/{key}", "\n".join(names).encode())
         except StorageError as exc:
             self._store_failed("publish", exc)
         self._count("published", "kiln_buildcache_published_total", {}, published)
@@ -311,6 +338,7 @@ class BuildSession:
         self.cache = cache
         self.key = key
         self.staged: dict[str, Entry] = {}
+        self.used: set[str] = set()
         self._lock = threading.Lock()
         self._done = False
         self.server: CacheServerLike | None = None
@@ -321,8 +349,13 @@ class BuildSession:
         return self.server.path
 
     def get(self, action: str) -> Entry | None:
-        """Answer Go's get."""
-        return self.cache.get(action)
+        """Answer Go's get; what it found goes in the build's manifest."""
+        entry = self.cache.get(action)
+        if entry is not None:
+            with self._lock:
+                if not self._done:
+                    self.used.add(action)
+        return entry
 
     def put(self, action: str, output: str, size: int, body: Body) -> Entry:
         """Answer Go's put: keep the output locally and stage the entry for publishing."""
@@ -341,8 +374,8 @@ class BuildSession:
         """The build succeeded: share what it put with the fleet; return how many entries."""
         self.stop()
         with self._lock:
-            self._done, staged = True, dict(self.staged)
-        count = self.cache.publish(staged)
+            self._done, staged, used = True, dict(self.staged), set(self.used)
+        count = self.cache.publish(staged, key=self.key, used=used)
         log.info("build cache: published %d of %d entries of build %s", count, len(staged),
                  self.key, extra={"build_key": self.key})
         return count
@@ -353,6 +386,55 @@ class BuildSession:
         with self._lock:
             self._done = True
             self.staged.clear()
+            self.used.clear()
+
+
+class Prefetch:
+    """Fetches the entries of a build's manifest onto the worker's disk, in the background."""
+
+    def __init__(self, cache: BuildCache, key: str) -> None:
+        self.cache = cache
+        self.key = key
+        self.fetched = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"prefetch-{key[:12]}",
+                                        daemon=True)
+
+    def start(self) -> Prefetch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Fetch no more (the compile is over, or the build failed)."""
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        store = self.cache._store_usable()
+        if store is None:
+            return
+        try:
+            data = store.read(f"m/{self.key}")
+        except StorageError as exc:
+            self.cache._store_failed("prefetch", exc)
+            return
+        if data is None:
+            return
+        actions = [a for a in data.decode("ascii", "replace").split()[:MAX_MANIFEST_ACTIONS]
+                   if ID.match(a)]
+        with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch") as pool:
+            fetched = sum(pool.map(self._one, actions))
+        self.fetched = fetched
+        self.cache._count("prefetched", "kiln_buildcache_prefetched_total", {}, fetched)
+        log.info("build cache: prefetched %d of the %d entries build %s used before",
+                 fetched, len(actions), self.key, extra={"build_key": self.key})
+
+    def _one(self, action: str) -> bool:
+        if self._stop.is_set() or self.cache._local(action) is not None:
+            return False
+        return self.cache._fetch(action) is not None
 
 
 class CacheServerLike(Protocol):

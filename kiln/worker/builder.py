@@ -280,10 +280,17 @@ class Builder:
               cancel: threading.Event | None = None) -> BuildOutput:
         """Fetch modules and compile; raise BuildFailure or Cancelled."""
         timings: dict[str, float] = {}
-        fetched = self.fetch(spec, key=key, workdir=workdir, log=log, cancel=cancel,
-                             timings=timings)
-        output = self.compile(spec, key=key, workdir=workdir, log=log, cancel=cancel,
-                              timings=timings)
+        # what an earlier build of this key compiled comes onto the disk while modules are
+        # fetched (kiln/buildcache/cache.py)
+        prefetch = self.buildcache.prefetch(key) if self.buildcache is not None else None
+        try:
+            fetched = self.fetch(spec, key=key, workdir=workdir, log=log, cancel=cancel,
+                                 timings=timings)
+            output = self.compile(spec, key=key, workdir=workdir, log=log, cancel=cancel,
+                                  timings=timings)
+        finally:
+            if prefetch is not None:
+                prefetch.stop()
         if self.modsets is not None and not fetched.known:
             modsets, set_id = self.modsets, self.module_set(spec)
             go_mod, go_sum = output.go_mod, output.go_sum
