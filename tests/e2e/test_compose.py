@@ -418,4 +418,12 @@ def test_compose_stack_builds_serves_and_survives_faults(stack: Stack, tmp_path:
             if binary is not None:
                 assert served == binary
             assert stack.log(key) == logs[key]  # the build's log is kept too
+
+        # 5. the same plugins for another platform: the module set the first build shared
+        # (in MinIO, under modcache/sets/) gives go.mod and go.sum; no fetch step runs
+        key_c = stack.submit({**SPEC_A, "arch": "arm64"})
+        done_c = stack.wait_build(key_c)
+        assert done_c["state"] == "succeeded", done_c
+        log_c = stack.log(key_c)
+        assert "fetch steps skipped" in log_c and "go get" not in log_c, log_c
     print(f"compose stack test: {time.monotonic() - started:.1f}s after the stack was up")

@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 
 from kiln.artifacts.local import LocalStore
+from kiln.artifacts.store import ArtifactStore
 from kiln.modproxy.modsets import SETS, STAGING, ModuleSets, modules_of
 from kiln.modproxy.store import PREFIX, ModuleStore, objects_of
 from kiln.request.spec import BuildSpec, ResolvedPlugin
 from kiln.worker.builder import Builder
 from tests.fixtures import goproxy as gp
+from tests.integration.test_store_contract import s3_client, s3_config
 from tests.sandboxes import COMPILE_TIMEOUT_SECONDS, FETCH_TIMEOUT_SECONDS, process_sandbox
 
 pytestmark = pytest.mark.slow
@@ -66,10 +68,11 @@ class Worker:
 class Fleet:
     root: Path
     proxy: Path
+    artifacts: ArtifactStore | None = None
 
     @property
     def store(self) -> ModuleStore:
-        return ModuleStore(objects_of(LocalStore(self.root / "store")))
+        return ModuleStore(objects_of(self.artifacts or LocalStore(self.root / "store")))
 
     def worker(self, name: str, *, goproxy: str | None = None) -> Worker:
         sandbox = process_sandbox(self.root / name / "go")
@@ -136,6 +139,16 @@ def test_another_plugin_version_is_another_set(fleet: Fleet) -> None:
     assert not b.skipped_fetch and b.counts["miss"] == 1
     assert len([n for n in fleet.set_files() if n.endswith(".json")]) == 2
 
+    # b has Caddy's modules now: of a's set it unpacks only the plugin version it lacks
+    b.build(spec_for(b.builder), fleet.root / "work-b2")
+    assert b.skipped_fetch and b.counts["restored"] == 1
+    restored = [line for line in b.lines if "module set" in line][-1]
+    assert "1 of them unpacked" in restored, restored
+    # as go leaves a module's tree: read-only, as on the worker that fetched it
+    tree = f"{gp.HELLO}@{gp.HELLO_VERSIONS[0]}"
+    assert (b.sets.modcache / tree).stat().st_mode == (a.sets.modcache / tree).stat().st_mode
+    assert (b.sets.modcache / tree).stat().st_mode & 0o222 == 0
+
 
 @pytest.mark.parametrize("damage", ["flipped", "truncated"])
 def test_a_damaged_set_is_deleted_and_the_build_fetches(fleet: Fleet, damage: str) -> None:
@@ -187,3 +200,23 @@ def test_a_killed_restore_leaves_nothing_go_would_use(fleet: Fleet) -> None:
     # the half-moved module is not taken for complete: the set is not used, go fetches
     assert restarted.restore(key) is None
     assert not (b.sets.modcache / modules[0].download(".ziphash")).exists()
+
+
+def test_sets_travel_through_an_s3_bucket(tmp_path: Path, proxy_dir: Path,
+                                          s3_endpoint: str) -> None:
+    from kiln.wiring import make_s3_store
+
+    bucket = "kiln-sets"
+    s3_client(s3_endpoint).create_bucket(Bucket=bucket)
+    fleet = Fleet(tmp_path, proxy_dir, make_s3_store(s3_config(s3_endpoint, bucket)))
+    a = fleet.worker("a")
+    spec = spec_for(a.builder)
+    first = a.build(spec, tmp_path / "work-a")
+    key = a.builder.module_set(spec)
+    names = {o["Key"] for o in s3_client(s3_endpoint).list_objects_v2(
+        Bucket=bucket, Prefix=f"{PREFIX}{SETS}")["Contents"]}
+    assert f"{PREFIX}{SETS}{key}.tar" in names and f"{PREFIX}{SETS}{key}.json.meta" in names
+
+    b = fleet.worker("b", goproxy=DEAD_PROXY)
+    assert b.build(spec, tmp_path / "work-b") == first
+    assert b.skipped_fetch and b.counts["restored"] == 1

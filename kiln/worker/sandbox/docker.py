@@ -570,8 +570,9 @@ class DockerSandbox:
                      follow_symlinks=False)
 
     def adopt(self, path: Path) -> None:
-        """Hand a tree the worker wrote in the module cache to the steps' user."""
-        self._give_tree(path)
+        """Hand a directory or file the worker created in the module cache to the steps'
+        user (not what is in it)."""
+        self._give(path)
 
     def _give_tree(self, root: Path) -> None:
         """Hand ``root`` and everything in it to the sandbox user, never following links."""
