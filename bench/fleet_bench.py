@@ -119,8 +119,9 @@ def counters(kiln: KilnProcesses) -> dict[str, float]:
             match = re.search(rf'^{metric}\{{{label}="{result}"\}} (\S+)$', text, re.M)
             name = "sets" if "_sets_" in metric else metric.split("_")[1]
             found[f"{name}.{result}"] = float(match.group(1)) if match else 0.0
-    match = re.search(r"^kiln_buildcache_published_total (\S+)$", text, re.M)
-    found["buildcache.published"] = float(match.group(1)) if match else 0.0
+    for metric in ("published", "prefetched"):
+        match = re.search(rf"^kiln_buildcache_{metric}_total (\S+)$", text, re.M)
+        found[f"buildcache.{metric}"] = float(match.group(1)) if match else 0.0
     return found
 
 
@@ -277,7 +278,7 @@ def run(*, root: Path, db_url: Callable[[str], str], smoke: bool,
 
 def _rate(counts: dict[str, float], cache: str, hits: tuple[str, ...]) -> str:
     asked = sum(v for k, v in counts.items() if k.startswith(cache + ".")
-                and k != "buildcache.published")
+                and k not in ("buildcache.published", "buildcache.prefetched"))
     got = sum(counts.get(f"{cache}.{h}", 0.0) for h in hits)
     return f"{got / asked:.0%} of {asked:,.0f}" if asked else "none asked"
 
@@ -300,7 +301,8 @@ def rows(results: Results, data: dict[str, Any]) -> None:
         return (f"module sets: {sets or 'none'}; module cache hits "
                 f"{_rate(b['counts'], 'modcache', ('hit',))}, build cache "
                 f"hits {_rate(b['counts'], 'buildcache', ('local', 'store'))} "
-                f"(from the store {b['counts'].get('buildcache.store', 0):,.0f})")
+                f"(from the store when asked {b['counts'].get('buildcache.store', 0):,.0f}, "
+                f"prefetched {b['counts'].get('buildcache.prefetched', 0):,.0f})")
 
     ratio = fresh["fetch"] / cold["fetch"]
     results.add(Row(

@@ -84,6 +84,20 @@ def test_a_worker_fetches_through_its_module_cache(
     assert "# HELP kiln_modcache_bytes_total" in text
     assert re.search(r'^kiln_modcache_bytes_total\{source="upstream"\} [1-9]', text, re.M)
 
+    # the build shared its module set; the same plugins for another platform skip the
+    # fetch steps (this worker has the modules: the set's tar is not even read)
+    sets = kiln.root / "artifacts" / "modcache" / "sets"
+    wait_for("the module set shared", lambda: list(sets.glob("*.json.meta")) or None,
+             timeout=60)
+    other = kiln.post_build({"os": "linux", "arch": "arm64", "caddy_version": gp.CADDY_LATEST,
+                             "plugins": [f"{gp.HELLO}@{gp.HELLO_VERSIONS[0]}"]}).json()
+    assert kiln.wait_build(other["key"])["state"] == "succeeded"
+    log = requests.get(f"{kiln.url}/api/builds/{other['key']}/log", timeout=10).text
+    assert "fetch steps skipped" in log and "go get" not in log, log
+    wait_for("the module set counted in /metrics", lambda: re.search(
+        r'^kiln_modcache_sets_total\{result="local"\} [1-9]',
+        requests.get(kiln.url + "/metrics", timeout=10).text, re.M), timeout=30)
+
 
 @pytest.fixture
 def docker_proxy(tmp_path: Path, proxy_server: gp.ProxyServer) -> Iterator[ModuleProxyServer]:

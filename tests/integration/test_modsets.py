@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,3 +221,15 @@ def test_sets_travel_through_an_s3_bucket(tmp_path: Path, proxy_dir: Path,
     b = fleet.worker("b", goproxy=DEAD_PROXY)
     assert b.build(spec, tmp_path / "work-b") == first
     assert b.skipped_fetch and b.counts["restored"] == 1
+
+
+def test_a_build_goes_on_when_the_store_is_unavailable(tmp_path: Path, proxy_dir: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    shutil.rmtree(tmp_path / "store")
+    (tmp_path / "store").write_text("a file where the store's directory should be\n")
+    fleet = Fleet(tmp_path, proxy_dir, store)
+    a = fleet.worker("a")
+    binary = a.build(spec_for(a.builder), tmp_path / "work-a")
+    assert binary and not a.skipped_fetch
+    # neither the look-up nor the publication could reach the store; the build did not care
+    assert a.counts["error"] == 2 and a.counts["published"] == 0
