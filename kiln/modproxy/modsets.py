@@ -24,6 +24,7 @@ module against go.sum as it always does.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -235,34 +236,55 @@ class ModuleSets:
                         m.download(s) for s in m.suffixes if s in _REQUIRED]:
                     if not (staging / name).exists():
                         raise ValueError(f"the set's tar lacks {name}")
-            self._move_in(staging, names)
+            self._move_in(staging, missing)
         finally:
             _remove(staging)
         return True
 
-    def _move_in(self, staging: Path, names: list[str]) -> None:
-        """Move the staged trees, then their files (.ziphash last) into the module cache."""
+    def _move_in(self, staging: Path, missing: list[Module]) -> None:
+        """Move the staged modules into the module cache, each under go's own lock."""
         created: list[Path] = []
-        # go takes a module whose .ziphash is there for a complete one
-        order = sorted(names, key=lambda n: (n.startswith("cache/"), n.endswith(".ziphash")))
-        for name in order:
-            source, target = staging / name, self.modcache / name
-            if target.exists():
-                continue  # a module another build put there meanwhile
-            created += _make_parents(target.parent, self.modcache)
-            if name.startswith("cache/"):
-                os.rename(source, target)
-                created.append(target)
-                continue
+        try:
+            for m in missing:
+                lock = self.modcache / m.download(".lock")
+                created += _make_parents(lock.parent, self.modcache)
+                fresh = not lock.exists()
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+                if fresh:
+                    created.append(lock)
+                try:
+                    # the lock go takes to download and unpack this version: a fetch step
+                    # doing the same waits, then finds the module complete
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    self._move_module(staging, m, created)
+                finally:
+                    os.close(fd)
+        finally:
+            # the steps' user writes other versions beside these (the trees themselves
+            # are read-only to everyone, go's way)
+            for path in created:
+                self.adopt(path)
+
+    def _move_module(self, staging: Path, m: Module, created: list[Path]) -> None:
+        if self._complete(m):
+            return  # another build, or go, put it there meanwhile
+        if m.full:
+            tree = self.modcache / m.tree
+            if tree.exists():
+                raise OSError(f"{m.tree} is in the module cache without its .ziphash")
+            created += _make_parents(tree.parent, self.modcache)
             # renaming a directory needs it writable; go keeps module trees read-only
+            source = staging / m.tree
             mode = stat.S_IMODE(source.stat().st_mode)
             os.chmod(source, mode | stat.S_IWUSR)
-            os.rename(source, target)
-            os.chmod(target, mode)
-        # the steps' user writes other versions beside these (the trees themselves are
-        # read-only to everyone, go's way)
-        for path in created:
-            self.adopt(path)
+            os.rename(source, tree)
+            os.chmod(tree, mode)
+        # .ziphash last: go takes a module whose .ziphash is there for a complete one
+        for suffix in m.suffixes:
+            source, target = staging / m.download(suffix), self.modcache / m.download(suffix)
+            if source.exists():
+                os.replace(source, target)
+                created.append(target)
 
     # -- publish ----------------------------------------------------------------------
 

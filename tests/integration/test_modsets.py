@@ -8,10 +8,13 @@ fail, so a build that succeeds proves the set alone fed it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,3 +236,29 @@ def test_a_build_goes_on_when_the_store_is_unavailable(tmp_path: Path, proxy_dir
     assert binary and not a.skipped_fetch
     # neither the look-up nor the publication could reach the store; the build did not care
     assert a.counts["error"] == 2 and a.counts["published"] == 0
+
+
+def test_a_restore_waits_for_the_lock_go_takes_on_a_module(fleet: Fleet) -> None:
+    """A fetch step unpacking a module holds go's lock on it: the set's copy waits."""
+    a = fleet.worker("a")
+    spec = spec_for(a.builder)
+    a.build(spec, fleet.root / "work-a")
+    key = a.builder.module_set(spec)
+    b = fleet.worker("b")
+    hello = next(m for m in modules_of(json.loads(
+        fleet.set_files()[f"{key}.json"].read_bytes())["go_sum"]) if m.path == gp.HELLO)
+    lock = b.sets.modcache / hello.download(".lock")
+    lock.parent.mkdir(parents=True)
+    results: list[object] = []
+    with lock.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as go's lockedfile does
+        worker = threading.Thread(target=lambda: results.append(b.sets.restore(key)))
+        worker.start()
+        time.sleep(2)
+        # everything else is in; this module waits for the lock
+        assert not (b.sets.modcache / hello.tree).exists()
+        assert not results
+        fcntl.flock(held, fcntl.LOCK_UN)
+    worker.join(timeout=60)
+    assert results and results[0] is not None
+    assert (b.sets.modcache / hello.download(".ziphash")).is_file()
