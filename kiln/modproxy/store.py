@@ -215,6 +215,27 @@ class ModuleStore:
         Raises CacheUnavailable when the store cannot be read, Corrupt when the entry did
         not match its sidecar (it is then deleted).
         """
+        stream = self.open(path, fresh_for=fresh_for)
+        if stream is None:
+            return None
+        spooled = tempfile.SpooledTemporaryFile(SPOOL_BYTES)  # noqa: SIM115 - returned
+        try:
+            with contextlib.closing(stream):
+                shutil.copyfileobj(stream, spooled, _CHUNK)  # type: ignore[misc]
+                stream.finish()
+        except BaseException:
+            spooled.close()
+            raise
+        spooled.seek(0)
+        return spooled  # type: ignore[return-value]
+
+    def open(self, path: str, *, fresh_for: float | None = None) -> Checked | None:
+        """Return a stored file as a stream checked against its sidecar as it is read.
+
+        The caller reads it, then calls ``Checked.finish``, which raises Corrupt (and
+        deletes the entry) when the bytes were not those recorded. None: a miss (or, with
+        ``fresh_for``, an entry stored longer ago than that). Raises CacheUnavailable.
+        """
         key = PREFIX + path
         meta = self.objects.read(key + META_SUFFIX)
         if meta is None:
@@ -229,43 +250,6 @@ class ModuleStore:
                 return None
         if fresh_for is not None and self.clock() - stored > fresh_for:
             return None
-        data = self.objects.read(key)
-        if data is None:
-            self.discard(path)
-            return None
-        spooled = tempfile.SpooledTemporaryFile(SPOOL_BYTES)  # noqa: SIM115 - returned
-        try:
-            with data:
-                shutil.copyfileobj(data, spooled, _CHUNK)
-        except OSError as exc:
-            spooled.close()
-            raise CacheUnavailable(f"cannot read {key}: {exc}") from exc
-        got_sha, got_size = _sha256_and_size(spooled)  # type: ignore[arg-type]
-        if (got_size, got_sha) != (size, sha256):
-            spooled.close()
-            self.discard(path)
-            raise Corrupt(path, f"{got_size} bytes, sha256 {got_sha}; recorded {size} bytes, "
-                                f"sha256 {sha256}")
-        return spooled  # type: ignore[return-value]
-
-    def open(self, path: str) -> Checked | None:
-        """Return a stored file as a stream checked against its sidecar as it is read.
-
-        For files too large to copy before use (a module set's tar): the caller reads it,
-        then calls ``Checked.finish``, which raises Corrupt (and deletes the entry) when the
-        bytes were not those recorded. None: a miss. Raises CacheUnavailable.
-        """
-        key = PREFIX + path
-        meta = self.objects.read(key + META_SUFFIX)
-        if meta is None:
-            return None
-        with meta:
-            try:
-                wanted = json.loads(meta.read())
-                size, sha256 = int(wanted["size"]), str(wanted["sha256"])
-            except (ValueError, KeyError, TypeError):
-                self.discard(path)
-                return None
         data = self.objects.read(key)
         if data is None:
             self.discard(path)
