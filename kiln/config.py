@@ -114,6 +114,9 @@ class BuildConfig(_Section):
     go: str = ""
     #: module cache and build cache, shared across builds
     cache_dir: Path = Path("var/cache")
+    #: bytes those and the fleet build cache's local directory may take on a worker's disk;
+    #: past it the idle worker deletes the least recently used (kiln/worker/trim.py); 0: none
+    cache_max_bytes: int = Field(0, ge=0)
     #: where per-build work directories are created
     work_dir: Path = Path("var/work")
     fetch_timeout: float = Field(600.0, gt=0)
@@ -551,18 +554,14 @@ def _overrides(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _scalar(value: str) -> Any:
-    if value.startswith("[") and value.endswith("]"):
-        return yaml.safe_load(value)
-    return value
+    return yaml.safe_load(value) if value.startswith("[") and value.endswith("]") else value
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
+        nested = isinstance(value, Mapping) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if nested else value
     return out
 
 

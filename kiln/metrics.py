@@ -79,6 +79,11 @@ RECORDED: dict[str, tuple[str, str]] = {
     "kiln_buildcache_store_errors_total": (
         "counter", "Build cache store failures by operation (get, prefetch, publish): the workers "
                    "went on with their local caches."),
+    # a worker's own disk (kiln/worker/trim.py)
+    "kiln_worker_cache_trimmed_bytes_total": (
+        "counter", "Bytes idle workers deleted from their Go caches to keep within "
+                   "build.cache_max_bytes, by cache: modules (Go's module cache), gobuild "
+                   "(Go's build cache), buildcache (the fleet build cache's local directory)."),
     # the fleet module cache (kiln/modproxy/cache.py)
     "kiln_modcache_requests_total": (
         "counter", "Module cache requests by result: hit (from the store), miss (fetched, "

@@ -87,6 +87,7 @@ from kiln.worker.sandbox.docker_engine import (
     internal_network,
 )
 from kiln.worker.sandbox.process import find_go
+from kiln.worker.trim import CacheTrimmer
 
 if TYPE_CHECKING:
     from kiln.config import BuildConfig
@@ -176,11 +177,12 @@ def make_worker(config: Config, *, max_jobs: int = 0, idle_exit: float = 0.0) ->
     # a configured worker id labels its sandbox containers: a restart removes its own leftovers
     sandbox = MeteredSandbox(make_sandbox(build, worker_id=config.worker.id,
                                           fetch_network=network), recorder)
+    buildcache = (make_buildcache(config, sandbox=sandbox.inner, counters=sandbox.recorder)
+                  if config.buildcache.enabled else None)
     builder = Builder(
         sandbox=sandbox, goproxy=build.goproxy, gosumdb=config.build.gosumdb,
         fetch_timeout=config.build.fetch_timeout, compile_timeout=config.build.compile_timeout,
-        buildcache=make_buildcache(config, sandbox=sandbox.inner, counters=sandbox.recorder)
-        if config.buildcache.enabled else None,
+        buildcache=buildcache,
         modsets=make_modsets(store, sandbox=sandbox.inner, counters=recorder)
         if config.modcache.enabled else None,
     )
@@ -197,6 +199,8 @@ def make_worker(config: Config, *, max_jobs: int = 0, idle_exit: float = 0.0) ->
         poll_seconds=config.worker.poll_seconds,
         retry_base_seconds=config.worker.retry_base_seconds,
         max_jobs=max_jobs, idle_exit=idle_exit,
+        trimmer=make_trimmer(config, sandbox=sandbox.inner, buildcache=buildcache,
+                             counters=recorder),
         log_sinks=LogWriter(
             BuildLogs(pool), batch_lines=config.build_logs.batch_lines,
             flush_seconds=config.build_logs.flush_seconds,
@@ -288,6 +292,18 @@ def make_modsets(store: ArtifactStore, *, sandbox: Sandbox,
     assert isinstance(sandbox, DockerSandbox | ProcessSandbox)
     return ModuleSets(ModuleStore(objects_of(store)), modcache=sandbox.modcache,
                       adopt=sandbox.adopt, counters=counters)
+
+
+def make_trimmer(config: Config, *, sandbox: Sandbox, buildcache: BuildCache | None,
+                 counters: MetricsRecorder | None = None) -> CacheTrimmer | None:
+    """Return what keeps this worker's Go caches within ``build.cache_max_bytes``, if set."""
+    from kiln.worker.sandbox.process import ProcessSandbox
+
+    if not config.build.cache_max_bytes:
+        return None
+    assert isinstance(sandbox, DockerSandbox | ProcessSandbox)
+    return CacheTrimmer(limit=config.build.cache_max_bytes, modules=sandbox.modcache,
+                        gocache=sandbox.buildcache, buildcache=buildcache, counters=counters)
 
 
 #: longest directory of the build cache's sockets (a Unix socket's path is at most 107

@@ -57,6 +57,9 @@ ID = re.compile(r"^[0-9a-f]{64}$")
 PREFETCH_THREADS = 8
 #: the most actions a manifest may name (a real Caddy's compile uses ~2,500)
 MAX_MANIFEST_ACTIONS = 100_000
+#: a local hit refreshes the mtimes of its files once they are this old, seconds: the worker
+#: trims its disk least recently used first by them (kiln/worker/trim.py)
+FRESHEN_SECONDS = 3600.0
 
 
 class Counters(Protocol):
@@ -179,6 +182,7 @@ class BuildCache:
             return None
         entry = self._local(action)
         if entry is not None:
+            self._freshen(action, entry)
             self._count("local", "kiln_buildcache_gets_total", {"result": "local"})
             return entry
         entry = self._fetch(action)
@@ -196,6 +200,14 @@ class BuildCache:
         except OSError:
             return None
         return entry
+
+    def _freshen(self, action: str, entry: Entry) -> None:
+        """Mark a local hit as used now (its mtimes), unless that was done in the last hour."""
+        now = time.time()
+        for path in (self.actions / action, self.outputs / entry.output):
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > FRESHEN_SECONDS:
+                    os.utime(path)
 
     def _fetch(self, action: str) -> Entry | None:
         store = self._store_usable()

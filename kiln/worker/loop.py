@@ -35,6 +35,7 @@ from kiln.worker.builder import (
     clip_error,
 )
 from kiln.worker.sandbox.base import SandboxError
+from kiln.worker.trim import CacheTrimmer
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ POLL_SECONDS = 5.0
 #: longest the main loop sleeps before checking whether it must stop
 TICK_SECONDS = 0.25
 RECONNECT_SECONDS = 1.0
+#: seconds between two trims of the worker's Go caches (build.cache_max_bytes)
+TRIM_SECONDS = 300.0
 
 
 def default_worker_id() -> str:
@@ -98,6 +101,8 @@ class Worker:
         idle_exit: float = 0.0,
         log_sinks: LogSinkFactory = logging_sink,
         attestor: Attestor | None = None,
+        trimmer: CacheTrimmer | None = None,
+        trim_seconds: float = TRIM_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.queue = queue
@@ -115,6 +120,9 @@ class Worker:
         self.idle_exit = idle_exit
         self.log_sinks = log_sinks
         self.attestor = attestor
+        #: keeps the Go caches within build.cache_max_bytes, only while no build runs
+        self.trimmer = trimmer
+        self.trim_seconds = trim_seconds
         self.clock = clock
         self.stopping = threading.Event()
         self._wake = threading.Event()
@@ -123,6 +131,9 @@ class Worker:
         self._started_jobs = 0
         self._finished_jobs = 0
         self._last_busy = clock()
+        #: builds that left the running set and still share what they fetched and compiled
+        self._sharing = 0
+        self._next_trim = 0.0
         #: (sandbox identity, Go version) this worker builds with; read when run() starts
         self._toolchain = ("", "")
 
@@ -206,6 +217,7 @@ class Worker:
                     self._start(pool, job)
                 if len(claimed) == free and free > 0:
                     continue  # there may be more: claim again once a slot frees
+            self._trim_if_idle()
             self._wake.wait(min(TICK_SECONDS, max(next_poll - self.clock(), 0.0)) or TICK_SECONDS)
 
     def _start(self, pool: ThreadPoolExecutor, job: Claimed) -> None:
@@ -225,6 +237,23 @@ class Worker:
             self._started_jobs += 1
             self._last_busy = self.clock()
         pool.submit(self._execute, running)
+
+    def _trim_if_idle(self) -> None:
+        """Trim the Go caches if due and no build runs (a compile may read any cached file).
+
+        Builds start only from this thread, so none starts during a trim; a notification
+        stops it between two deletions, and the claim comes first.
+        """
+        if self.trimmer is None or self.clock() < self._next_trim:
+            return
+        with self._lock:
+            if self._running or self._sharing:
+                return
+        self._next_trim = self.clock() + self.trim_seconds
+        try:
+            self.trimmer.trim(stop=lambda: self.stopping.is_set() or self._wake.is_set())
+        except Exception:  # the disk: the worker goes on building
+            log.exception("cannot trim the worker's Go caches")
 
     # notifications and heartbeats ---------------------------------------------------
 
@@ -321,6 +350,8 @@ class Worker:
                     del self._running[key]
                 self._finished_jobs += 1
                 self._last_busy = self.clock()
+                if shared is not None:
+                    self._sharing += 1  # no trim deletes what it is sharing
             self._wake.set()
             try:
                 if shared is not None:
@@ -328,6 +359,9 @@ class Worker:
                     # heartbeat no longer takes the finished build for one it lost
                     self._publish(key, shared)
             finally:
+                if shared is not None:
+                    with self._lock:
+                        self._sharing -= 1
                 unbind_context(context)
 
     @staticmethod
@@ -362,6 +396,8 @@ class Worker:
             sink("resolve", f"plugin {plugin.package} ({plugin.module} {plugin.version})")
         started_at = utc_now()
         output = self.builder.build(spec, key=job.key, workdir=workdir, log=sink, cancel=cancel)
+        if self.trimmer is not None:  # the modules it compiled with are the last trimmed
+            self.trimmer.used(output.go_sum)
         completed = False
         try:
             completed = self._finish(job, spec, output, sink, cancel, started_at)
