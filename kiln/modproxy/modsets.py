@@ -292,10 +292,11 @@ class ModuleSets:
         """Store the set a build's fetch left in the module cache; tell whether it was stored.
 
         Not stored when the fleet has it already or a module go.sum names is not complete
-        in the module cache (another build on this worker may be changing it).
+        in the module cache (another build on this worker may be changing it). A record
+        whose tar was collected is stored again, with a new tar.
         """
         try:
-            if self.store.get(f"{SETS}{key}.json") is not None:
+            if self.store.has(f"{SETS}{key}.json") and self.store.has(f"{SETS}{key}.tar"):
                 return False
             modules = modules_of(go_sum)
             if not all(self._complete(m) for m in modules):

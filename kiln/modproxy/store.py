@@ -229,6 +229,14 @@ class ModuleStore:
         spooled.seek(0)
         return spooled  # type: ignore[return-value]
 
+    def has(self, path: str) -> bool:
+        """Tell whether an entry is published (its sidecar is there; its bytes are not read)."""
+        meta = self.objects.read(PREFIX + path + META_SUFFIX)
+        if meta is None:
+            return False
+        meta.close()
+        return True
+
     def open(self, path: str, *, fresh_for: float | None = None) -> Checked | None:
         """Return a stored file as a stream checked against its sidecar as it is read.
 

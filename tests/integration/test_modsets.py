@@ -262,3 +262,20 @@ def test_a_restore_waits_for_the_lock_go_takes_on_a_module(fleet: Fleet) -> None
     worker.join(timeout=60)
     assert results and results[0] is not None
     assert (b.sets.modcache / hello.download(".ziphash")).is_file()
+
+
+def test_a_set_whose_tar_was_collected_is_shared_again(fleet: Fleet) -> None:
+    a = fleet.worker("a")
+    spec = spec_for(a.builder)
+    a.build(spec, fleet.root / "work-a")
+    key = a.builder.module_set(spec)
+    for name in (f"{key}.tar.meta", f"{key}.tar"):  # as the janitor's collection deletes
+        fleet.set_files()[name].unlink()
+
+    b = fleet.worker("b")
+    b.build(spec, fleet.root / "work-b")
+    assert not b.skipped_fetch and b.counts["miss"] == 1 and b.counts["published"] == 1
+    assert {f"{key}.tar", f"{key}.tar.meta"} <= set(fleet.set_files())
+    c = fleet.worker("c", goproxy=DEAD_PROXY)
+    c.build(spec, fleet.root / "work-c")
+    assert c.skipped_fetch and c.counts["restored"] == 1
