@@ -154,7 +154,9 @@ def test_docker_compiles_share_through_the_socket_only(
     again = b.build(spec, key=spec.key(), workdir=tmp_path / "work-b",
                     log=lambda _s, _l: None)
     assert again.binary.read_bytes() == out.binary.read_bytes()
-    assert b_cache.stats["store"] > 100, b_cache.stats
+    # what a compiled came from the store: fetched ahead from a's manifest of this build
+    # while b fetched modules, or when go asked
+    assert b_cache.stats["store"] + b_cache.stats["prefetched"] > 100, b_cache.stats
     assert b_cache.stats["puts"] * 10 < a_cache.stats["puts"], b_cache.stats
     assert again.cache is not None
     again.cache.discard()
