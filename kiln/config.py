@@ -276,9 +276,10 @@ class WorkerConfig(_Section):
     retry_base_seconds: float = Field(10.0, ge=0)
     #: worker id; empty: hostname-pid-random
     id: str = ""
-    #: seconds a starting worker waits for its database (with Kiln's schema), store and
-    #: build engine, saying which is missing and why, before it gives up (exit 2)
+    #: seconds a starting worker waits for its database, store and engine (then exit 2)
     start_timeout: float = Field(300.0, ge=0)
+    #: a starting worker first restores the fleet caches of this many most downloaded builds
+    warm_up: int = Field(0, ge=0, le=100)
     #: how a spot instance's preemption notice is noticed (the worker then drains)
     preemption: PreemptionConfig = PreemptionConfig()
 

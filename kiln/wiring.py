@@ -198,7 +198,7 @@ def make_worker(config: Config, *, max_jobs: int = 0, idle_exit: float = 0.0) ->
         heartbeat_seconds=config.worker.heartbeat_seconds,
         poll_seconds=config.worker.poll_seconds,
         retry_base_seconds=config.worker.retry_base_seconds,
-        max_jobs=max_jobs, idle_exit=idle_exit,
+        max_jobs=max_jobs, idle_exit=idle_exit, warm_up=config.worker.warm_up,
         trimmer=make_trimmer(config, sandbox=sandbox.inner, buildcache=buildcache,
                              counters=recorder),
         log_sinks=LogWriter(

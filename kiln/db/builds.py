@@ -184,6 +184,13 @@ class QueueManager:
         """Return every attempt of a build, oldest first."""
         return self._all("attempts", {"key": key})
 
+    def popular_builds(self, *, sandbox: str, go_version: str, window: float,
+                       limit: int) -> list[tuple[str, dict[str, Any]]]:
+        """Return the key and spec of the most downloaded recent builds of a toolchain."""
+        rows = self._all("popular_builds", {"sandbox": sandbox, "go_version": go_version,
+                                            "window": window, "limit": limit})
+        return [(row["key"], row["spec"]) for row in rows]
+
     def record_download(self, key: str) -> None:
         """Count a download and remember when it happened (for storage GC)."""
         self._one_exec("record_download", {"key": key})

@@ -297,6 +297,16 @@ class Builder:
             output.share_modules = lambda: modsets.publish(set_id, go_mod=go_mod, go_sum=go_sum)
         return output
 
+    def warm(self, spec: BuildSpec, *, key: str) -> bool:
+        """Bring onto this worker's disk what the fleet kept of an earlier build of ``key``:
+        its module set and its compiled packages; tell whether the modules came."""
+        prefetch = self.buildcache.prefetch(key) if self.buildcache is not None else None
+        restored = (self.modsets.restore(self.module_set(spec)) if self.modsets is not None
+                    else None)
+        if prefetch is not None:
+            prefetch.wait()
+        return restored is not None
+
     def module_set(self, spec: BuildSpec) -> str:
         """Return the key of the module set ``spec``'s fetch phase gives."""
         return set_key(

@@ -45,6 +45,8 @@ POLL_SECONDS = 5.0
 #: longest the main loop sleeps before checking whether it must stop
 TICK_SECONDS = 0.25
 RECONNECT_SECONDS = 1.0
+#: seconds of downloads that rank the builds a starting worker warms up with
+WARM_UP_WINDOW_SECONDS = 7 * 86400.0
 #: seconds between two trims of the worker's Go caches (build.cache_max_bytes)
 TRIM_SECONDS = 300.0
 
@@ -103,6 +105,7 @@ class Worker:
         attestor: Attestor | None = None,
         trimmer: CacheTrimmer | None = None,
         trim_seconds: float = TRIM_SECONDS,
+        warm_up: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.queue = queue
@@ -123,6 +126,8 @@ class Worker:
         #: keeps the Go caches within build.cache_max_bytes, only while no build runs
         self.trimmer = trimmer
         self.trim_seconds = trim_seconds
+        #: most downloaded builds whose fleet caches a starting worker restores first
+        self.warm_up = warm_up
         self.clock = clock
         self.stopping = threading.Event()
         self._wake = threading.Event()
@@ -165,6 +170,7 @@ class Worker:
         listener.start()
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="kiln-build")
         try:
+            self._warm_up()
             self._claim_loop(pool)
         finally:
             self.stopping.set()
@@ -173,6 +179,31 @@ class Worker:
             pool.shutdown(wait=True)
             self._set_state("gone")
             log.info("worker %s stopped", self.id)
+
+    def _warm_up(self) -> None:
+        """Restore the module sets and compiled packages of the most downloaded builds, so
+        that a fresh worker builds them (and what shares their modules) as a warm one."""
+        if not self.warm_up:
+            return
+        started = self.clock()
+        try:
+            popular = self.queue.popular_builds(
+                sandbox=self._toolchain[0], go_version=self._toolchain[1],
+                window=WARM_UP_WINDOW_SECONDS, limit=self.warm_up)
+        except psycopg.Error as exc:
+            log.warning("worker %s: no warm-up, cannot read the popular builds: %s", self.id,
+                        exc)
+            return
+        warmed = 0
+        for key, spec in popular:
+            if self.stopping.is_set():
+                break
+            try:
+                warmed += self.builder.warm(BuildSpec.from_dict(spec), key=key)
+            except Exception:  # a cache fault: the worker builds without it
+                log.exception("worker %s: cannot warm up with build %s", self.id, key)
+        log.info("worker %s warmed up with %d of the %d most downloaded builds in %.1fs",
+                 self.id, warmed, len(popular), self.clock() - started)
 
     def _set_state(self, state: str) -> None:
         # the database may be down while a preempted worker drains: leases cover that

@@ -99,6 +99,7 @@ resource "aws_launch_template" "worker" {
       KILN_BUILD__WORK_DIR               = "/var/lib/kiln/work"
       KILN_WORKER__CONCURRENCY           = tostring(var.worker_concurrency)
       KILN_WORKER__PREEMPTION__PROVIDERS = "[aws]"
+      KILN_WORKER__WARM_UP               = "5"
     })
   }))
 

@@ -263,6 +263,17 @@ SELECT number, worker_id, started_at, finished_at, outcome, error
  WHERE build_key = %(key)s
  ORDER BY id;
 
+-- name: popular_builds
+-- The most downloaded succeeded builds of the last `window` seconds keyed with a worker's
+-- toolchain: what a starting worker warms its caches with (worker.warm_up).
+SELECT key, spec
+  FROM kiln_builds
+ WHERE state = 'succeeded' AND downloads > 0
+   AND last_downloaded_at > now() - make_interval(secs => %(window)s)
+   AND spec->>'sandbox' = %(sandbox)s::text AND spec->>'go_version' = %(go_version)s::text
+ ORDER BY downloads DESC, last_downloaded_at DESC, key
+ LIMIT %(limit)s;
+
 -- name: record_download
 UPDATE kiln_builds
    SET downloads = downloads + 1, last_downloaded_at = now()
