@@ -22,6 +22,10 @@ In one run, one worker at a time (the fleet of two: the first, then a fresh one)
    their collection would) and ``modcache.list_ttl`` a day: the fetch steps through the
    module cache alone, no version list asked of upstream again.
 
+5. S is downloaded once (the most downloaded build now), a fresh worker e starts with
+   ``worker.warm_up`` 1 (it restores S's module set and prefetches its packages before it
+   claims; the warm-up is timed from its log), then S, forgotten, is asked for again.
+
 Workers b and c find S's module set (kiln/modproxy/modsets.py: go.mod, go.sum and the
 unpacked modules worker a shared): b skips the fetch steps and unpacks what it lacks.
 
@@ -69,6 +73,8 @@ LONG_LIST_TTL = 86400
 CA_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE")
 PUBLISHED = re.compile(r"build cache: published (\d+) of (\d+) entries of build (\w+)")
 SETS_RESULTS = ("local", "restored", "miss", "corrupt", "error", "published")
+SHARED = re.compile(r"build \w+: shared with the fleet in [\d.]+s")
+WARMED = re.compile(r"warmed up with (\d+) of the (\d+) most downloaded builds in ([\d.]+)s")
 
 
 def sandbox_choice() -> tuple[str, str]:
@@ -166,6 +172,7 @@ class Fleet:
         """Build ``body`` on the running worker; return its phases, hits and publication."""
         before = counters(self.kiln)
         published_before = len(PUBLISHED.findall(self.kiln.log(self.worker)))
+        shared_before = len(SHARED.findall(self.kiln.log(self.worker)))
         resp = self.kiln.post_build(body)
         if resp.status_code not in (200, 202):
             raise RuntimeError(f"POST /api/builds: {resp.status_code} {resp.text}")
@@ -175,9 +182,10 @@ class Fleet:
         if doc["state"] != "succeeded":
             raise RuntimeError(f"build {key} {doc['state']}: {doc.get('error')}\n"
                                + self.kiln.log(self.worker)[-3000:])
-        shared = re.compile(rf"build {key}: shared with the fleet in ([\d.]+)s")
-        wait_for("the build's module set and cache entries shared", lambda: shared.search(
-            self.kiln.log(self.worker)), timeout=600, interval=0.05)
+        # this worker's next "shared" line (a warm build has the cold one's key)
+        wait_for("the build's module set and cache entries shared", lambda: len(
+            SHARED.findall(self.kiln.log(self.worker))) > shared_before, timeout=600,
+            interval=0.05)
         publish_s = time.monotonic() - done
         found = PUBLISHED.findall(self.kiln.log(self.worker))[published_before:]
         time.sleep(FLUSH_SECONDS * 5)  # the worker's counters reach the shared table
@@ -192,6 +200,17 @@ class Fleet:
                  for name in ("modcache", "buildcache")}
         sizes["sets"] = disk_bytes(self.root / "artifacts" / "modcache" / "sets")
         return sizes
+
+    def download(self, key: str) -> None:
+        """Download a build's artifact once, as a user does (it counts in the popularity)."""
+        resp = requests.get(f"{self.kiln.url}/api/builds/{key}/artifact", timeout=120)
+        resp.raise_for_status()
+
+    def warmed_up(self, name: str) -> tuple[int, float]:
+        """Wait for worker ``name``'s warm-up; return how many builds it warmed and its s."""
+        found = wait_for("the worker's warm-up", lambda: WARMED.search(self.kiln.log(name)),
+                         timeout=600, interval=0.1)
+        return int(found.group(1)), float(found.group(3))
 
     def forget_sets(self) -> None:
         """Delete the module sets from the store (as the janitor's collection would)."""
@@ -269,6 +288,15 @@ def run(*, root: Path, db_url: Callable[[str], str], smoke: bool,
             fleet.forget_sets()
             out["fresh_long_ttl"] = fleet.build(spec)
             progress(f"fleet: fresh, lists kept {out['fresh_long_ttl']['total']:.1f}s")
+            # users download S; a fresh worker starting with worker.warm_up 1 restores its
+            # fleet caches before it claims; then S, forgotten, is asked for again
+            fleet.download(out["fresh_long_ttl"]["key"])
+            fleet.start("worker-e", {"KILN_WORKER__WARM_UP": "1"})
+            out["warmed"], out["warm_up_s"] = fleet.warmed_up("worker-e")
+            forget(url, fleet.root, out["fresh_long_ttl"]["key"])
+            out["fresh_warmed"] = fleet.build(spec)
+            progress(f"fleet: warm-up {out['warm_up_s']:.1f}s, then "
+                     f"{out['fresh_warmed']['total']:.1f}s")
             out["store"] = fleet.store_bytes()
         finally:
             fleet.close()
@@ -342,6 +370,17 @@ def rows(results: Results, data: dict[str, Any]) -> None:
         judged(new["total"] / cold["total"], TARGET_NEW_SET),
         note=f"{new['total'] / cold['total']:.1%} of the cold build's {cold['total']:.1f} s; "
              f"fetch {new['fetch']:.1f} s, compile {new['compile']:.1f} s; {hits(new)}"))
+    warmed = data["fresh_warmed"]
+    results.add(Row(
+        f"{head}: a fresh worker started with worker.warm_up 1 (the most downloaded build's "
+        "module set and packages restored before it claims) builds that spec, forgotten, "
+        "against a warm worker's build",
+        Figure.of([warmed["total"]], "s"), f"≤ {TARGET_WARM:g}× warm",
+        judged(warmed["total"] / warm["total"], TARGET_WARM),
+        note=f"{warmed['total'] / warm['total']:.2f}× the warm worker's {warm['total']:.1f} s "
+             f"(fetch {warmed['fetch']:.1f} s, compile {warmed['compile']:.1f} s); its "
+             f"warm-up took {data['warm_up_s']:.1f} s ({data['warmed']} build) after it "
+             f"started, before its first claim; {hits(warmed)}"))
     store, after_a = data["store"], data["store_after_a"]
     results.add(Row(
         f"{head}: the fleet caches in the store after the five builds (du)",
