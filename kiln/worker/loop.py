@@ -80,6 +80,8 @@ class _Running:
     #: why it was cancelled: "lost" (lease taken away), "stopping" (worker shutting down)
     #: or "cancelled" (a user or an admin cancelled it)
     reason: str = ""
+    #: its completion is being recorded: a lease missing from then on is its end, not a loss
+    finishing: bool = False
 
 
 class Worker:
@@ -335,7 +337,7 @@ class Worker:
         for key in set(keys) - held:
             with self._lock:
                 running = self._running.get(key)
-            if running is not None and not running.reason:
+            if running is not None and not running.reason and not running.finishing:
                 log.warning("build %s was taken away from this worker; stopping it", key,
                             extra={"build_key": key})
                 running.reason = "lost"
@@ -359,7 +361,7 @@ class Worker:
         context = bind_context(build_key=key)  # on every line logged about this build
         shared: BuildOutput | None = None
         try:
-            shared = self._build(job, sink, workdir, running.cancel)
+            shared = self._build(job, sink, workdir, running)
         except Cancelled:
             if running.reason == "stopping":
                 self.queue.release(key, self.id, outcome="preempted", attempt=job.attempt)
@@ -368,10 +370,13 @@ class Worker:
             elif running.reason == "cancelled":  # the database already says cancelled
                 sink("result", "cancelled; the sandbox was stopped")
         except BuildFailure as exc:
+            running.finishing = True
             self._fail(job, sink, exc.message, retryable=exc.retryable)
         except (StorageError, SandboxError) as exc:
+            running.finishing = True
             self._fail(job, sink, f"{type(exc).__name__}: {exc}", retryable=True)
         except Exception as exc:  # a bug or an infrastructure fault: retry, keep the worker up
+            running.finishing = True
             log.exception("build %s failed unexpectedly", key, extra={"build_key": key})
             self._fail(job, sink, f"internal error: {exc}", retryable=True)
         finally:
@@ -418,7 +423,7 @@ class Worker:
                  else "", extra={"build_key": job.key})
 
     def _build(self, job: Claimed, sink: LogSink, workdir: Path,
-               cancel: threading.Event) -> BuildOutput | None:
+               running: _Running) -> BuildOutput | None:
         """Build, store and complete ``job``; return its output, to share, if it completed."""
         spec = BuildSpec.from_dict(job.spec)
         sink("resolve", f"caddy {spec.caddy_version} for {spec.os}/{spec.arch}"
@@ -426,12 +431,13 @@ class Worker:
         for plugin in spec.plugins:
             sink("resolve", f"plugin {plugin.package} ({plugin.module} {plugin.version})")
         started_at = utc_now()
-        output = self.builder.build(spec, key=job.key, workdir=workdir, log=sink, cancel=cancel)
+        output = self.builder.build(spec, key=job.key, workdir=workdir, log=sink,
+                                    cancel=running.cancel)
         if self.trimmer is not None:  # the modules it compiled with are the last trimmed
             self.trimmer.used(output.go_sum)
         completed = False
         try:
-            completed = self._finish(job, spec, output, sink, cancel, started_at)
+            completed = self._finish(job, spec, output, sink, running, started_at)
         finally:
             # the fleet caches get what a build put only when the build succeeded
             if not completed:
@@ -439,8 +445,9 @@ class Worker:
         return output if completed else None
 
     def _finish(self, job: Claimed, spec: BuildSpec, output: BuildOutput, sink: LogSink,
-                cancel: threading.Event, started_at: datetime) -> bool:
+                running: _Running, started_at: datetime) -> bool:
         """Store and attest the binary and complete the build; tell whether it completed."""
+        cancel = running.cancel
         if cancel.is_set():  # lost or cancelled while compiling: store nothing
             raise Cancelled()
         sink("upload", f"storing {spec.filename}")
@@ -452,6 +459,8 @@ class Worker:
                                   attempt=job.attempt, started_at=started_at, log=sink)
         if cancel.is_set():
             raise Cancelled()
+        # a heartbeat from here on finds no lease: the build is ending, not lost
+        running.finishing = True
         if not self.queue.complete(job.key, self.id, artifact_path=stored.path,
                                    artifact_size=stored.size, artifact_sha256=digest,
                                    attempt=job.attempt):
